@@ -1,0 +1,1 @@
+"""Flink job wiring, configuration, CLI and local infrastructure for rtrec."""

@@ -1,0 +1,254 @@
+"""Typed configuration: frozen dataclasses loaded from TOML, overridable from the CLI.
+
+Rules users rely on:
+- unknown sections or keys are errors (a typo never silently falls back to a default);
+- values are type-checked against the dataclass annotations;
+- ``kafka.properties`` passes Kafka client properties through with their dotted names
+  (``"security.protocol" = "SASL_SSL"``) to every Kafka client the job creates;
+- CLI overrides use ``--set section.key=value`` (TOML value syntax, bare strings allowed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.config import ModelConfig, TrainerConfig, UserStageConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is invalid; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Kafka connection and topics. An empty bootstrap_servers means "start the embedded broker"."""
+
+    bootstrap_servers: str = ""
+    events_topic: str = "events"
+    items_topic: str = "items"
+    dlq_topic: str = "events.dlq"
+    models_topic: str = "models"
+    group_id: str = "rtrec"
+    partitions: int = 2
+    # "earliest" | "latest" | "committed": where the job starts when it has no checkpoint.
+    starting_offsets: str = "earliest"
+    # Stop at the offsets that were the latest when the job started (replay-and-finish runs).
+    bounded: bool = False
+    # Passed verbatim to every Kafka client (source, sinks, admin, replay producer).
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Flink-level settings of the job graph."""
+
+    name: str = "rtrec-online-trainer"
+    parallelism: int = 1
+    model_key: str = "default"
+    # "process" (one Python worker process per task) or "thread" (embedded, shares one GIL).
+    python_mode: str = "process"
+    window_ms: int = 1000
+    out_of_orderness_ms: int = 5000
+    idleness_ms: int = 5000
+    checkpoint_interval_ms: int = 10_000
+    restart_attempts: int = 3
+    restart_delay_ms: int = 1000
+    bundle_size: int = 1000
+    bundle_time_ms: int = 200
+    jars_dir: str = ""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Where and how model versions are published."""
+
+    registry_dir: str = ".rtrec/registry"
+    top_k: int = 50
+    publish_kafka: bool = True
+    # "exactly_once" (transactional, visible to read_committed consumers at checkpoints)
+    # or "at_least_once".
+    kafka_delivery: str = "exactly_once"
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """What `rtrec replay` / the demo writes into Kafka."""
+
+    dataset: str = "synthetic"  # "synthetic" or a MovieLens directory (ratings.csv + movies.csv)
+    num_users: int = 300
+    num_items: int = 400
+    num_events: int = 6000
+    new_items_midstream: int = 40
+    malformed_fraction: float = 0.01
+    drift_every_events: int = 2000
+    seed: int = 7
+    max_events: int = 0  # 0 = all (MovieLens)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    user: UserStageConfig = field(default_factory=UserStageConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` coerced to the annotated type or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got boolean {value!r}")
+        if not isinstance(value, tp):
+            raise ConfigError(
+                f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return {str(k): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{where}.{k}' if where else k for k in unknown)}; "
+            f"valid keys{' in [' + where + ']' if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            kwargs[name] = _build(tp, value, key)  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    # kafka.properties.<dotted.name>=value keeps the dotted Kafka property name intact.
+    if len(parts) > 2 and parts[0] == "kafka" and parts[1] == "properties":
+        parts = ["kafka", "properties", ".".join(parts[2:])]
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: --set kafka.bootstrap_servers=host:9092
+    return parts, value
+
+
+def _merge(base: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = base
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {p} is not a table")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
+    """Load defaults <- TOML file <- ``--set`` overrides, validating every key and type."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (pass --config PATH to an existing TOML)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+    for ov in overrides or []:
+        parts, value = _parse_override(ov)
+        _merge(data, parts, value)
+    cfg = _build(AppConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: AppConfig) -> None:
+    """Cross-field checks with messages that say what to change."""
+    if cfg.job.python_mode not in ("process", "thread"):
+        raise ConfigError(f"job.python_mode must be 'process' or 'thread', got {cfg.job.python_mode!r}")
+    if cfg.trainer.optimizer not in ("adagrad", "sgd", "adam"):
+        raise ConfigError(
+            f"trainer.optimizer must be one of adagrad, sgd, adam; got {cfg.trainer.optimizer!r}"
+        )
+    if cfg.kafka.starting_offsets not in ("earliest", "latest", "committed"):
+        raise ConfigError(
+            "kafka.starting_offsets must be earliest, latest or committed; "
+            f"got {cfg.kafka.starting_offsets!r}"
+        )
+    if cfg.export.kafka_delivery not in ("exactly_once", "at_least_once"):
+        raise ConfigError(
+            f"export.kafka_delivery must be exactly_once or at_least_once; got {cfg.export.kafka_delivery!r}"
+        )
+    for name, v in (
+        ("trainer.batch_size", cfg.trainer.batch_size),
+        ("model.dim", cfg.model.dim),
+        ("model.history_length", cfg.model.history_length),
+        ("job.parallelism", cfg.job.parallelism),
+        ("export.top_k", cfg.export.top_k),
+        ("trainer.export_every_steps", cfg.trainer.export_every_steps),
+    ):
+        if v <= 0:
+            raise ConfigError(f"{name} must be > 0, got {v}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: AppConfig) -> str:
+    """Render the resolved config as TOML (what `rtrec config` prints)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines: list[str] = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        tables = []
+        for k, v in values.items():
+            if isinstance(v, dict):
+                tables.append((k, v))
+            else:
+                lines.append(f"{k} = {fmt(v)}")
+        for k, v in tables:
+            inner = ", ".join(f'"{kk}" = {fmt(vv)}' for kk, vv in v.items())
+            lines.append(f"{k} = {{ {inner} }}")
+        lines.append("")
+    return "\n".join(lines)

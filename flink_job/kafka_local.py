@@ -1,0 +1,260 @@
+"""An embedded single-node Apache Kafka broker (KRaft) for the demo, tests and CI.
+
+It is the real broker (``kafka.Kafka`` from Maven Central jars), started on loopback
+with free ports and its own data directory. Logs are kept in ``<workdir>/broker.log``
+and are left behind (and their tail is shown) when the broker fails to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from flink_job.jars import SetupError, kafka_broker_libs
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise SetupError("Java is not on PATH; the embedded Kafka broker and Flink need Java 11+.")
+    return java
+
+
+@dataclass
+class BrokerInfo:
+    pid: int
+    bootstrap: str
+    workdir: str
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__))
+
+    @staticmethod
+    def load(path: Path) -> BrokerInfo:
+        return BrokerInfo(**json.loads(path.read_text()))
+
+
+class EmbeddedKafka:
+    """Start/stop a real single-node KRaft broker bound to 127.0.0.1.
+
+    Use as a context manager in tests, or ``start(detach=True)`` for `rtrec kafka up`.
+    """
+
+    def __init__(self, workdir: str | Path, heap_mb: int = 512) -> None:
+        self.workdir = Path(workdir)
+        self.heap_mb = heap_mb
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.bootstrap = ""
+
+    def _write_config(self) -> Path:
+        self.port, controller = free_port(), free_port()
+        data = self.workdir / "data"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{controller}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(data),
+            "num.partitions": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            # Flink's KafkaSink uses 1 h transactions by default.
+            "transaction.max.timeout.ms": "3600000",
+            "group.initial.rebalance.delay.ms": "0",
+            "message.max.bytes": str(MAX_MESSAGE_BYTES),
+            "replica.fetch.max.bytes": str(MAX_MESSAGE_BYTES),
+            "auto.create.topics.enable": "false",
+            "log.flush.interval.ms": "1000",
+        }
+        cfg = self.workdir / "server.properties"
+        cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.workdir / "log4j2.properties").write_text(
+            "rootLogger.level = INFO\n"
+            "rootLogger.appenderRef.file.ref = file\n"
+            "appender.file.type = File\n"
+            "appender.file.name = file\n"
+            f"appender.file.fileName = {self.workdir / 'broker.log'}\n"
+            "appender.file.layout.type = PatternLayout\n"
+            "appender.file.layout.pattern = [%d] %p %m (%c)%n\n"
+        )
+        return cfg
+
+    def _classpath(self) -> str:
+        return str(kafka_broker_libs()) + "/*"
+
+    def start(self, timeout_s: float = 60.0, detach: bool = False) -> str:
+        """Format storage, launch the broker, wait until it serves metadata; return bootstrap."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self._write_config()
+        cp = self._classpath()
+        java = _java()
+        jvm_log = f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}"
+        fmt = subprocess.run(
+            [java, jvm_log, "-cp", cp, "kafka.tools.StorageTool", "format",
+             "-t", uuid.uuid4().hex[:22], "-c", str(cfg), "--ignore-formatted"],
+            capture_output=True, text=True, check=False,
+        )
+        if fmt.returncode != 0:
+            raise SetupError(f"formatting Kafka storage in {self.workdir} failed:\n{fmt.stderr[-2000:]}")
+        out = open(self.workdir / "stdout.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [java, f"-Xmx{self.heap_mb}m", "-XX:+UseG1GC", jvm_log, "-cp", cp, "kafka.Kafka", str(cfg)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=detach,
+        )
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SetupError(
+                    f"Kafka broker exited with code {self.proc.returncode} during start; "
+                    f"logs kept in {self.workdir}:\n{self.log_tail()}"
+                )
+            if _port_open(self.port) and self._metadata_ready():
+                log.info("embedded Kafka broker ready at %s (pid %d, dir %s)",
+                         self.bootstrap, self.proc.pid, self.workdir)
+                if detach:
+                    BrokerInfo(self.proc.pid, self.bootstrap, str(self.workdir)).save(
+                        self.workdir / "broker.json"
+                    )
+                return self.bootstrap
+            time.sleep(0.3)
+        self.stop(keep_logs=True)
+        raise SetupError(
+            f"Kafka broker did not become ready within {timeout_s:.0f}s; logs kept in "
+            f"{self.workdir}:\n{self.log_tail()}"
+        )
+
+    def _metadata_ready(self) -> bool:
+        from kafka import KafkaAdminClient
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
+        except Exception:
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except Exception:
+            return False
+        finally:
+            admin.close()
+
+    def log_tail(self, lines: int = 40) -> str:
+        chunks = []
+        for name in ("stdout.log", "broker.log"):
+            p = self.workdir / name
+            if p.is_file():
+                chunks.append(f"--- {p} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(chunks)
+
+    def stop(self, keep_logs: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+        if not keep_logs:
+            shutil.rmtree(self.workdir / "data", ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedKafka:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.stop(keep_logs=exc_type is not None)
+
+
+def stop_detached(workdir: str | Path) -> bool:
+    """Stop a broker started with `rtrec kafka up`; True if one was running."""
+    info_path = Path(workdir) / "broker.json"
+    if not info_path.is_file():
+        return False
+    info = BrokerInfo.load(info_path)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(info.pid, signal.SIGTERM)
+        for _ in range(100):
+            os.kill(info.pid, 0)
+            time.sleep(0.2)
+        os.kill(info.pid, signal.SIGKILL)
+    info_path.unlink()
+    return True
+
+
+def detached_status(workdir: str | Path) -> BrokerInfo | None:
+    info_path = Path(workdir) / "broker.json"
+    if not info_path.is_file():
+        return None
+    info = BrokerInfo.load(info_path)
+    try:
+        os.kill(info.pid, 0)
+    except ProcessLookupError:
+        return None
+    return info
+
+
+def admin_properties(bootstrap: str, properties: dict[str, str]) -> dict[str, object]:
+    """Translate dotted Kafka client properties into kafka-python keyword arguments."""
+    kw: dict[str, object] = {"bootstrap_servers": bootstrap}
+    for k, v in properties.items():
+        kw[k.replace(".", "_")] = v
+    return kw
+
+
+def create_topics(
+    bootstrap: str, topics: list[str], partitions: int = 1, properties: dict[str, str] | None = None
+) -> None:
+    """Create topics if missing (idempotent)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**admin_properties(bootstrap, properties or {}))
+    try:
+        existing = set(admin.list_topics())
+        new = [
+            NewTopic(name=t, num_partitions=partitions, replication_factor=1,
+                     topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)})
+            for t in topics if t not in existing
+        ]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+    finally:
+        admin.close()

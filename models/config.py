@@ -1,0 +1,77 @@
+"""Typed, frozen configuration for the model, the trainer and the per-user stage.
+
+These dataclasses are pure Python so that ``models`` stays free of Flink; the job's
+full configuration (``flink_job.config``) composes them with Kafka and job settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the two-tower model.
+
+    dim: embedding width D of item and user vectors.
+    history_length: H, the number of most recent items the user tower reads.
+    hidden: width of the user-tower MLP.
+    max_items: capacity of the dynamic id vocabulary (rows, excluding the pad row).
+    init_std: std of the normal init of new id rows.
+    """
+
+    dim: int = 32
+    history_length: int = 20
+    hidden: int = 64
+    max_items: int = 100_000
+    init_std: float = 0.05
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How the online trainer learns.
+
+    optimizer: "adagrad" (row-wise for sparse rows), "sgd" or "adam" (dense part).
+    batch_size: samples per micro-batch gradient step.
+    num_negatives: uniformly sampled negatives added to the in-batch ones.
+    temperature: softmax temperature on dot-product logits.
+    export_every_steps / export_every_seconds: when to publish a model version
+    (whichever comes first; seconds are processing time and ignored in deterministic mode).
+    """
+
+    optimizer: str = "adagrad"
+    lr: float = 0.05
+    batch_size: int = 64
+    num_negatives: int = 64
+    temperature: float = 0.1
+    l2: float = 0.0
+    grad_clip: float = 10.0
+    seed: int = 1234
+    export_every_steps: int = 50
+    export_every_seconds: float = 10.0
+    flush_after_seconds: float = 5.0
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class UserStageConfig:
+    """Per-user stage: history kept per user and how events become samples.
+
+    The history length is ``ModelConfig.history_length`` (one source of truth).
+
+    weights: training weight per event type; a rating r becomes a positive with
+    weight r / 5 when r >= min_positive_rating, else a label-0 sample.
+    """
+
+    dedup_size: int = 256
+    state_ttl_hours: float = 24.0 * 30
+    min_positive_rating: float = 3.5
+    weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "view": 0.5,
+            "click": 1.0,
+            "cart": 1.5,
+            "purchase": 2.0,
+            "rating": 1.0,
+        }
+    )
