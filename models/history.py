@@ -1,0 +1,102 @@
+"""Per-user stage logic: keep each user's recent history and turn events into samples.
+
+Pure functions over a small :class:`UserState`; the Flink window function stores the
+state in keyed state and calls :func:`advance_user` once per fired window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.config import UserStageConfig
+from models.events import Event
+
+USER_STATE_FORMAT = 1
+
+
+@dataclass
+class UserState:
+    """What the job remembers per user. ``history`` is oldest -> newest item ids."""
+
+    history: list[str] = field(default_factory=list)
+    recent_event_ids: list[str] = field(default_factory=list)
+    events: int = 0
+    duplicates: int = 0
+    last_ts: int = 0
+    format: int = USER_STATE_FORMAT
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One training sample: the user's history before ``target`` (oldest -> newest).
+
+    label 1 = positive interaction the model should rank high; label 0 = an event that
+    is counted but not learned from as a positive (e.g. a low rating).
+    """
+
+    model_key: str
+    user_id: str
+    history: tuple[str, ...]
+    target: str
+    label: int
+    weight: float
+    ts: int
+    event_id: str
+
+
+def label_and_weight(e: Event, cfg: UserStageConfig) -> tuple[int, float]:
+    base = cfg.weights.get(e.type, 1.0)
+    if e.type == "rating":
+        v = e.value if e.value is not None else 0.0
+        if v >= cfg.min_positive_rating:
+            return 1, base * v / 5.0
+        return 0, 0.0
+    return 1, base
+
+
+def advance_user(
+    state: UserState | None,
+    events: list[Event],
+    cfg: UserStageConfig,
+    history_length: int,
+    model_key: str,
+) -> tuple[UserState, list[Sample]]:
+    """Apply one window of a user's events, in (ts, event_id) order.
+
+    Duplicates (same event_id seen in the last ``cfg.dedup_size`` events) are dropped and
+    counted; every other event yields exactly one Sample. Positives extend the history.
+    """
+    st = state if state is not None else UserState()
+    if st.format != USER_STATE_FORMAT:
+        raise ValueError(
+            f"user state has format {st.format}, this release reads {USER_STATE_FORMAT}; "
+            "restore from a savepoint of a compatible release"
+        )
+    seen = set(st.recent_event_ids)
+    samples: list[Sample] = []
+    for e in sorted(events, key=lambda x: (x.ts, x.event_id)):
+        if e.event_id in seen:
+            st.duplicates += 1
+            continue
+        seen.add(e.event_id)
+        st.recent_event_ids.append(e.event_id)
+        label, weight = label_and_weight(e, cfg)
+        samples.append(
+            Sample(
+                model_key=model_key,
+                user_id=e.user_id,
+                history=tuple(st.history[-history_length:]),
+                target=e.item_id,
+                label=label,
+                weight=weight,
+                ts=e.ts,
+                event_id=e.event_id,
+            )
+        )
+        st.events += 1
+        st.last_ts = max(st.last_ts, e.ts)
+        if label == 1:
+            st.history.append(e.item_id)
+            del st.history[:-history_length]
+    del st.recent_event_ids[: -cfg.dedup_size]
+    return st, samples

@@ -1,0 +1,123 @@
+"""The sparse side of the model: a dynamic vocabulary of item id rows.
+
+Each known item id owns one row of ``data`` ([capacity + 1, D + K]: its embedding (D) and
+its optimizer slots (K, e.g. the row-wise AdaGrad accumulator)), plus a count and a
+last-seen event time. Row 0 is the padding / out-of-vocabulary row and stays zero.
+
+In Flink every row lives in MapState under its item id as the bytes of
+:meth:`ItemTable.pack_row`; this table is the cache rebuilt from that state. A row keeps
+its index in the packed bytes, so a rebuilt table is identical to the one it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+ROW_HEADER = struct.Struct("<qqq")  # index, count, last_seen_ts
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any values, identical across processes and runs (unlike hash())."""
+    h = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ItemTable:
+    """Index <-> id mapping plus the row tensor, counts and last-seen times."""
+
+    def __init__(
+        self, dim: int, slots: int, max_items: int, init_std: float, seed: int, device: torch.device
+    ) -> None:
+        self.dim = dim
+        self.slots = slots
+        self.max_items = max_items
+        self.init_std = init_std
+        self.seed = seed
+        self.device = device
+        self.ids: list[str] = [""]
+        self.index: dict[str, int] = {}
+        cap = 1024
+        self.data = torch.zeros(cap + 1, dim + slots, device=device)
+        self.count = np.zeros(cap + 1, dtype=np.int64)
+        self.last_seen = np.zeros(cap + 1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Number of real rows (excluding the padding row)."""
+        return len(self.ids) - 1
+
+    def _grow(self, need: int) -> None:
+        cap = self.data.shape[0]
+        if need < cap:
+            return
+        new_cap = max(need + 1, 2 * cap)
+        data = torch.zeros(new_cap, self.dim + self.slots, device=self.device)
+        data[:cap] = self.data
+        self.data = data
+        self.count = np.concatenate([self.count, np.zeros(new_cap - cap, dtype=np.int64)])
+        self.last_seen = np.concatenate([self.last_seen, np.zeros(new_cap - cap, dtype=np.int64)])
+
+    def _init_row(self, item_id: str) -> torch.Tensor:
+        # Seeded by the id, not by arrival order: the same id always starts from the same row.
+        g = torch.Generator().manual_seed(stable_seed(self.seed, "row", item_id))
+        return torch.randn(self.dim, generator=g) * self.init_std
+
+    def lookup(self, item_id: str, add: bool) -> int:
+        """Index of ``item_id``; adds a freshly initialised row if ``add`` and capacity allows.
+
+        Returns 0 (the padding row) for unknown ids that are not added.
+        """
+        idx = self.index.get(item_id)
+        if idx is not None:
+            return idx
+        if not add or len(self) >= self.max_items:
+            return 0
+        idx = len(self.ids)
+        self._grow(idx)
+        self.ids.append(item_id)
+        self.index[item_id] = idx
+        self.data[idx, : self.dim] = self._init_row(item_id).to(self.device)
+        return idx
+
+    def embeddings(self) -> torch.Tensor:
+        """[len + 1, D] id embeddings, row 0 = padding."""
+        return self.data[: len(self.ids), : self.dim]
+
+    def pack_row(self, idx: int) -> bytes:
+        header = ROW_HEADER.pack(idx, int(self.count[idx]), int(self.last_seen[idx]))
+        row = self.data[idx].detach().to("cpu", torch.float32).numpy()
+        return header + row.tobytes()
+
+    def load_rows(self, rows: Iterable[tuple[str, bytes]]) -> None:
+        """Rebuild from packed rows (any order). Indices come from the rows themselves."""
+        loaded: list[tuple[int, str, int, int, np.ndarray]] = []
+        width = self.dim + self.slots
+        for item_id, blob in rows:
+            idx, count, last = ROW_HEADER.unpack_from(blob)
+            vec = np.frombuffer(blob, dtype=np.float32, offset=ROW_HEADER.size)
+            if vec.shape[0] != width:
+                raise ValueError(
+                    f"row for item {item_id!r} has width {vec.shape[0]}, the model expects {width} "
+                    "(model.dim or trainer.optimizer changed?); restore with the original config"
+                )
+            loaded.append((idx, item_id, count, last, vec))
+        n = max((r[0] for r in loaded), default=0)
+        self.ids = [""] * (n + 1)
+        self.index = {}
+        self._grow(n)
+        self.data.zero_()
+        self.count[:] = 0
+        self.last_seen[:] = 0
+        if loaded:
+            idxs = torch.tensor([r[0] for r in loaded], dtype=torch.long)
+            vecs = torch.from_numpy(np.stack([r[4] for r in loaded]))
+            self.data[idxs.to(self.device)] = vecs.to(self.device)
+        for idx, item_id, count, last, _ in loaded:
+            self.ids[idx] = item_id
+            self.index[item_id] = idx
+            self.count[idx] = count
+            self.last_seen[idx] = last
