@@ -51,6 +51,9 @@ class JobConfig:
     name: str = "rtrec-online-trainer"
     parallelism: int = 1
     model_key: str = "default"
+    # Key of the HMAC that pseudonymises user ids before anything is stored; "" disables it.
+    # Change it per deployment (and keep it stable: user state is keyed by the result).
+    hmac_key: str = "rtrec-change-me"
     # "process" (one Python worker process per task) or "thread" (embedded, shares one GIL).
     python_mode: str = "process"
     window_ms: int = 1000

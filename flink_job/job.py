@@ -1,0 +1,202 @@
+"""The rtrec job graph (see DESIGN.md "Data flow").
+
+Kafka events -> ParseEvents (-> DLQ) -> event-time watermarks -> key_by(user) -> tumbling
+window -> UserWindowFunction -> key_by(model key) -> OnlineTrainer -> model versions ->
+registry directory + Kafka ``models`` topic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pyflink.common import Configuration, Duration, Time, Types, WatermarkStrategy
+from pyflink.common.serialization import ByteArraySchema, SimpleStringSchema
+from pyflink.common.watermark_strategy import TimestampAssigner
+from pyflink.datastream import CheckpointingMode, StreamExecutionEnvironment
+from pyflink.datastream.connectors.base import DeliveryGuarantee
+from pyflink.datastream.connectors.kafka import (
+    KafkaOffsetResetStrategy,
+    KafkaOffsetsInitializer,
+    KafkaRecordSerializationSchema,
+    KafkaSink,
+    KafkaSource,
+)
+from pyflink.datastream.window import TumblingEventTimeWindows
+
+from flink_job.config import AppConfig, to_dict
+from flink_job.jars import kafka_connector_jar
+from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents
+from udfs.publish import PublishToRegistry, to_kafka_record
+from udfs.records import EVENT_TYPE, SAMPLE_TYPE, VERSION_TYPE, PicklableOutputTag
+from udfs.trainer import OnlineTrainer
+from udfs.user_window import UserWindowFunction
+
+log = logging.getLogger(__name__)
+LATE_TAG = PicklableOutputTag("late-events", EVENT_TYPE)
+# Must stay <= the broker's transaction.max.timeout.ms (15 min by default).
+TRANSACTION_TIMEOUT_MS = 600_000
+
+
+class EventTime(TimestampAssigner):
+    def extract_timestamp(self, value, record_timestamp):
+        return value[4]
+
+
+class VersionTime(TimestampAssigner):
+    """A model version's timestamp = the event-time high-water mark it has learned up to.
+
+    Versions published by the end-of-input timer would otherwise carry Long.MAX_VALUE - 1,
+    which Kafka rejects as a record timestamp.
+    """
+
+    def extract_timestamp(self, value, record_timestamp):
+        return int(json.loads(value[2])["event_time_hwm_ms"])
+
+
+def make_env(cfg: AppConfig, extra_conf: dict[str, str] | None = None) -> StreamExecutionEnvironment:
+    """A StreamExecutionEnvironment configured from ``cfg`` (local mini-cluster unless submitted)."""
+    jars_dir = cfg.job.jars_dir
+    jar = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
+    conf = Configuration()
+    settings = {
+        # Without these the Python workers may run another interpreter than the client.
+        "python.executable": sys.executable,
+        "python.client.executable": sys.executable,
+        "python.execution-mode": cfg.job.python_mode,
+        "python.fn-execution.bundle.size": str(cfg.job.bundle_size),
+        "python.fn-execution.bundle.time": str(cfg.job.bundle_time_ms),
+        "pipeline.jars": jar.resolve().as_uri(),
+        # Explicit restart strategy: with checkpointing on, the default retries forever.
+        "restart-strategy.type": "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": str(cfg.job.restart_attempts),
+        "restart-strategy.fixed-delay.delay": f"{cfg.job.restart_delay_ms} ms",
+        "pipeline.name": cfg.job.name,
+    }
+    settings.update(extra_conf or {})
+    for k, v in settings.items():
+        conf.set_string(k, v)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    env.set_parallelism(cfg.job.parallelism)
+    if cfg.job.checkpoint_interval_ms > 0:
+        env.enable_checkpointing(cfg.job.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
+    return env
+
+
+def _starting_offsets(cfg: AppConfig) -> KafkaOffsetsInitializer:
+    if cfg.kafka.starting_offsets == "latest":
+        return KafkaOffsetsInitializer.latest()
+    if cfg.kafka.starting_offsets == "committed":
+        return KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST)
+    return KafkaOffsetsInitializer.earliest()
+
+
+def _sink(cfg: AppConfig, bootstrap: str, topic: str, exactly_once: bool, tx_prefix: str) -> KafkaSink:
+    b = (
+        KafkaSink.builder()
+        .set_bootstrap_servers(bootstrap)
+        .set_record_serializer(
+            KafkaRecordSerializationSchema.builder()
+            .set_topic(topic)
+            .set_value_serialization_schema(SimpleStringSchema())
+            .build()
+        )
+        .set_property("max.request.size", str(32 * 1024 * 1024))
+    )
+    for k, v in cfg.kafka.properties.items():
+        b = b.set_property(k, v)
+    if exactly_once and cfg.job.checkpoint_interval_ms > 0:
+        b = (
+            b.set_delivery_guarantee(DeliveryGuarantee.EXACTLY_ONCE)
+            .set_transactional_id_prefix(tx_prefix)
+            .set_property("transaction.timeout.ms", str(TRANSACTION_TIMEOUT_MS))
+        )
+    else:
+        b = b.set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
+    return b.build()
+
+
+def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -> None:
+    """Add the whole rtrec graph to ``env``, reading from and writing to ``bootstrap``."""
+    k = cfg.kafka
+    source_b = (
+        KafkaSource.builder()
+        .set_bootstrap_servers(bootstrap)
+        .set_topics(k.events_topic)
+        .set_group_id(k.group_id)
+        .set_starting_offsets(_starting_offsets(cfg))
+        .set_value_only_deserializer(ByteArraySchema())
+    )
+    if k.properties:
+        source_b = source_b.set_properties(dict(k.properties))
+    if k.bounded:
+        source_b = source_b.set_bounded(KafkaOffsetsInitializer.latest())
+    raw = env.from_source(
+        source_b.build(), WatermarkStrategy.no_watermarks(), "kafka-events",
+        type_info=Types.PRIMITIVE_ARRAY(Types.BYTE()),
+    ).uid("kafka-events")
+
+    parsed = raw.process(
+        ParseEvents(k.events_topic, cfg.job.hmac_key), output_type=EVENT_TYPE
+    ).uid("parse-events").name("parse-events")
+    dead = parsed.get_side_output(DLQ_TAG)
+
+    watermarks = (
+        WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(cfg.job.out_of_orderness_ms))
+        .with_timestamp_assigner(EventTime())
+        .with_idleness(Duration.of_millis(cfg.job.idleness_ms))
+    )
+    timed = parsed.assign_timestamps_and_watermarks(watermarks).uid("event-time").name("event-time")
+
+    windowed = (
+        timed.key_by(lambda r: r[1], key_type=Types.STRING())
+        .window(TumblingEventTimeWindows.of(Time.milliseconds(cfg.job.window_ms)))
+        .side_output_late_data(LATE_TAG)
+    )
+    samples = windowed.process(
+        UserWindowFunction(cfg.user, cfg.model.history_length, cfg.job.model_key),
+        output_type=SAMPLE_TYPE,
+    ).uid("user-window").name("user-window")
+    late = samples.get_side_output(LATE_TAG).map(
+        LateToDeadLetter(k.events_topic), output_type=Types.STRING()
+    ).uid("late-to-dlq").name("late-to-dlq")
+
+    versions = samples.key_by(lambda r: r[0], key_type=Types.STRING()).process(
+        OnlineTrainer(cfg.model, cfg.trainer, cfg.export.top_k, _public_config(cfg)),
+        output_type=VERSION_TYPE,
+    ).uid("trainer").name("trainer").assign_timestamps_and_watermarks(
+        WatermarkStrategy.no_watermarks().with_timestamp_assigner(VersionTime())
+    ).uid("version-time").name("version-time")
+
+    published = versions.map(
+        PublishToRegistry(str(Path(cfg.export.registry_dir).resolve())), output_type=Types.STRING()
+    ).uid("registry-sink").name("registry-sink")
+    published.print("model-version").uid("registry-log").name("registry-log")
+
+    if cfg.export.publish_kafka:
+        versions.map(to_kafka_record, output_type=Types.STRING()).uid("models-record").sink_to(
+            _sink(cfg, bootstrap, k.models_topic, cfg.export.kafka_delivery == "exactly_once",
+                  f"{cfg.job.name}-models")
+        ).uid("models-sink").name("models-sink")
+
+    dead.union(late).sink_to(
+        _sink(cfg, bootstrap, k.dlq_topic, exactly_once=False, tx_prefix="")
+    ).uid("dlq-sink").name("dlq-sink")
+
+
+def _public_config(cfg: AppConfig) -> dict:
+    """The config recorded in manifests, without secrets."""
+    d = to_dict(cfg)
+    d["job"].pop("hmac_key", None)
+    d["kafka"]["properties"] = {
+        key: ("***" if any(s in key for s in ("password", "secret", "sasl.jaas")) else v)
+        for key, v in d["kafka"]["properties"].items()
+    }
+    return d
+
+
+def with_bootstrap(cfg: AppConfig, bootstrap: str) -> AppConfig:
+    return dataclasses.replace(cfg, kafka=dataclasses.replace(cfg.kafka, bootstrap_servers=bootstrap))

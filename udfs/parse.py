@@ -1,0 +1,51 @@
+"""Parse + validate raw Kafka records; invalid ones go to the dead-letter side output."""
+
+from __future__ import annotations
+
+import logging
+
+from pyflink.common import Types
+from pyflink.datastream import OutputTag, ProcessFunction
+
+from models.events import Event, InvalidRecord, dead_letter, parse_event, pseudonymise
+from udfs.records import event_to_row
+
+DLQ_TAG = OutputTag("dead-letters", Types.STRING())
+log = logging.getLogger(__name__)
+
+
+class ParseEvents(ProcessFunction):
+    """bytes -> event row; anything invalid -> DLQ_TAG with the reason. Never raises."""
+
+    def __init__(self, source_topic: str, hmac_key: str) -> None:
+        self.source = source_topic
+        self.key = hmac_key.encode() if hmac_key else b""
+
+    def process_element(self, value, ctx):
+        try:
+            e = parse_event(value)
+        except InvalidRecord as err:
+            yield DLQ_TAG, dead_letter(value, str(err), self.source)
+            return
+        except Exception as err:  # a bug in validation must not lose the record or kill the job
+            log.exception("unexpected error validating a record")
+            yield DLQ_TAG, dead_letter(value, f"internal validation error: {err!r}", self.source)
+            return
+        if self.key:
+            e = Event(e.event_id, pseudonymise(e.user_id, self.key), e.item_id, e.type, e.ts, e.value)
+        yield event_to_row(e)
+
+
+class LateToDeadLetter:
+    """Map a late event row to a DLQ record naming why it was not trained on."""
+
+    def __init__(self, source_topic: str) -> None:
+        self.source = source_topic
+
+    def __call__(self, row: tuple) -> str:
+        return dead_letter(
+            f"event_id={row[0]} item_id={row[2]} ts={row[4]}",
+            "late event: its event time is behind the watermark of its user's window "
+            "(raise job.out_of_orderness_ms to accept it)",
+            self.source,
+        )

@@ -1,0 +1,69 @@
+"""Record layouts between operators (typed tuples: cheaper than pickling objects)."""
+
+from __future__ import annotations
+
+import math
+
+from pyflink.common import Types
+from pyflink.datastream import OutputTag
+
+from models.events import Event
+from models.history import Sample
+
+# event_id, user_id (pseudonymised), item_id, type, ts, value (NaN = none)
+EVENT_TYPE = Types.TUPLE(
+    [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.DOUBLE()]
+)
+# model_key, user_id, history ("\x1f"-joined, oldest -> newest), target, label, weight, ts, event_id
+SAMPLE_TYPE = Types.TUPLE(
+    [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.INT(), Types.DOUBLE(),
+     Types.LONG(), Types.STRING()]
+)
+# model_key, version name, manifest JSON, ONNX bytes
+VERSION_TYPE = Types.TUPLE(
+    [Types.STRING(), Types.STRING(), Types.STRING(), Types.PICKLED_BYTE_ARRAY()]
+)
+SEP = "\x1f"
+
+
+def event_to_row(e: Event) -> tuple:
+    return (e.event_id, e.user_id, e.item_id, e.type, e.ts, math.nan if e.value is None else e.value)
+
+
+def row_to_event(r: tuple) -> Event:
+    v = r[5]
+    return Event(r[0], r[1], r[2], r[3], int(r[4]), None if v is None or math.isnan(v) else float(v))
+
+
+def sample_to_row(s: Sample) -> tuple:
+    return (s.model_key, s.user_id, SEP.join(s.history), s.target, s.label, s.weight, s.ts, s.event_id)
+
+
+def row_to_sample(r: tuple) -> Sample:
+    hist = tuple(r[2].split(SEP)) if r[2] else ()
+    return Sample(r[0], r[1], hist, r[3], int(r[4]), float(r[5]), int(r[6]), r[7])
+
+
+def _drop_java(type_info: object) -> None:
+    """Clear cached Java type objects in a (nested) PyFlink TypeInformation tree."""
+    from pyflink.common.typeinfo import TypeInformation
+
+    if isinstance(type_info, TypeInformation):
+        type_info._j_typeinfo = None
+        for v in vars(type_info).values():
+            for item in v if isinstance(v, list | tuple) else [v]:
+                if isinstance(item, TypeInformation):
+                    _drop_java(item)
+
+
+class PicklableOutputTag(OutputTag):
+    """OutputTag that pickles with nested tuple types.
+
+    PyFlink's own ``OutputTag.__getstate__`` only clears the top-level Java type object,
+    so a tag over a TUPLE type that was already used cannot be shipped with a window
+    function (``cannot pickle '_thread.RLock'``).
+    """
+
+    def __getstate__(self):
+        _drop_java(self.type_info)
+        return self.tag_id, self.type_info
