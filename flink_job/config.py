@@ -64,7 +64,10 @@ class JobConfig:
     restart_delay_ms: int = 1000
     bundle_size: int = 1000
     bundle_time_ms: int = 200
+    # Directory holding the connector jar on the machine that builds the job graph ("" = cache).
     jars_dir: str = ""
+    # Python interpreter of the workers ("" = the interpreter running rtrec).
+    python_executable: str = ""
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,19 @@ class ReplayStats:
     malformed: int = 0
     items: int = 0
     item_ids_in_events: set[str] = field(default_factory=set)
+    titles: dict[str, str] = field(default_factory=dict)
+    # Raw user id -> last items (oldest -> newest) and event count, for the demo's printout.
+    histories: dict[str, list[str]] = field(default_factory=dict)
+    user_events: dict[str, int] = field(default_factory=dict)
+
+    def saw(self, user: str, item: str, positive: bool) -> None:
+        self.events += 1
+        self.item_ids_in_events.add(item)
+        self.user_events[user] = self.user_events.get(user, 0) + 1
+        if positive:
+            hist = self.histories.setdefault(user, [])
+            hist.append(item)
+            del hist[:-50]
 
 
 def _item_record(item_id: str, title: str, text: str, cats: list[str], ts: int) -> Record:
@@ -124,6 +137,7 @@ def synthetic(cfg: ReplayConfig, stats: ReplayStats | None = None) -> Iterator[R
         title = f"{words[0].title()} {words[1]} #{n}"
         text = f"A {topic} piece about {words[0]}, {words[1]} and {words[2]}."
         st.items += 1
+        st.titles[item_id] = f"{title} [{topic}]"
         return _item_record(item_id, title, text, [topic], ts)
 
     for n in range(n_initial):
@@ -168,8 +182,7 @@ def synthetic(cfg: ReplayConfig, stats: ReplayStats | None = None) -> Iterator[R
         item = pool[pos]
         etype = rng.choices(list(EVENT_TYPE_WEIGHTS), weights=list(EVENT_TYPE_WEIGHTS.values()))[0]
         value = float(rng.choice([3, 4, 4, 5, 5, 2])) if etype == "rating" else None
-        st.events += 1
-        st.item_ids_in_events.add(item)
+        st.saw(f"user{u}", item, positive=value is None or value >= 3.5)
         yield _event_record(f"e{e}", f"user{u}", item, etype, ts, value)
 
 
@@ -202,10 +215,10 @@ def movielens(directory: str | Path, max_events: int = 0, stats: ReplayStats | N
             genres = [g for g in m["genres"].split("|") if g and g != "(no genres listed)"]
             text = f"{m['title']}. Genres: {', '.join(genres) or 'unknown'}."
             st.items += 1
+            st.titles[m["movieId"]] = f"{m['title']} [{'|'.join(genres)}]"
             yield _item_record(m["movieId"], m["title"], text, genres, first_ts)
     for ts, user, movie, rating in rows:
-        st.events += 1
-        st.item_ids_in_events.add(movie)
+        st.saw(user, movie, positive=rating >= 3.5)
         yield _event_record(f"ml-{user}-{movie}-{ts}", user, movie, "rating", ts, rating)
 
 

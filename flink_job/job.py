@@ -64,8 +64,8 @@ def make_env(cfg: AppConfig, extra_conf: dict[str, str] | None = None) -> Stream
     conf = Configuration()
     settings = {
         # Without these the Python workers may run another interpreter than the client.
-        "python.executable": sys.executable,
-        "python.client.executable": sys.executable,
+        "python.executable": cfg.job.python_executable or sys.executable,
+        "python.client.executable": cfg.job.python_executable or sys.executable,
         "python.execution-mode": cfg.job.python_mode,
         "python.fn-execution.bundle.size": str(cfg.job.bundle_size),
         "python.fn-execution.bundle.time": str(cfg.job.bundle_time_ms),

@@ -118,7 +118,10 @@ class EmbeddedKafka:
 
     def start(self, timeout_s: float = 60.0, detach: bool = False) -> str:
         """Format storage, launch the broker, wait until it serves metadata; return bootstrap."""
+        self.workdir = self.workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Every start is a fresh, empty broker: old data (say, from a crashed run) is dropped.
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)
         cfg = self._write_config()
         cp = self._classpath()
         java = _java()

@@ -1,0 +1,324 @@
+"""`rtrec`: the one command-line entry point.
+
+Subcommands: setup, config, kafka up|down|status, replay, run, demo, submit, serve.
+Every subcommand takes ``--config FILE`` and repeated ``--set section.key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from flink_job.config import AppConfig, ConfigError, load_config, to_toml
+from flink_job.jars import SetupError
+
+log = logging.getLogger("rtrec")
+STATE_DIR = Path(".rtrec")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (see `rtrec config`)")
+    p.add_argument(
+        "--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set trainer.lr=0.1",
+    )
+
+
+def _cfg(args: argparse.Namespace, extra: list[str] | None = None) -> AppConfig:
+    return load_config(args.config, [*(extra or []), *args.overrides])
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_setup(args: argparse.Namespace) -> int:
+    from flink_job.jars import ensure_all
+
+    for name, path in ensure_all().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(to_toml(_cfg(args)), end="")
+    return 0
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from flink_job.kafka_local import EmbeddedKafka, create_topics, detached_status, stop_detached
+
+    workdir = Path(args.dir)
+    if args.action == "up":
+        info = detached_status(workdir)
+        if info is not None:
+            print(f"already running: {info.bootstrap} (pid {info.pid})")
+            return 0
+        kafka = EmbeddedKafka(workdir)
+        bootstrap = kafka.start(detach=True)
+        cfg = _cfg(args)
+        k = cfg.kafka
+        create_topics(bootstrap, [k.events_topic, k.items_topic, k.dlq_topic, k.models_topic], k.partitions)
+        print(bootstrap)
+        return 0
+    if args.action == "down":
+        print("stopped" if stop_detached(workdir) else "not running")
+        return 0
+    info = detached_status(workdir)
+    print(f"running: {info.bootstrap} (pid {info.pid})" if info else "not running")
+    return 0 if info else 1
+
+
+def _bootstrap_or_detached(cfg: AppConfig, kafka_dir: str) -> str:
+    from flink_job.kafka_local import detached_status
+
+    if cfg.kafka.bootstrap_servers:
+        return cfg.kafka.bootstrap_servers
+    info = detached_status(kafka_dir)
+    if info is None:
+        raise ConfigError(
+            "no Kafka to talk to: set --bootstrap HOST:PORT (or kafka.bootstrap_servers), "
+            "or start the embedded broker with `rtrec kafka up`"
+        )
+    return info.bootstrap
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from flink_job.replay import replay
+
+    extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
+    cfg = _cfg(args, extra + _bootstrap_override(args))
+    stats = replay(cfg, _bootstrap_or_detached(cfg, args.kafka_dir), rate=args.rate)
+    print(f"replayed {stats.events} events ({stats.malformed} malformed) and {stats.items} items")
+    return 0
+
+
+def _bootstrap_override(args: argparse.Namespace) -> list[str]:
+    out = []
+    if getattr(args, "bootstrap", None):
+        out.append(f"kafka.bootstrap_servers={json.dumps(args.bootstrap)}")
+    if getattr(args, "topic", None):
+        out.append(f"kafka.events_topic={json.dumps(args.topic)}")
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flink_job.runner import run_local
+
+    extra = _bootstrap_override(args) + (["kafka.bounded=true"] if args.bounded else [])
+    cfg = _cfg(args, extra)
+    result = run_local(cfg, _bootstrap_or_detached(cfg, args.kafka_dir))
+    print(f"job {result.status} after {result.elapsed_s:.1f}s")
+    return 0 if result.status == "FINISHED" else 1
+
+
+def _count_topic(bootstrap: str, topic: str, properties: dict[str, str], committed_only: bool) -> int:
+    from kafka import KafkaConsumer
+
+    from flink_job.kafka_local import admin_properties
+
+    consumer = KafkaConsumer(
+        topic, **admin_properties(bootstrap, properties), auto_offset_reset="earliest",
+        enable_auto_commit=False, consumer_timeout_ms=3000, fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=64 * 1024 * 1024,
+        isolation_level="read_committed" if committed_only else "read_uncommitted",
+    )
+    try:
+        return sum(1 for _ in consumer)
+    finally:
+        consumer.close()
+
+
+@contextmanager
+def _kafka_for(cfg: AppConfig, workdir: Path) -> Iterator[str]:
+    """The user's Kafka if configured, else an embedded broker for the duration."""
+    if cfg.kafka.bootstrap_servers:
+        yield cfg.kafka.bootstrap_servers
+        return
+    from flink_job.kafka_local import EmbeddedKafka
+
+    log.info("starting the embedded Kafka broker (KRaft, loopback)")
+    with EmbeddedKafka(workdir) as kafka:
+        yield kafka.bootstrap
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded Kafka + synthetic replay + the job on local Flink + ONNX recommendations."""
+    from flink_job.datasets import ReplayStats
+    from flink_job.jars import ensure_all
+    from flink_job.replay import replay
+    from flink_job.runner import run_local
+    from models.serving import HotSwapRecommender
+
+    t0 = time.monotonic()
+    demo_dir = STATE_DIR / "demo"
+    registry = demo_dir / "registry"
+    shutil.rmtree(registry, ignore_errors=True)
+    extra = [
+        "kafka.bounded=true",
+        f"export.registry_dir={json.dumps(str(registry))}",
+        *([f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []),
+        *_bootstrap_override(args),
+    ]
+    cfg = _cfg(args, extra)
+    log.info("resolving Java artifacts (Kafka connector, Kafka broker)")
+    ensure_all()
+    with _kafka_for(cfg, demo_dir / "kafka") as bootstrap:
+        stats = ReplayStats()
+        from flink_job import replay as replay_mod
+
+        replay_stats = replay_mod.replay(cfg, bootstrap) if not args.skip_replay else stats
+        stats = replay_stats
+        log.info("running the job on a local Flink mini-cluster until the replay is consumed")
+        result = run_local(cfg, bootstrap, expected_events=stats.events or None)
+        dlq = _count_topic(bootstrap, cfg.kafka.dlq_topic, cfg.kafka.properties, committed_only=False)
+        published = _count_topic(bootstrap, cfg.kafka.models_topic, cfg.kafka.properties, committed_only=True)
+    if result.status != "FINISHED":
+        print(f"job ended {result.status}", file=sys.stderr)
+        return 1
+    rec = HotSwapRecommender(registry, cfg.job.model_key)
+    if not rec.refresh():
+        print("the job published no model version", file=sys.stderr)
+        return 1
+    print()
+    print(f"Model {cfg.job.model_key}/{rec.version_name} loaded with onnxruntime "
+          f"({len(rec.current.item_ids) if rec.current else 0} items; item encoder: id embeddings)")
+    users = sorted(stats.histories, key=lambda u: -stats.user_events.get(u, 0))[: args.users]
+    for u in users:
+        hist = stats.histories[u][-cfg.model.history_length:]
+        recent = ", ".join(stats.titles.get(i, i) for i in hist[-3:])
+        print(f"\nuser {u}: recently {recent}")
+        for rank, (item, score) in enumerate(rec.recommend([hist], k=10)[0], 1):
+            print(f"  {rank:2d}. {stats.titles.get(item, item):45s} score {score:7.3f}")
+    m = result.manifest or {}
+    elapsed = time.monotonic() - t0
+    print(
+        f"\nsummary: events={stats.events} malformed={stats.malformed} "
+        f"samples={m.get('events_seen')} steps={m.get('steps')} versions={m.get('version')} "
+        f"(models topic: {published}) dlq={dlq} job={result.elapsed_s:.1f}s "
+        f"first_version={result.first_version_s or 0:.1f}s "
+        f"events/s={stats.events / max(result.elapsed_s, 1e-9):.0f} elapsed={elapsed:.1f}s"
+    )
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit the job to a running Flink cluster with the pip package's `flink run`."""
+    import pyflink
+
+    from flink_job.jars import kafka_connector_jar
+
+    cfg = _cfg(args, _bootstrap_override(args))
+    if not cfg.kafka.bootstrap_servers:
+        raise ConfigError("submit needs --bootstrap (or kafka.bootstrap_servers) reachable from the cluster")
+    flink = Path(pyflink.__file__).parent / "bin" / "flink"
+    root = Path(__file__).resolve().parent.parent
+    cmd = [
+        str(flink), "run", "-m", args.jobmanager, "--detached",
+        "--python", str(root / "flink_job" / "main.py"),
+        "--pyFiles", ",".join(str(root / d) for d in ("flink_job", "udfs", "models")),
+        "--jarfile", str(kafka_connector_jar()),
+        "--", *(["--config", args.config] if args.config else []),
+    ]
+    for ov in [*_bootstrap_override(args), *args.overrides]:
+        cmd += ["--set", ov]
+    log.info("running %s", " ".join(cmd))
+    return subprocess.call(cmd, env={**os.environ, "PYFLINK_CLIENT_EXECUTABLE": sys.executable})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flink_job.serve import serve
+
+    cfg = _cfg(args)
+    serve(Path(args.registry or cfg.export.registry_dir), cfg.job.model_key, args.host, args.port,
+          args.poll_s)
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rtrec", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("setup", help="resolve the Java jars (Kafka connector, Kafka broker)")
+    s.set_defaults(func=cmd_setup)
+
+    s = sub.add_parser("config", help="print the resolved configuration as TOML")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("kafka", help="embedded single-node Kafka broker (KRaft) on loopback")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--dir", default=str(STATE_DIR / "kafka"))
+    _add_config_args(s)
+    s.set_defaults(func=cmd_kafka)
+
+    kafka_dir = str(STATE_DIR / "kafka")
+    s = sub.add_parser("replay", help="write a dataset (synthetic or MovieLens dir) into Kafka")
+    s.add_argument("--dataset", help="'synthetic' or a MovieLens directory (ratings.csv, movies.csv)")
+    s.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the `rtrec kafka up` broker)")
+    s.add_argument("--topic", help="events topic")
+    s.add_argument("--rate", type=float, default=0.0, help="records/s (0 = as fast as possible)")
+    s.add_argument("--kafka-dir", default=kafka_dir)
+    _add_config_args(s)
+    s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("run", help="run the job on a local Flink mini-cluster")
+    s.add_argument("--bootstrap")
+    s.add_argument("--topic")
+    s.add_argument("--bounded", action="store_true", help="stop at the offsets that exist at start")
+    s.add_argument("--kafka-dir", default=kafka_dir)
+    _add_config_args(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="end to end: embedded Kafka + replay + job + ONNX recommendations")
+    s.add_argument("--bootstrap", help="use this Kafka instead of the embedded broker")
+    s.add_argument("--topic", help="events topic")
+    s.add_argument("--dataset", help="'synthetic' (default) or a MovieLens directory")
+    s.add_argument("--skip-replay", action="store_true", help="train on what the topic holds")
+    s.add_argument("--users", type=int, default=3, help="users to print recommendations for")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("submit", help="submit the job to a Flink cluster (flink run --python)")
+    s.add_argument("--jobmanager", default="localhost:8081", help="JobManager REST address")
+    s.add_argument("--bootstrap")
+    s.add_argument("--topic")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("serve", help="HTTP recommendations from the registry's LATEST, hot-swapped")
+    s.add_argument("--registry")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--poll-s", type=float, default=2.0)
+    _add_config_args(s)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    for noisy in ("kafka", "apache_beam", "py4j"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, SetupError, FileNotFoundError) as e:
+        print(f"rtrec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Run the job on a local Flink mini-cluster with periodic progress lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flink_job.config import AppConfig
+from flink_job.job import build_job, make_env
+from models.registry import read_latest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    status: str
+    elapsed_s: float
+    first_version_s: float | None
+    manifest: dict[str, Any] | None
+
+
+def latest_manifest(cfg: AppConfig) -> dict[str, Any] | None:
+    root = Path(cfg.export.registry_dir)
+    name = read_latest(root, cfg.job.model_key)
+    if name is None:
+        return None
+    try:
+        return json.loads((root / cfg.job.model_key / name / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run_local(
+    cfg: AppConfig, bootstrap: str, expected_events: int | None = None, progress_every_s: float = 3.0,
+    timeout_s: float | None = None, extra_conf: dict[str, str] | None = None,
+) -> RunResult:
+    """Submit the job to a local mini-cluster and wait, logging progress, until it ends.
+
+    With ``kafka.bounded`` the job ends by itself once it has consumed what was in the
+    topic at start; otherwise it runs until interrupted (Ctrl-C cancels it).
+    """
+    env = make_env(cfg, extra_conf)
+    build_job(env, cfg, bootstrap)
+    t0 = time.monotonic()
+    client = env.execute_async(cfg.job.name)
+    log.info("job %s submitted to the local Flink mini-cluster", client.get_job_id())
+    outcome: dict[str, Any] = {}
+
+    def wait() -> None:
+        # The local mini-cluster shuts down with the job, so status polling would race it;
+        # waiting on the execution result is the reliable end signal.
+        try:
+            client.get_job_execution_result().result()
+            outcome["status"] = "FINISHED"
+        except Exception as e:
+            outcome["status"] = "CANCELED" if "cancel" in str(e).lower() else "FAILED"
+            outcome["error"] = e
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    first_version: float | None = None
+    last_print = 0.0
+    try:
+        while True:
+            waiter.join(0.5)
+            done = not waiter.is_alive()
+            now = time.monotonic() - t0
+            m = latest_manifest(cfg)
+            if m is not None and first_version is None:
+                first_version = now
+            if now - last_print >= progress_every_s or done:
+                last_print = now
+                state = outcome.get("status", "RUNNING")
+                if m is None:
+                    log.info("[%5.1fs] %s: no model version yet", now, state)
+                else:
+                    total = f"/{expected_events}" if expected_events else ""
+                    log.info(
+                        "[%5.1fs] %s: trained on %d%s events, %d steps, version %d, recall@10 %.3f",
+                        now, state, m["events_seen"], total, m["steps"], m["version"],
+                        m["metrics"]["prequential_recall10_ema"] or 0.0,
+                    )
+            if done:
+                break
+            if timeout_s is not None and now > timeout_s:
+                client.cancel().result()
+                waiter.join(30)
+                raise TimeoutError(f"job did not finish within {timeout_s:.0f}s; cancelled")
+    except KeyboardInterrupt:
+        log.warning("interrupted: cancelling the job")
+        client.cancel().result()
+        waiter.join(30)
+    status = outcome.get("status", "CANCELED")
+    if status == "FAILED":
+        raise RuntimeError(f"the Flink job failed: {str(outcome.get('error'))[-3000:]}")
+    return RunResult(status, time.monotonic() - t0, first_version, latest_manifest(cfg))
