@@ -7,7 +7,6 @@ Every subcommand takes ``--config FILE`` and repeated ``--set section.key=value`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -29,7 +28,11 @@ STATE_DIR = Path(".rtrec")
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (see `rtrec config`)")
     p.add_argument(
-        "--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="SECTION.KEY=VALUE",
         help="override one config value (repeatable), e.g. --set trainer.lr=0.1",
     )
 
@@ -65,7 +68,9 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         bootstrap = kafka.start(detach=True)
         cfg = _cfg(args)
         k = cfg.kafka
-        create_topics(bootstrap, [k.events_topic, k.items_topic, k.dlq_topic, k.models_topic], k.partitions)
+        create_topics(
+            bootstrap, [k.events_topic, k.items_topic, k.dlq_topic, k.models_topic], k.partitions
+        )
         print(bootstrap)
         return 0
     if args.action == "down":
@@ -119,14 +124,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.status == "FINISHED" else 1
 
 
-def _count_topic(bootstrap: str, topic: str, properties: dict[str, str], committed_only: bool) -> int:
+def _count_topic(
+    bootstrap: str, topic: str, properties: dict[str, str], committed_only: bool
+) -> int:
     from kafka import KafkaConsumer
 
     from flink_job.kafka_local import admin_properties
 
     consumer = KafkaConsumer(
-        topic, **admin_properties(bootstrap, properties), auto_offset_reset="earliest",
-        enable_auto_commit=False, consumer_timeout_ms=3000, fetch_max_bytes=64 * 1024 * 1024,
+        topic,
+        **admin_properties(bootstrap, properties),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=3000,
+        fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=64 * 1024 * 1024,
         isolation_level="read_committed" if committed_only else "read_uncommitted",
     )
@@ -153,7 +164,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded Kafka + synthetic replay + the job on local Flink + ONNX recommendations."""
     from flink_job.datasets import ReplayStats
     from flink_job.jars import ensure_all
-    from flink_job.replay import replay
     from flink_job.runner import run_local
     from models.serving import HotSwapRecommender
 
@@ -178,8 +188,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stats = replay_stats
         log.info("running the job on a local Flink mini-cluster until the replay is consumed")
         result = run_local(cfg, bootstrap, expected_events=stats.events or None)
-        dlq = _count_topic(bootstrap, cfg.kafka.dlq_topic, cfg.kafka.properties, committed_only=False)
-        published = _count_topic(bootstrap, cfg.kafka.models_topic, cfg.kafka.properties, committed_only=True)
+        dlq = _count_topic(
+            bootstrap, cfg.kafka.dlq_topic, cfg.kafka.properties, committed_only=False
+        )
+        published = _count_topic(
+            bootstrap, cfg.kafka.models_topic, cfg.kafka.properties, committed_only=True
+        )
     if result.status != "FINISHED":
         print(f"job ended {result.status}", file=sys.stderr)
         return 1
@@ -188,11 +202,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("the job published no model version", file=sys.stderr)
         return 1
     print()
-    print(f"Model {cfg.job.model_key}/{rec.version_name} loaded with onnxruntime "
-          f"({len(rec.current.item_ids) if rec.current else 0} items; item encoder: id embeddings)")
+    print(
+        f"Model {cfg.job.model_key}/{rec.version_name} loaded with onnxruntime "
+        f"({len(rec.current.item_ids) if rec.current else 0} items; item encoder: id embeddings)"
+    )
     users = sorted(stats.histories, key=lambda u: -stats.user_events.get(u, 0))[: args.users]
     for u in users:
-        hist = stats.histories[u][-cfg.model.history_length:]
+        hist = stats.histories[u][-cfg.model.history_length :]
         recent = ", ".join(stats.titles.get(i, i) for i in hist[-3:])
         print(f"\nuser {u}: recently {recent}")
         for rank, (item, score) in enumerate(rec.recommend([hist], k=10)[0], 1):
@@ -217,15 +233,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args, _bootstrap_override(args))
     if not cfg.kafka.bootstrap_servers:
-        raise ConfigError("submit needs --bootstrap (or kafka.bootstrap_servers) reachable from the cluster")
+        raise ConfigError(
+            "submit needs --bootstrap (or kafka.bootstrap_servers) reachable from the cluster"
+        )
     flink = Path(pyflink.__file__).parent / "bin" / "flink"
     root = Path(__file__).resolve().parent.parent
     cmd = [
-        str(flink), "run", "-m", args.jobmanager, "--detached",
-        "--python", str(root / "flink_job" / "main.py"),
-        "--pyFiles", ",".join(str(root / d) for d in ("flink_job", "udfs", "models")),
-        "--jarfile", str(kafka_connector_jar()),
-        "--", *(["--config", args.config] if args.config else []),
+        str(flink),
+        "run",
+        "-m",
+        args.jobmanager,
+        "--detached",
+        "--python",
+        str(root / "flink_job" / "main.py"),
+        "--pyFiles",
+        ",".join(str(root / d) for d in ("flink_job", "udfs", "models")),
+        "--jarfile",
+        str(kafka_connector_jar()),
+        "--",
+        *(["--config", args.config] if args.config else []),
     ]
     for ov in [*_bootstrap_override(args), *args.overrides]:
         cmd += ["--set", ov]
@@ -237,8 +263,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flink_job.serve import serve
 
     cfg = _cfg(args)
-    serve(Path(args.registry or cfg.export.registry_dir), cfg.job.model_key, args.host, args.port,
-          args.poll_s)
+    serve(
+        Path(args.registry or cfg.export.registry_dir),
+        cfg.job.model_key,
+        args.host,
+        args.port,
+        args.poll_s,
+    )
     return 0
 
 
@@ -263,8 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     kafka_dir = str(STATE_DIR / "kafka")
     s = sub.add_parser("replay", help="write a dataset (synthetic or MovieLens dir) into Kafka")
-    s.add_argument("--dataset", help="'synthetic' or a MovieLens directory (ratings.csv, movies.csv)")
-    s.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the `rtrec kafka up` broker)")
+    s.add_argument(
+        "--dataset", help="'synthetic' or a MovieLens directory (ratings.csv, movies.csv)"
+    )
+    s.add_argument(
+        "--bootstrap", help="Kafka bootstrap servers (default: the `rtrec kafka up` broker)"
+    )
     s.add_argument("--topic", help="events topic")
     s.add_argument("--rate", type=float, default=0.0, help="records/s (0 = as fast as possible)")
     s.add_argument("--kafka-dir", default=kafka_dir)
@@ -279,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("demo", help="end to end: embedded Kafka + replay + job + ONNX recommendations")
+    s = sub.add_parser(
+        "demo", help="end to end: embedded Kafka + replay + job + ONNX recommendations"
+    )
     s.add_argument("--bootstrap", help="use this Kafka instead of the embedded broker")
     s.add_argument("--topic", help="events topic")
     s.add_argument("--dataset", help="'synthetic' (default) or a MovieLens directory")
@@ -309,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     for noisy in ("kafka", "apache_beam", "py4j"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -188,7 +188,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (pass --config PATH to an existing TOML)")
+            raise ConfigError(
+                f"config file {p} does not exist (pass --config PATH to an existing TOML)"
+            )
         try:
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
@@ -204,7 +206,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(cfg: AppConfig) -> None:
     """Cross-field checks with messages that say what to change."""
     if cfg.job.python_mode not in ("process", "thread"):
-        raise ConfigError(f"job.python_mode must be 'process' or 'thread', got {cfg.job.python_mode!r}")
+        raise ConfigError(
+            f"job.python_mode must be 'process' or 'thread', got {cfg.job.python_mode!r}"
+        )
     if cfg.trainer.optimizer not in ("adagrad", "sgd", "adam"):
         raise ConfigError(
             f"trainer.optimizer must be one of adagrad, sgd, adam; got {cfg.trainer.optimizer!r}"
@@ -216,7 +220,8 @@ def validate(cfg: AppConfig) -> None:
         )
     if cfg.export.kafka_delivery not in ("exactly_once", "at_least_once"):
         raise ConfigError(
-            f"export.kafka_delivery must be exactly_once or at_least_once; got {cfg.export.kafka_delivery!r}"
+            "export.kafka_delivery must be exactly_once or at_least_once; "
+            f"got {cfg.export.kafka_delivery!r}"
         )
     for name, v in (
         ("trainer.batch_size", cfg.trainer.batch_size),

@@ -28,7 +28,16 @@ TOPICS: dict[str, list[str]] = {
     "gardening": ["tomato", "soil", "compost", "seeds", "roses", "greenhouse", "pruning", "bloom"],
     "finance": ["stocks", "bonds", "interest", "budget", "inflation", "savings", "market", "bank"],
     "hiking": ["trail", "summit", "boots", "backpack", "ridge", "camping", "map", "valley"],
-    "gaming": ["console", "quest", "level", "multiplayer", "controller", "boss", "arcade", "speedrun"],
+    "gaming": [
+        "console",
+        "quest",
+        "level",
+        "multiplayer",
+        "controller",
+        "boss",
+        "arcade",
+        "speedrun",
+    ],
 }
 EVENT_TYPE_WEIGHTS = {"view": 0.55, "click": 0.25, "cart": 0.08, "purchase": 0.04, "rating": 0.08}
 
@@ -67,8 +76,16 @@ def _item_record(item_id: str, title: str, text: str, cats: list[str], ts: int) 
     return Record("items", item_id.encode(), json.dumps(body).encode())
 
 
-def _event_record(event_id: str, user: str, item: str, etype: str, ts: int, value: float | None) -> Record:
-    body: dict[str, object] = {"event_id": event_id, "user_id": user, "item_id": item, "type": etype, "ts": ts}
+def _event_record(
+    event_id: str, user: str, item: str, etype: str, ts: int, value: float | None
+) -> Record:
+    body: dict[str, object] = {
+        "event_id": event_id,
+        "user_id": user,
+        "item_id": item,
+        "type": etype,
+        "ts": ts,
+    }
     if value is not None:
         body["value"] = value
     return Record("events", user.encode(), json.dumps(body, separators=(",", ":")).encode())
@@ -76,7 +93,13 @@ def _event_record(event_id: str, user: str, item: str, etype: str, ts: int, valu
 
 def hostile_payloads(rng: random.Random, ts: int) -> list[bytes]:
     """Malformed records of every kind the validator must reject."""
-    ok = {"event_id": f"bad{rng.randrange(10**9)}", "user_id": "u1", "item_id": "i1", "type": "click", "ts": ts}
+    ok = {
+        "event_id": f"bad{rng.randrange(10**9)}",
+        "user_id": "u1",
+        "item_id": "i1",
+        "type": "click",
+        "ts": ts,
+    }
 
     def variant(**changes: object) -> bytes:
         d = dict(ok)
@@ -186,7 +209,9 @@ def synthetic(cfg: ReplayConfig, stats: ReplayStats | None = None) -> Iterator[R
         yield _event_record(f"e{e}", f"user{u}", item, etype, ts, value)
 
 
-def movielens(directory: str | Path, max_events: int = 0, stats: ReplayStats | None = None) -> Iterator[Record]:
+def movielens(
+    directory: str | Path, max_events: int = 0, stats: ReplayStats | None = None
+) -> Iterator[Record]:
     """Replay a MovieLens-format directory (ratings.csv, movies.csv) in timestamp order.
 
     Every movie becomes a catalogue record (text = title + genres); every rating becomes a

@@ -51,12 +51,11 @@ def _mvn() -> str:
 
 def _run_mvn(args: list[str], what: str) -> None:
     log.info("resolving %s with Maven (first run only, cached under %s)", what, cache_dir())
-    proc = subprocess.run(
-        [_mvn(), "-B", "-q", *args], capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run([_mvn(), "-B", "-q", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SetupError(
-            f"Maven failed to resolve {what} (exit {proc.returncode}). Is Maven Central reachable?\n"
+            f"Maven failed to resolve {what} (exit {proc.returncode}). "
+            "Is Maven Central reachable?\n"
             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
 
@@ -68,7 +67,8 @@ def kafka_connector_jar() -> Path:
     if version is None:
         raise SetupError(
             f"no known flink-sql-connector-kafka release for Flink {minor}; "
-            f"supported: {', '.join(sorted(KAFKA_CONNECTOR_FOR_FLINK))}. Install apache-flink 2.2.x."
+            f"supported: {', '.join(sorted(KAFKA_CONNECTOR_FOR_FLINK))}. "
+            "Install apache-flink 2.2.x."
         )
     out = cache_dir() / "jars"
     jar = out / f"flink-sql-connector-kafka-{version}.jar"

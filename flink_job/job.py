@@ -57,8 +57,10 @@ class VersionTime(TimestampAssigner):
         return int(json.loads(value[2])["event_time_hwm_ms"])
 
 
-def make_env(cfg: AppConfig, extra_conf: dict[str, str] | None = None) -> StreamExecutionEnvironment:
-    """A StreamExecutionEnvironment configured from ``cfg`` (local mini-cluster unless submitted)."""
+def make_env(
+    cfg: AppConfig, extra_conf: dict[str, str] | None = None
+) -> StreamExecutionEnvironment:
+    """A StreamExecutionEnvironment from ``cfg`` (a local mini-cluster unless submitted)."""
     jars_dir = cfg.job.jars_dir
     jar = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
     conf = Configuration()
@@ -94,7 +96,9 @@ def _starting_offsets(cfg: AppConfig) -> KafkaOffsetsInitializer:
     return KafkaOffsetsInitializer.earliest()
 
 
-def _sink(cfg: AppConfig, bootstrap: str, topic: str, exactly_once: bool, tx_prefix: str) -> KafkaSink:
+def _sink(
+    cfg: AppConfig, bootstrap: str, topic: str, exactly_once: bool, tx_prefix: str
+) -> KafkaSink:
     b = (
         KafkaSink.builder()
         .set_bootstrap_servers(bootstrap)
@@ -135,19 +139,52 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
     if k.bounded:
         source_b = source_b.set_bounded(KafkaOffsetsInitializer.latest())
     raw = env.from_source(
-        source_b.build(), WatermarkStrategy.no_watermarks(), "kafka-events",
+        source_b.build(),
+        WatermarkStrategy.no_watermarks(),
+        "kafka-events",
         type_info=Types.PRIMITIVE_ARRAY(Types.BYTE()),
     ).uid("kafka-events")
 
-    parsed = raw.process(
-        ParseEvents(k.events_topic, cfg.job.hmac_key), output_type=EVENT_TYPE
-    ).uid("parse-events").name("parse-events")
+    versions, dead = build_pipeline(raw, cfg)
+    registry_sink(versions, cfg).print("model-version").uid("registry-log").name("registry-log")
+
+    if cfg.export.publish_kafka:
+        versions.map(to_kafka_record, output_type=Types.STRING()).uid("models-record").sink_to(
+            _sink(
+                cfg,
+                bootstrap,
+                k.models_topic,
+                cfg.export.kafka_delivery == "exactly_once",
+                f"{cfg.job.name}-models",
+            )
+        ).uid("models-sink").name("models-sink")
+
+    dead.sink_to(_sink(cfg, bootstrap, k.dlq_topic, exactly_once=False, tx_prefix="")).uid(
+        "dlq-sink"
+    ).name("dlq-sink")
+
+
+def build_pipeline(raw, cfg: AppConfig):
+    """raw event bytes -> (model-version stream, dead-letter JSON stream).
+
+    Source-agnostic so tests can feed a collection instead of Kafka.
+    """
+    k = cfg.kafka
+    parsed = (
+        raw.process(ParseEvents(k.events_topic, cfg.job.hmac_key), output_type=EVENT_TYPE)
+        .uid("parse-events")
+        .name("parse-events")
+    )
     dead = parsed.get_side_output(DLQ_TAG)
 
+    # Order matters: PyFlink's with_idleness() returns a strategy that silently drops a Python
+    # timestamp assigner set before it (records would keep their Kafka timestamps).
     watermarks = (
-        WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(cfg.job.out_of_orderness_ms))
-        .with_timestamp_assigner(EventTime())
+        WatermarkStrategy.for_bounded_out_of_orderness(
+            Duration.of_millis(cfg.job.out_of_orderness_ms)
+        )
         .with_idleness(Duration.of_millis(cfg.job.idleness_ms))
+        .with_timestamp_assigner(EventTime())
     )
     timed = parsed.assign_timestamps_and_watermarks(watermarks).uid("event-time").name("event-time")
 
@@ -156,35 +193,49 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
         .window(TumblingEventTimeWindows.of(Time.milliseconds(cfg.job.window_ms)))
         .side_output_late_data(LATE_TAG)
     )
-    samples = windowed.process(
-        UserWindowFunction(cfg.user, cfg.model.history_length, cfg.job.model_key),
-        output_type=SAMPLE_TYPE,
-    ).uid("user-window").name("user-window")
-    late = samples.get_side_output(LATE_TAG).map(
-        LateToDeadLetter(k.events_topic), output_type=Types.STRING()
-    ).uid("late-to-dlq").name("late-to-dlq")
+    samples = (
+        windowed.process(
+            UserWindowFunction(cfg.user, cfg.model.history_length, cfg.job.model_key),
+            output_type=SAMPLE_TYPE,
+        )
+        .uid("user-window")
+        .name("user-window")
+    )
+    late = (
+        samples.get_side_output(LATE_TAG)
+        .map(LateToDeadLetter(k.events_topic), output_type=Types.STRING())
+        .uid("late-to-dlq")
+        .name("late-to-dlq")
+    )
 
-    versions = samples.key_by(lambda r: r[0], key_type=Types.STRING()).process(
-        OnlineTrainer(cfg.model, cfg.trainer, cfg.export.top_k, _public_config(cfg)),
-        output_type=VERSION_TYPE,
-    ).uid("trainer").name("trainer").assign_timestamps_and_watermarks(
-        WatermarkStrategy.no_watermarks().with_timestamp_assigner(VersionTime())
-    ).uid("version-time").name("version-time")
+    versions = (
+        samples.key_by(lambda r: r[0], key_type=Types.STRING())
+        .process(
+            OnlineTrainer(cfg.model, cfg.trainer, cfg.export.top_k, _public_config(cfg)),
+            output_type=VERSION_TYPE,
+        )
+        .uid("trainer")
+        .name("trainer")
+        .assign_timestamps_and_watermarks(
+            WatermarkStrategy.no_watermarks().with_timestamp_assigner(VersionTime())
+        )
+        .uid("version-time")
+        .name("version-time")
+    )
 
-    published = versions.map(
-        PublishToRegistry(str(Path(cfg.export.registry_dir).resolve())), output_type=Types.STRING()
-    ).uid("registry-sink").name("registry-sink")
-    published.print("model-version").uid("registry-log").name("registry-log")
+    return versions, dead.union(late)
 
-    if cfg.export.publish_kafka:
-        versions.map(to_kafka_record, output_type=Types.STRING()).uid("models-record").sink_to(
-            _sink(cfg, bootstrap, k.models_topic, cfg.export.kafka_delivery == "exactly_once",
-                  f"{cfg.job.name}-models")
-        ).uid("models-sink").name("models-sink")
 
-    dead.union(late).sink_to(
-        _sink(cfg, bootstrap, k.dlq_topic, exactly_once=False, tx_prefix="")
-    ).uid("dlq-sink").name("dlq-sink")
+def registry_sink(versions, cfg: AppConfig):
+    """Publish every version into the registry directory; returns one JSON status per version."""
+    return (
+        versions.map(
+            PublishToRegistry(str(Path(cfg.export.registry_dir).resolve())),
+            output_type=Types.STRING(),
+        )
+        .uid("registry-sink")
+        .name("registry-sink")
+    )
 
 
 def _public_config(cfg: AppConfig) -> dict:
@@ -199,4 +250,6 @@ def _public_config(cfg: AppConfig) -> dict:
 
 
 def with_bootstrap(cfg: AppConfig, bootstrap: str) -> AppConfig:
-    return dataclasses.replace(cfg, kafka=dataclasses.replace(cfg.kafka, bootstrap_servers=bootstrap))
+    return dataclasses.replace(
+        cfg, kafka=dataclasses.replace(cfg.kafka, bootstrap_servers=bootstrap)
+    )

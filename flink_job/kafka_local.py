@@ -127,16 +127,42 @@ class EmbeddedKafka:
         java = _java()
         jvm_log = f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}"
         fmt = subprocess.run(
-            [java, jvm_log, "-cp", cp, "kafka.tools.StorageTool", "format",
-             "-t", uuid.uuid4().hex[:22], "-c", str(cfg), "--ignore-formatted"],
-            capture_output=True, text=True, check=False,
+            [
+                java,
+                jvm_log,
+                "-cp",
+                cp,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                uuid.uuid4().hex[:22],
+                "-c",
+                str(cfg),
+                "--ignore-formatted",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if fmt.returncode != 0:
-            raise SetupError(f"formatting Kafka storage in {self.workdir} failed:\n{fmt.stderr[-2000:]}")
+            raise SetupError(
+                f"formatting Kafka storage in {self.workdir} failed:\n{fmt.stderr[-2000:]}"
+            )
         out = open(self.workdir / "stdout.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [java, f"-Xmx{self.heap_mb}m", "-XX:+UseG1GC", jvm_log, "-cp", cp, "kafka.Kafka", str(cfg)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=detach,
+            [
+                java,
+                f"-Xmx{self.heap_mb}m",
+                "-XX:+UseG1GC",
+                jvm_log,
+                "-cp",
+                cp,
+                "kafka.Kafka",
+                str(cfg),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
         )
         self.bootstrap = f"127.0.0.1:{self.port}"
         deadline = time.monotonic() + timeout_s
@@ -147,8 +173,12 @@ class EmbeddedKafka:
                     f"logs kept in {self.workdir}:\n{self.log_tail()}"
                 )
             if _port_open(self.port) and self._metadata_ready():
-                log.info("embedded Kafka broker ready at %s (pid %d, dir %s)",
-                         self.bootstrap, self.proc.pid, self.workdir)
+                log.info(
+                    "embedded Kafka broker ready at %s (pid %d, dir %s)",
+                    self.bootstrap,
+                    self.proc.pid,
+                    self.workdir,
+                )
                 if detach:
                     BrokerInfo(self.proc.pid, self.bootstrap, str(self.workdir)).save(
                         self.workdir / "broker.json"
@@ -181,7 +211,10 @@ class EmbeddedKafka:
         for name in ("stdout.log", "broker.log"):
             p = self.workdir / name
             if p.is_file():
-                chunks.append(f"--- {p} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]))
+                chunks.append(
+                    f"--- {p} ---\n"
+                    + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+                )
         return "\n".join(chunks)
 
     def stop(self, keep_logs: bool = False) -> None:
@@ -252,9 +285,14 @@ def create_topics(
     try:
         existing = set(admin.list_topics())
         new = [
-            NewTopic(name=t, num_partitions=partitions, replication_factor=1,
-                     topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)})
-            for t in topics if t not in existing
+            NewTopic(
+                name=t,
+                num_partitions=partitions,
+                replication_factor=1,
+                topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
+            )
+            for t in topics
+            if t not in existing
         ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):

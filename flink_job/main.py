@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], dest="overrides")
     p.add_argument("--detached", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     cfg = load_config(args.config, args.overrides)
     if not cfg.kafka.bootstrap_servers:
         raise SystemExit("kafka.bootstrap_servers must be set when submitting to a cluster")

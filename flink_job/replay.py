@@ -19,16 +19,26 @@ def replay(cfg: AppConfig, bootstrap: str, rate: float = 0.0, progress: bool = T
     from kafka import KafkaProducer
 
     k = cfg.kafka
-    create_topics(bootstrap, [k.events_topic, k.items_topic, k.dlq_topic, k.models_topic],
-                  k.partitions, k.properties)
+    create_topics(
+        bootstrap,
+        [k.events_topic, k.items_topic, k.dlq_topic, k.models_topic],
+        k.partitions,
+        k.properties,
+    )
     kw = admin_properties(bootstrap, k.properties)
     producer = KafkaProducer(
-        **kw, acks="all", linger_ms=20, batch_size=256 * 1024, max_request_size=MAX_MESSAGE_BYTES,
+        **kw,
+        acks="all",
+        linger_ms=20,
+        batch_size=256 * 1024,
+        max_request_size=MAX_MESSAGE_BYTES,
     )
     topic_of = {"events": k.events_topic, "items": k.items_topic}
     stats = ReplayStats()
     t0 = time.monotonic()
-    bar = tqdm(desc=f"replay -> {k.events_topic}", unit="rec", disable=not progress, mininterval=0.5)
+    bar = tqdm(
+        desc=f"replay -> {k.events_topic}", unit="rec", disable=not progress, mininterval=0.5
+    )
     try:
         for n, rec in enumerate(records(cfg.replay, stats), 1):
             producer.send(topic_of[rec.topic], key=rec.key, value=rec.value)
@@ -41,6 +51,11 @@ def replay(cfg: AppConfig, bootstrap: str, rate: float = 0.0, progress: bool = T
     finally:
         bar.close()
         producer.close(timeout=30)
-    log.info("replayed %d events (%d malformed) and %d catalogue records in %.1fs",
-             stats.events, stats.malformed, stats.items, time.monotonic() - t0)
+    log.info(
+        "replayed %d events (%d malformed) and %d catalogue records in %.1fs",
+        stats.events,
+        stats.malformed,
+        stats.items,
+        time.monotonic() - t0,
+    )
     return stats

@@ -37,8 +37,12 @@ def latest_manifest(cfg: AppConfig) -> dict[str, Any] | None:
 
 
 def run_local(
-    cfg: AppConfig, bootstrap: str, expected_events: int | None = None, progress_every_s: float = 3.0,
-    timeout_s: float | None = None, extra_conf: dict[str, str] | None = None,
+    cfg: AppConfig,
+    bootstrap: str,
+    expected_events: int | None = None,
+    progress_every_s: float = 3.0,
+    timeout_s: float | None = None,
+    extra_conf: dict[str, str] | None = None,
 ) -> RunResult:
     """Submit the job to a local mini-cluster and wait, logging progress, until it ends.
 
@@ -83,7 +87,12 @@ def run_local(
                     total = f"/{expected_events}" if expected_events else ""
                     log.info(
                         "[%5.1fs] %s: trained on %d%s events, %d steps, version %d, recall@10 %.3f",
-                        now, state, m["events_seen"], total, m["steps"], m["version"],
+                        now,
+                        state,
+                        m["events_seen"],
+                        total,
+                        m["steps"],
+                        m["version"],
                         m["metrics"]["prequential_recall10_ema"] or 0.0,
                     )
             if done:

@@ -29,7 +29,7 @@ def make_server(rec: HotSwapRecommender, host: str, port: int) -> ThreadingHTTPS
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
+        def do_GET(self) -> None:
             url = urlparse(self.path)
             q = parse_qs(url.query)
             if url.path == "/health":
@@ -69,7 +69,9 @@ def serve(registry: Path, model_key: str, host: str, port: int, poll_s: float) -
             try:
                 rec.refresh()
             except Exception:
-                log.exception("loading the latest version failed; still serving %s", rec.version_name)
+                log.exception(
+                    "loading the latest version failed; still serving %s", rec.version_name
+                )
             stop.wait(poll_s)
 
     threading.Thread(target=poll, daemon=True).start()

@@ -70,9 +70,13 @@ def _ts(obj: dict[str, Any], key: str = "ts") -> int:
         raise InvalidRecord(f"missing required field '{key}' (epoch milliseconds)")
     v = obj[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InvalidRecord(f"field '{key}' must be epoch milliseconds (a number), got {type(v).__name__}")
+        raise InvalidRecord(
+            f"field '{key}' must be epoch milliseconds (a number), got {type(v).__name__}"
+        )
     if isinstance(v, float) and (not math.isfinite(v) or v != int(v)):
-        raise InvalidRecord(f"field '{key}' must be an integer number of epoch milliseconds, got {v!r}")
+        raise InvalidRecord(
+            f"field '{key}' must be an integer number of epoch milliseconds, got {v!r}"
+        )
     t = int(v)
     if not MIN_TS_MS <= t <= MAX_TS_MS:
         raise InvalidRecord(f"field '{key}'={t} is outside 1970..2100 in epoch milliseconds")
@@ -82,13 +86,17 @@ def _ts(obj: dict[str, Any], key: str = "ts") -> int:
 def _load_object(raw: str | bytes) -> dict[str, Any]:
     if isinstance(raw, bytes):
         if len(raw) > MAX_PAYLOAD_BYTES:
-            raise InvalidRecord(f"record is {len(raw)} bytes, more than the {MAX_PAYLOAD_BYTES} limit")
+            raise InvalidRecord(
+                f"record is {len(raw)} bytes, more than the {MAX_PAYLOAD_BYTES} limit"
+            )
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise InvalidRecord(f"record is not UTF-8: {e}") from e
     if len(raw) > MAX_PAYLOAD_BYTES:
-        raise InvalidRecord(f"record is {len(raw)} characters, more than the {MAX_PAYLOAD_BYTES} limit")
+        raise InvalidRecord(
+            f"record is {len(raw)} characters, more than the {MAX_PAYLOAD_BYTES} limit"
+        )
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as e:
@@ -145,7 +153,11 @@ def pseudonymise(user_id: str, key: bytes) -> str:
 
 def event_to_json(e: Event) -> str:
     d: dict[str, Any] = {
-        "event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts,
+        "event_id": e.event_id,
+        "user_id": e.user_id,
+        "item_id": e.item_id,
+        "type": e.type,
+        "ts": e.ts,
     }
     if e.value is not None:
         d["value"] = e.value

@@ -61,8 +61,12 @@ def export_onnx(model: TopKModel, item_ids: list[str]) -> bytes:
             buf,
             input_names=["history_ids", "history_mask"],
             output_names=["top_ids", "top_scores"],
-            dynamic_axes={"history_ids": batch, "history_mask": batch, "top_ids": batch,
-                          "top_scores": batch},
+            dynamic_axes={
+                "history_ids": batch,
+                "history_mask": batch,
+                "top_ids": batch,
+                "top_scores": batch,
+            },
             opset_version=ONNX_OPSET,
             dynamo=False,
         )

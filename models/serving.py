@@ -44,7 +44,9 @@ class OnnxRecommender:
         self.index = {item: i + 1 for i, item in enumerate(self.item_ids)}
         self.history_length = int(self.session.get_inputs()[0].shape[1])
         manifest = self.path.parent / "manifest.json"
-        self.manifest: dict[str, Any] = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        self.manifest: dict[str, Any] = (
+            json.loads(manifest.read_text()) if manifest.is_file() else {}
+        )
 
     def encode(self, histories: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """Histories (oldest -> newest item ids) -> (ids [B, H] newest first, mask [B, H])."""
@@ -64,7 +66,10 @@ class OnnxRecommender:
         ids, mask = self.encode(histories)
         top_ids, top_scores = self.raw(ids, mask)
         return [
-            [(self.item_ids[int(i) - 1], float(s)) for i, s in zip(row_i[:k], row_s[:k], strict=True)]
+            [
+                (self.item_ids[int(i) - 1], float(s))
+                for i, s in zip(row_i[:k], row_s[:k], strict=True)
+            ]
             for row_i, row_s in zip(top_ids, top_scores, strict=True)
         ]
 

@@ -73,7 +73,9 @@ class StepResult:
 class OnlineLearner:
     """Cache of one model key's trainer state with the gradient step on top."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainerConfig, device: torch.device | None = None):
+    def __init__(
+        self, model_cfg: ModelConfig, cfg: TrainerConfig, device: torch.device | None = None
+    ):
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.device = device or pick_device()
@@ -98,8 +100,12 @@ class OnlineLearner:
         else:
             self.opt = torch.optim.SGD(params, lr=self.cfg.lr)
         self.table = ItemTable(
-            self.dim, self.slots, self.model_cfg.max_items, self.model_cfg.init_std,
-            self.cfg.seed, self.device,
+            self.dim,
+            self.slots,
+            self.model_cfg.max_items,
+            self.model_cfg.init_std,
+            self.cfg.seed,
+            self.device,
         )
         if self.cfg.optimizer == "adagrad":
             self.table.data[:, self.dim] = ADAGRAD_INIT
@@ -137,7 +143,8 @@ class OnlineLearner:
                 )
             if obj.get("optimizer") != self.cfg.optimizer:
                 raise ValueError(
-                    f"state was trained with optimizer {obj.get('optimizer')!r} but trainer.optimizer "
+                    f"state was trained with optimizer {obj.get('optimizer')!r} but "
+                    "trainer.optimizer "
                     f"is {self.cfg.optimizer!r}; set it back or start a new model key"
                 )
             self.model.load_state_dict(obj["model"])
@@ -173,6 +180,7 @@ class OnlineLearner:
         if not pos:
             return result
         table = self.table
+        first_new = len(table.ids)  # rows created by this call must reach state even on a skip
         targets_list = []
         for s in pos:
             idx = table.lookup(s.target, add=True)
@@ -190,7 +198,9 @@ class OnlineLearner:
 
         step = meta["step"]
         gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, "neg", step))
-        negs = torch.randint(1, n_rows + 1, (self.cfg.num_negatives,), generator=gen).to(self.device)
+        negs = torch.randint(1, n_rows + 1, (self.cfg.num_negatives,), generator=gen).to(
+            self.device
+        )
         cand = torch.unique(torch.cat([targets, negs]))  # sorted
         labels = torch.searchsorted(cand, targets)
         touched = torch.unique(torch.cat([hist[mask], cand]))  # sorted, all > 0
@@ -228,10 +238,15 @@ class OnlineLearner:
         loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         all_grads = [*grads, sub.grad] if sub.grad is not None else grads
-        finite = math.isfinite(loss.item()) and all(bool(torch.isfinite(g).all()) for g in all_grads)
+        finite = math.isfinite(loss.item()) and all(
+            bool(torch.isfinite(g).all()) for g in all_grads
+        )
         if not finite:
             meta["non_finite_skips"] += 1
             result.skipped_non_finite = True
+            result.touched_rows = {
+                table.ids[i]: table.pack_row(i) for i in range(first_new, len(table.ids))
+            }
             self.opt.zero_grad(set_to_none=True)
             meta["step"] += 1
             self.loaded_step = meta["step"]

@@ -32,7 +32,9 @@ class ParseEvents(ProcessFunction):
             yield DLQ_TAG, dead_letter(value, f"internal validation error: {err!r}", self.source)
             return
         if self.key:
-            e = Event(e.event_id, pseudonymise(e.user_id, self.key), e.item_id, e.type, e.ts, e.value)
+            e = Event(
+                e.event_id, pseudonymise(e.user_id, self.key), e.item_id, e.type, e.ts, e.value
+            )
         yield event_to_row(e)
 
 

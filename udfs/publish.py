@@ -29,14 +29,26 @@ class PublishToRegistry(MapFunction):
         mv = _version(value)
         path = publish(self.registry_dir, mv)
         m = mv.manifest
-        log.info("published %s/%s (steps=%s events=%s)", mv.model_key, mv.name, m["steps"], m["events_seen"])
-        return json.dumps({"published": str(path), "version": mv.version, "events_seen": m["events_seen"]})
+        log.info(
+            "published %s/%s (steps=%s events=%s)",
+            mv.model_key,
+            mv.name,
+            m["steps"],
+            m["events_seen"],
+        )
+        return json.dumps(
+            {"published": str(path), "version": mv.version, "events_seen": m["events_seen"]}
+        )
 
 
 def to_kafka_record(row: tuple) -> str:
     """The ``models`` topic record: manifest fields + name + base64 ONNX bytes."""
     manifest = json.loads(row[2])
     return json.dumps(
-        {"model_key": row[0], "name": row[1], "manifest": manifest,
-         "onnx_base64": base64.b64encode(row[3]).decode("ascii")}
+        {
+            "model_key": row[0],
+            "name": row[1],
+            "manifest": manifest,
+            "onnx_base64": base64.b64encode(row[3]).decode("ascii"),
+        }
     )

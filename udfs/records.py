@@ -16,8 +16,16 @@ EVENT_TYPE = Types.TUPLE(
 )
 # model_key, user_id, history ("\x1f"-joined, oldest -> newest), target, label, weight, ts, event_id
 SAMPLE_TYPE = Types.TUPLE(
-    [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.INT(), Types.DOUBLE(),
-     Types.LONG(), Types.STRING()]
+    [
+        Types.STRING(),
+        Types.STRING(),
+        Types.STRING(),
+        Types.STRING(),
+        Types.INT(),
+        Types.DOUBLE(),
+        Types.LONG(),
+        Types.STRING(),
+    ]
 )
 # model_key, version name, manifest JSON, ONNX bytes
 VERSION_TYPE = Types.TUPLE(
@@ -27,16 +35,34 @@ SEP = "\x1f"
 
 
 def event_to_row(e: Event) -> tuple:
-    return (e.event_id, e.user_id, e.item_id, e.type, e.ts, math.nan if e.value is None else e.value)
+    return (
+        e.event_id,
+        e.user_id,
+        e.item_id,
+        e.type,
+        e.ts,
+        math.nan if e.value is None else e.value,
+    )
 
 
 def row_to_event(r: tuple) -> Event:
     v = r[5]
-    return Event(r[0], r[1], r[2], r[3], int(r[4]), None if v is None or math.isnan(v) else float(v))
+    return Event(
+        r[0], r[1], r[2], r[3], int(r[4]), None if v is None or math.isnan(v) else float(v)
+    )
 
 
 def sample_to_row(s: Sample) -> tuple:
-    return (s.model_key, s.user_id, SEP.join(s.history), s.target, s.label, s.weight, s.ts, s.event_id)
+    return (
+        s.model_key,
+        s.user_id,
+        SEP.join(s.history),
+        s.target,
+        s.label,
+        s.weight,
+        s.ts,
+        s.event_id,
+    )
 
 
 def row_to_sample(r: tuple) -> Sample:

@@ -25,7 +25,9 @@ END_OF_INPUT_TS = 2**63 - 2  # fires when a bounded input ends (watermark = Long
 
 
 class OnlineTrainer(KeyedProcessFunction):
-    def __init__(self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, top_k: int, config: dict):
+    def __init__(
+        self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, top_k: int, config: dict
+    ):
         self.model_cfg = model_cfg
         self.cfg = trainer_cfg
         self.top_k = top_k
@@ -79,7 +81,13 @@ class OnlineTrainer(KeyedProcessFunction):
             learner = self.learners[key] = OnlineLearner(self.model_cfg, self.cfg)
         samples = [row_to_sample(r) for r in self.buffer.get()]
         firing = train_and_maybe_export(
-            learner, meta, samples, self.dense.value, self.rows.items, self.top_k, self.config,
+            learner,
+            meta,
+            samples,
+            self.dense.value,
+            self.rows.items,
+            self.top_k,
+            self.config,
             force_export=final,
         )
         if firing.result.touched_rows:

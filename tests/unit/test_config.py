@@ -1,0 +1,85 @@
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from flink_job.config import AppConfig, ConfigError, load_config, to_toml
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, AppConfig)
+    assert cfg.trainer.optimizer == "adagrad"
+    assert cfg.kafka.events_topic == "events"
+
+
+def test_toml_file_and_cli_override(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[trainer]\nlr = 0.2\nbatch_size = 8\n[kafka.properties]\n"security.protocol" = "SSL"\n'
+    )
+    cfg = load_config(f, ["trainer.lr=0.5", "kafka.properties.sasl.mechanism=PLAIN"])
+    assert cfg.trainer.lr == 0.5  # CLI wins over file
+    assert cfg.trainer.batch_size == 8
+    assert cfg.kafka.properties == {"security.protocol": "SSL", "sasl.mechanism": "PLAIN"}
+
+
+def test_int_accepted_for_float():
+    assert load_config(None, ["trainer.lr=1"]).trainer.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.lr_typo=0.1", "unknown key(s) trainer.lr_typo"),
+        ("nosuch.key=1", "unknown key(s) nosuch"),
+        ("trainer.batch_size='big'", "trainer.batch_size: expected int"),
+        ("trainer.batch_size=true", "expected int, got boolean"),
+        ("trainer.optimizer='rmsprop'", "trainer.optimizer must be one of"),
+        ("trainer.batch_size=0", "trainer.batch_size must be > 0"),
+        ("job.python_mode='fork'", "job.python_mode"),
+        ("noequals", "must look like section.key=value"),
+    ],
+)
+def test_bad_config_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[trainer\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_to_toml_round_trips():
+    cfg = load_config(None, ["kafka.properties.security.protocol=SSL", "trainer.lr=0.3"])
+    again = load_config(None, [])
+    data = tomllib.loads(to_toml(cfg))
+    assert data["trainer"]["lr"] == 0.3
+    assert data["kafka"]["properties"] == {"security.protocol": "SSL"}
+    assert to_toml(again) != to_toml(cfg)
+
+
+def test_rtrec_config_command_prints_resolved_toml():
+    out = subprocess.run(
+        [sys.executable, "-m", "flink_job.cli", "config", "--set", "trainer.lr=0.125"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert tomllib.loads(out)["trainer"]["lr"] == 0.125
+
+
+def test_rtrec_config_command_rejects_unknown_key():
+    proc = subprocess.run(
+        [sys.executable, "-m", "flink_job.cli", "config", "--set", "trainer.nope=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "unknown key(s) trainer.nope" in proc.stderr

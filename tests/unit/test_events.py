@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from flink_job.datasets import hostile_payloads
+from models.events import InvalidRecord, dead_letter, parse_event, parse_item, pseudonymise
+
+
+def test_valid_event_parses():
+    e = parse_event(
+        b'{"event_id":"e1","user_id":7,"item_id":"i9","type":"rating","value":4.5,"ts":1700000000000}'
+    )
+    assert (e.event_id, e.user_id, e.item_id, e.type, e.value, e.ts) == (
+        "e1",
+        "7",
+        "i9",
+        "rating",
+        4.5,
+        1700000000000,
+    )
+
+
+@pytest.mark.parametrize(
+    "payload", hostile_payloads(__import__("random").Random(1), 1_700_000_000_000)
+)
+def test_every_hostile_payload_is_rejected_with_a_reason(payload):
+    with pytest.raises(InvalidRecord) as err:
+        parse_event(payload)
+    reason = str(err.value)
+    assert reason and len(reason) < 300
+    record = json.loads(dead_letter(payload, reason, "events"))
+    assert record["reason"] == reason and record["source"] == "events"
+    # The original payload is kept (as text, or hex when it is not UTF-8).
+    if payload:
+        assert record["payload"]
+
+
+def test_reasons_name_the_field():
+    with pytest.raises(InvalidRecord, match="'type' must be one of"):
+        parse_event('{"event_id":"1","user_id":"u","item_id":"i","type":"x","ts":1}')
+    with pytest.raises(InvalidRecord, match="missing required field 'user_id'"):
+        parse_event('{"event_id":"1","item_id":"i","type":"view","ts":1}')
+    with pytest.raises(InvalidRecord, match="not UTF-8"):
+        parse_event(b"\xff\xfe")
+
+
+def test_dead_letter_keeps_binary_as_hex():
+    assert json.loads(dead_letter(b"\xff\x00", "r", "events"))["payload"] == "hex:ff00"
+
+
+def test_pseudonymise_is_stable_and_keyed():
+    a = pseudonymise("alice", b"k1")
+    assert a == pseudonymise("alice", b"k1")
+    assert a != pseudonymise("alice", b"k2")
+    assert "alice" not in a and len(a) == 32
+
+
+def test_item_record():
+    it = parse_item('{"item_id":"m1","title":"T","text":"x","categories":["a"],"ts":5}')
+    assert it.categories == ("a",)
+    with pytest.raises(InvalidRecord):
+        parse_item('{"item_id":"m1","categories":"a","ts":5}')

@@ -1,0 +1,125 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import ModelConfig, TrainerConfig
+from models.export import NonFiniteModelError, build_version
+from models.registry import list_versions, publish, read_latest
+from models.serving import HotSwapRecommender, OnnxRecommender
+from models.trainer import OnlineLearner, new_meta
+from models.two_tower import TopKModel
+from tests.unit.helpers import topic_samples
+
+MC = ModelConfig(dim=16, history_length=8, hidden=32)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    learner = OnlineLearner(MC, TrainerConfig(batch_size=64), torch.device("cpu"))
+    meta = new_meta("m")
+    data = topic_samples(3000)
+    for i in range(0, len(data), 64):
+        learner.learn(data[i : i + 64], meta)
+    return learner, meta
+
+
+def test_onnx_matches_torch_within_1e_5(trained, tmp_path):
+    learner, meta = trained
+    mv = build_version(learner, meta, top_k=20, config={})
+    path = publish(tmp_path, mv)
+    rec = OnnxRecommender(path / "model.onnx")
+    histories = [["t1_1", "t1_2", "t1_3"], ["t2_5"], [], ["t0_0"] * 20, ["unknown-item"]]
+    for batch in (histories[:1], histories):  # dynamic batch size
+        ids, mask = rec.encode(batch)
+        o_ids, o_scores = rec.raw(ids, mask)
+        ref = TopKModel(learner.model.eval(), learner.table.embeddings().detach(), 20).eval()
+        with torch.no_grad():
+            t_ids, t_scores = ref(torch.from_numpy(ids), torch.from_numpy(mask))
+        np.testing.assert_allclose(o_scores, t_scores.numpy(), atol=1e-5, rtol=0)
+        distinct = 0
+        for o_row, t_row, s_row in zip(o_ids, t_ids.numpy(), t_scores.numpy(), strict=True):
+            if np.all(np.diff(s_row) < -1e-5):  # no ties: the order is fully determined
+                distinct += 1
+                assert (o_row == t_row).all()
+        assert distinct >= 1
+
+
+def test_recommendations_rank_known_items_and_skip_history(trained, tmp_path):
+    learner, meta = trained
+    rec = OnnxRecommender(publish(tmp_path, build_version(learner, meta, 30, {})) / "model.onnx")
+    hist = ["t3_1", "t3_2", "t3_4"]
+    out = rec.recommend([hist], k=10)[0]
+    items = [i for i, _ in out]
+    scores = [s for _, s in out]
+    assert len(set(items)) == 10 and not set(items) & set(hist)
+    assert scores == sorted(scores, reverse=True)
+    # The model learned topics: most of the top-10 are from the user's topic.
+    assert sum(i.startswith("t3_") for i in items) >= 6, items
+
+
+def test_manifest_fields(trained):
+    learner, meta = trained
+    mv = build_version(learner, meta, 10, {"x": 1})
+    m = mv.manifest
+    for key in (
+        "model_key",
+        "version",
+        "steps",
+        "events_seen",
+        "event_time_hwm_ms",
+        "config",
+        "content_hash",
+        "metrics",
+    ):
+        assert key in m
+    assert m["version"] == meta["version"] + 1 and m["events_seen"] == 3000
+    assert mv.name.startswith(f"v{m['version']:06d}-")
+
+
+def test_registry_versions_are_immutable_and_latest_moves_forward(trained, tmp_path):
+    learner, meta = trained
+    meta = dict(meta)
+    v1 = build_version(learner, meta, 10, {})
+    meta["version"] = 1
+    v2 = build_version(learner, meta, 10, {})
+    publish(tmp_path, v2)
+    publish(tmp_path, v1)  # an older version arriving late never moves LATEST back
+    assert read_latest(tmp_path, "m") == v2.name
+    before = (tmp_path / "m" / v2.name / "model.onnx").stat().st_mtime_ns
+    publish(tmp_path, v2)  # idempotent
+    assert (tmp_path / "m" / v2.name / "model.onnx").stat().st_mtime_ns == before
+    assert list_versions(tmp_path, "m") == [v1.name, v2.name]
+    assert not [p for p in os.listdir(tmp_path / "m") if p.startswith(".tmp")]
+    manifest = json.loads((tmp_path / "m" / v2.name / "manifest.json").read_text())
+    assert manifest["content_hash"] == v2.manifest["content_hash"]
+
+
+def test_hot_swap_follows_latest(trained, tmp_path):
+    learner, meta = trained
+    meta = dict(meta)
+    hs = HotSwapRecommender(tmp_path, "m")
+    with pytest.raises(RuntimeError, match="no model version published"):
+        hs.recommend([["t1_1"]])
+    publish(tmp_path, build_version(learner, meta, 10, {}))
+    assert hs.refresh() and not hs.refresh()
+    first = hs.version_name
+    meta["version"] = 5
+    publish(tmp_path, build_version(learner, meta, 10, {}))
+    assert hs.refresh() and hs.version_name != first
+    assert len(hs.recommend([["t1_1"]], k=3)[0]) == 3
+
+
+def test_non_finite_model_is_never_exported(trained):
+    learner, meta = trained
+    saved = learner.model.user_tower.cold.detach().clone()
+    with torch.no_grad():
+        learner.model.user_tower.cold.fill_(float("nan"))
+    try:
+        with pytest.raises(NonFiniteModelError):
+            build_version(learner, meta, 10, {})
+    finally:
+        with torch.no_grad():
+            learner.model.user_tower.cold.copy_(saved)

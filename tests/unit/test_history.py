@@ -1,0 +1,36 @@
+from models.config import UserStageConfig
+from models.events import Event
+from models.history import advance_user
+
+
+def ev(i, item, ts, etype="click", value=None):
+    return Event(f"e{i}", "u", item, etype, ts, value)
+
+
+def test_one_sample_per_event_in_time_order_with_bounded_history():
+    cfg = UserStageConfig()
+    events = [ev(i, f"i{i}", 1000 - i) for i in range(5)]  # arrive in reverse time order
+    st, samples = advance_user(None, events, cfg, history_length=3, model_key="m")
+    assert [s.target for s in samples] == ["i4", "i3", "i2", "i1", "i0"]
+    assert samples[0].history == ()
+    assert samples[4].history == ("i3", "i2", "i1")  # last 3, oldest -> newest
+    assert st.history == ["i2", "i1", "i0"]
+    assert st.events == 5 and all(s.model_key == "m" for s in samples)
+
+
+def test_duplicates_are_dropped_across_windows():
+    cfg = UserStageConfig(dedup_size=10)
+    st, s1 = advance_user(None, [ev(1, "a", 1), ev(2, "b", 2)], cfg, 5, "m")
+    st, s2 = advance_user(st, [ev(2, "b", 2), ev(3, "c", 3)], cfg, 5, "m")
+    assert [s.target for s in s1 + s2] == ["a", "b", "c"]
+    assert st.duplicates == 1
+
+
+def test_low_ratings_are_label_zero_and_not_in_history():
+    cfg = UserStageConfig(min_positive_rating=3.5)
+    st, samples = advance_user(
+        None, [ev(1, "a", 1, "rating", 2.0), ev(2, "b", 2, "rating", 5.0)], cfg, 5, "m"
+    )
+    assert [(s.target, s.label) for s in samples] == [("a", 0), ("b", 1)]
+    assert samples[1].weight == 1.0
+    assert st.history == ["b"]

@@ -1,0 +1,38 @@
+"""models/ is pure PyTorch/transformers/ONNX: it never imports pyflink."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_no_pyflink_import_in_models_source():
+    offenders = []
+    for path in (ROOT / "models").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.split(".")[0] in ("pyflink", "udfs", "flink_job")
+            ]
+    assert offenders == []
+
+
+def test_importing_models_does_not_load_pyflink():
+    code = (
+        "import importlib, pkgutil, sys, models\n"
+        "for m in pkgutil.iter_modules(models.__path__):\n"
+        "    importlib.import_module('models.' + m.name)\n"
+        "print(any(k.startswith('pyflink') for k in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "False"
