@@ -124,29 +124,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.status == "FINISHED" else 1
 
 
-def _count_topic(
-    bootstrap: str, topic: str, properties: dict[str, str], committed_only: bool
-) -> int:
-    from kafka import KafkaConsumer
-
-    from flink_job.kafka_local import admin_properties
-
-    consumer = KafkaConsumer(
-        topic,
-        **admin_properties(bootstrap, properties),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=3000,
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_partition_fetch_bytes=64 * 1024 * 1024,
-        isolation_level="read_committed" if committed_only else "read_uncommitted",
-    )
-    try:
-        return sum(1 for _ in consumer)
-    finally:
-        consumer.close()
-
-
 @contextmanager
 def _kafka_for(cfg: AppConfig, workdir: Path) -> Iterator[str]:
     """The user's Kafka if configured, else an embedded broker for the duration."""
@@ -164,6 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded Kafka + synthetic replay + the job on local Flink + ONNX recommendations."""
     from flink_job.datasets import ReplayStats
     from flink_job.jars import ensure_all
+    from flink_job.kafka_local import read_topic
+    from flink_job.replay import replay
     from flink_job.runner import run_local
     from models.serving import HotSwapRecommender
 
@@ -181,19 +160,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     log.info("resolving Java artifacts (Kafka connector, Kafka broker)")
     ensure_all()
     with _kafka_for(cfg, demo_dir / "kafka") as bootstrap:
-        stats = ReplayStats()
-        from flink_job import replay as replay_mod
-
-        replay_stats = replay_mod.replay(cfg, bootstrap) if not args.skip_replay else stats
-        stats = replay_stats
+        stats = ReplayStats() if args.skip_replay else replay(cfg, bootstrap)
         log.info("running the job on a local Flink mini-cluster until the replay is consumed")
         result = run_local(cfg, bootstrap, expected_events=stats.events or None)
-        dlq = _count_topic(
-            bootstrap, cfg.kafka.dlq_topic, cfg.kafka.properties, committed_only=False
-        )
-        published = _count_topic(
-            bootstrap, cfg.kafka.models_topic, cfg.kafka.properties, committed_only=True
-        )
+        k = cfg.kafka
+        dlq = len(read_topic(bootstrap, k.dlq_topic, False, k.properties))
+        published = len(read_topic(bootstrap, k.models_topic, True, k.properties))
     if result.status != "FINISHED":
         print(f"job ended {result.status}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ class Record:
     topic: str  # "events" or "items" (logical names; mapped to configured topics on replay)
     key: bytes
     value: bytes
+    ts: int  # event time in epoch ms; replay writes it as the Kafka record timestamp
     valid: bool = True
 
 
@@ -73,7 +74,7 @@ class ReplayStats:
 
 def _item_record(item_id: str, title: str, text: str, cats: list[str], ts: int) -> Record:
     body = {"item_id": item_id, "title": title, "text": text, "categories": cats, "ts": ts}
-    return Record("items", item_id.encode(), json.dumps(body).encode())
+    return Record("items", item_id.encode(), json.dumps(body).encode(), ts)
 
 
 def _event_record(
@@ -88,7 +89,7 @@ def _event_record(
     }
     if value is not None:
         body["value"] = value
-    return Record("events", user.encode(), json.dumps(body, separators=(",", ":")).encode())
+    return Record("events", user.encode(), json.dumps(body, separators=(",", ":")).encode(), ts)
 
 
 def hostile_payloads(rng: random.Random, ts: int) -> list[bytes]:
@@ -185,7 +186,7 @@ def synthetic(cfg: ReplayConfig, stats: ReplayStats | None = None) -> Iterator[R
                 taste[u] = rng.randrange(len(topics))
         if malformed_every and e % malformed_every == malformed_every // 2:
             st.malformed += 1
-            yield Record("events", b"bad", hostile[st.malformed % len(hostile)], valid=False)
+            yield Record("events", b"bad", hostile[st.malformed % len(hostile)], ts, valid=False)
         if session_left <= 0:
             session_user = rng.choices(range(cfg.num_users), weights=user_weights)[0]
             session_left = rng.randint(3, 15)

@@ -41,11 +41,6 @@ LATE_TAG = PicklableOutputTag("late-events", EVENT_TYPE)
 TRANSACTION_TIMEOUT_MS = 600_000
 
 
-class EventTime(TimestampAssigner):
-    def extract_timestamp(self, value, record_timestamp):
-        return value[4]
-
-
 class VersionTime(TimestampAssigner):
     """A model version's timestamp = the event-time high-water mark it has learned up to.
 
@@ -138,11 +133,14 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
         source_b = source_b.set_properties(dict(k.properties))
     if k.bounded:
         source_b = source_b.set_bounded(KafkaOffsetsInitializer.latest())
+    # Event time = the Kafka record timestamp, with watermarks tracked per partition inside the
+    # source (a single watermark after the source would make every partition that is read a
+    # little behind the others "late"). Producers set it to the event's ts (`rtrec replay` does).
+    watermarks = WatermarkStrategy.for_bounded_out_of_orderness(
+        Duration.of_millis(cfg.job.out_of_orderness_ms)
+    ).with_idleness(Duration.of_millis(cfg.job.idleness_ms))
     raw = env.from_source(
-        source_b.build(),
-        WatermarkStrategy.no_watermarks(),
-        "kafka-events",
-        type_info=Types.PRIMITIVE_ARRAY(Types.BYTE()),
+        source_b.build(), watermarks, "kafka-events", type_info=Types.PRIMITIVE_ARRAY(Types.BYTE())
     ).uid("kafka-events")
 
     versions, dead = build_pipeline(raw, cfg)
@@ -167,6 +165,7 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
 def build_pipeline(raw, cfg: AppConfig):
     """raw event bytes -> (model-version stream, dead-letter JSON stream).
 
+    ``raw`` must carry event-time timestamps and watermarks (the Kafka source does).
     Source-agnostic so tests can feed a collection instead of Kafka.
     """
     k = cfg.kafka
@@ -177,19 +176,8 @@ def build_pipeline(raw, cfg: AppConfig):
     )
     dead = parsed.get_side_output(DLQ_TAG)
 
-    # Order matters: PyFlink's with_idleness() returns a strategy that silently drops a Python
-    # timestamp assigner set before it (records would keep their Kafka timestamps).
-    watermarks = (
-        WatermarkStrategy.for_bounded_out_of_orderness(
-            Duration.of_millis(cfg.job.out_of_orderness_ms)
-        )
-        .with_idleness(Duration.of_millis(cfg.job.idleness_ms))
-        .with_timestamp_assigner(EventTime())
-    )
-    timed = parsed.assign_timestamps_and_watermarks(watermarks).uid("event-time").name("event-time")
-
     windowed = (
-        timed.key_by(lambda r: r[1], key_type=Types.STRING())
+        parsed.key_by(lambda r: r[1], key_type=Types.STRING())
         .window(TumblingEventTimeWindows.of(Time.milliseconds(cfg.job.window_ms)))
         .side_output_late_data(LATE_TAG)
     )

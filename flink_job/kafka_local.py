@@ -98,6 +98,9 @@ class EmbeddedKafka:
             "message.max.bytes": str(MAX_MESSAGE_BYTES),
             "replica.fetch.max.bytes": str(MAX_MESSAGE_BYTES),
             "auto.create.topics.enable": "false",
+            # Record timestamps are event times, and replayed datasets are years old: with the
+            # default 7-day time retention the broker would delete them minutes after the replay.
+            "log.retention.ms": "-1",
             "log.flush.interval.ms": "1000",
         }
         cfg = self.workdir / "server.properties"
@@ -299,3 +302,56 @@ def create_topics(
                 admin.create_topics(new)
     finally:
         admin.close()
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    committed_only: bool = False,
+    properties: dict[str, str] | None = None,
+    timeout_s: float = 60.0,
+) -> list[bytes]:
+    """Every record value currently in ``topic`` (all partitions, from the beginning).
+
+    Reads until each partition's position reaches the end offset taken at the start (the
+    last stable offset with ``committed_only``), so the result does not depend on timing.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        **admin_properties(bootstrap, properties or {}),
+        enable_auto_commit=False,
+        fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
+        isolation_level="read_committed" if committed_only else "read_uncommitted",
+    )
+    try:
+        n = partition_count(bootstrap, topic, properties)
+        tps = [TopicPartition(topic, p) for p in range(n)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        values: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} did not reach its end offsets in {timeout_s}s")
+            for records in consumer.poll(timeout_ms=500).values():
+                values.extend(r.value for r in records)
+        return values
+    finally:
+        consumer.close()
+
+
+def partition_count(bootstrap: str, topic: str, properties: dict[str, str] | None = None) -> int:
+    """Partitions of ``topic`` as the controller knows them (a consumer's metadata can lag)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(**admin_properties(bootstrap, properties or {}))
+    try:
+        desc = admin.describe_topics([topic])
+    finally:
+        admin.close()
+    if not desc or desc[0].get("error_code", 0) != 0 or not desc[0].get("partitions"):
+        raise ValueError(f"topic {topic!r} does not exist on {bootstrap}")
+    return len(desc[0]["partitions"])

@@ -41,7 +41,9 @@ def replay(cfg: AppConfig, bootstrap: str, rate: float = 0.0, progress: bool = T
     )
     try:
         for n, rec in enumerate(records(cfg.replay, stats), 1):
-            producer.send(topic_of[rec.topic], key=rec.key, value=rec.value)
+            # The record timestamp is the event time: the job's watermarks are per partition,
+            # computed in the Kafka source from record timestamps.
+            producer.send(topic_of[rec.topic], key=rec.key, value=rec.value, timestamp_ms=rec.ts)
             bar.update(1)
             if rate > 0:
                 ahead = n / rate - (time.monotonic() - t0)

@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import random
 
-from pyflink.common import Types
+from pyflink.common import Types, WatermarkStrategy
+from pyflink.common.watermark_strategy import TimestampAssigner
 
 from flink_job.datasets import hostile_payloads
 from flink_job.job import build_pipeline, make_env, registry_sink
 from models.registry import list_versions, read_latest
 from models.serving import HotSwapRecommender
+
+
+class JsonTs(TimestampAssigner):
+    def extract_timestamp(self, value, record_timestamp):
+        try:
+            return int(json.loads(value)["ts"])
+        except Exception:
+            return 0  # malformed records: any time, they never reach a window
 
 
 def topic_events(n: int, seed: int = 1) -> list[bytes]:
@@ -49,8 +58,13 @@ def test_pipeline_trains_exports_and_dead_letters(make_cfg, tmp_path):
 
     env = make_env(cfg)
     # PyFlink cannot ship byte arrays in from_collection; carry them as latin-1 text instead.
-    raw = env.from_collection([r.decode("latin-1") for r in records], type_info=Types.STRING()).map(
-        lambda s: s.encode("latin-1"), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE())
+    raw = (
+        env.from_collection([r.decode("latin-1") for r in records], type_info=Types.STRING())
+        .map(lambda s: s.encode("latin-1"), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
+        # Like the Kafka source: record timestamps = event time, with watermarks.
+        .assign_timestamps_and_watermarks(
+            WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
+        )
     )
     versions, dead = build_pipeline(raw, cfg)
     with registry_sink(versions, cfg).union(dead).execute_and_collect() as results:

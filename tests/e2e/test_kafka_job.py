@@ -1,0 +1,115 @@
+"""Real Kafka broker + the real job on local Flink + export + onnxruntime serving."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+from flink_job.kafka_local import free_port, read_topic
+from flink_job.replay import replay
+from flink_job.runner import run_local
+from flink_job.serve import make_server
+from models.registry import list_versions, read_latest
+from models.serving import HotSwapRecommender
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_events_in_models_out(kafka, make_cfg, tmp_path):
+    cfg = make_cfg(
+        "kafka.events_topic='e2e.events'",
+        "kafka.items_topic='e2e.items'",
+        "kafka.dlq_topic='e2e.dlq'",
+        "kafka.models_topic='e2e.models'",
+        "kafka.bounded=true",
+        "replay.num_events=3000",
+        "replay.num_users=80",
+        "replay.num_items=150",
+        "trainer.export_every_steps=15",
+        "job.checkpoint_interval_ms=2000",
+    )
+    stats = replay(cfg, kafka.bootstrap, progress=False)
+    assert stats.malformed > 10
+
+    result = run_local(cfg, kafka.bootstrap, timeout_s=600)
+    assert result.status == "FINISHED"
+
+    # N valid events in -> N events trained on, each exactly once.
+    assert result.manifest is not None
+    assert result.manifest["events_seen"] == stats.events
+
+    # Every malformed record is in the DLQ with a reason and its original payload.
+    dlq = [json.loads(v) for v in read_topic(kafka.bootstrap, "e2e.dlq")]
+    assert len(dlq) == stats.malformed
+    assert all(d["reason"] and d["source"] == "e2e.events" and "payload" in d for d in dlq)
+
+    # At least two versions, in the registry and (transactionally) in the models topic.
+    registry = Path(cfg.export.registry_dir)
+    names = list_versions(registry, "default")
+    assert len(names) >= 2
+    published = [json.loads(v) for v in read_topic(kafka.bootstrap, "e2e.models", True)]
+    assert sorted(p["name"] for p in published) == names
+    last = max(published, key=lambda p: p["manifest"]["version"])
+    assert last["name"] == read_latest(registry, "default")
+    onnx_from_kafka = base64.b64decode(last["onnx_base64"])
+    assert onnx_from_kafka == (registry / "default" / last["name"] / "model.onnx").read_bytes()
+
+    # The latest version loads in onnxruntime and ranks items for a user's history.
+    rec = HotSwapRecommender(registry, "default")
+    assert rec.refresh()
+    user = max(stats.histories, key=lambda u: len(stats.histories[u]))
+    hist = stats.histories[user][-20:]
+    top = rec.recommend([hist], k=10)[0]
+    assert len({i for i, _ in top}) == 10 and not {i for i, _ in top} & set(hist)
+    assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+
+    # ...and over HTTP, as `rtrec serve` does it.
+    server = make_server(rec, "127.0.0.1", free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        url = f"http://127.0.0.1:{port}/recommend?history={','.join(hist)}&k=5"
+        body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert body["version"] == rec.version_name and len(body["items"]) == 5
+    finally:
+        server.shutdown()
+
+
+def test_readme_demo_command(tmp_path):
+    """`rtrec demo` (the README's main command) runs end to end and prints recommendations."""
+    # An earlier in-process Flink job leaves PYFLINK_* markers (loopback workers) that would
+    # stop a child process from starting its own gateway.
+    env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flink_job.cli",
+            "demo",
+            "--set",
+            "replay.num_events=2500",
+            "--set",
+            "replay.malformed_fraction=0.02",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = proc.stdout
+    assert "loaded with onnxruntime" in out
+    assert len(re.findall(r"^\s+\d+\. ", out, flags=re.M)) == 30  # 3 users x top-10
+    summary = re.search(r"summary: events=(\d+) malformed=(\d+) samples=(\d+).* dlq=(\d+)", out)
+    assert summary, out[-2000:]
+    events, malformed, samples, dlq = map(int, summary.groups())
+    assert events == samples == 2500 and malformed == dlq == 50
