@@ -58,7 +58,7 @@ def export_onnx(model: TopKModel, item_ids: list[str]) -> bytes:
         torch.onnx.export(
             model,
             (ids, mask),
-            buf,
+            buf,  # type: ignore[arg-type]  # file objects are accepted at run time
             input_names=["history_ids", "history_mask"],
             output_names=["top_ids", "top_scores"],
             dynamic_axes={

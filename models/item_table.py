@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 ROW_HEADER = struct.Struct("<qqq")  # index, count, last_seen_ts
@@ -94,7 +95,7 @@ class ItemTable:
 
     def load_rows(self, rows: Iterable[tuple[str, bytes]]) -> None:
         """Rebuild from packed rows (any order). Indices come from the rows themselves."""
-        loaded: list[tuple[int, str, int, int, np.ndarray]] = []
+        loaded: list[tuple[int, str, int, int, npt.NDArray[np.float32]]] = []
         width = self.dim + self.slots
         for item_id, blob in rows:
             idx, count, last = ROW_HEADER.unpack_from(blob)

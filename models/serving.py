@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 
 from models.registry import read_latest
 
 log = logging.getLogger(__name__)
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float32]
 
 
 def providers() -> list[str]:
@@ -48,7 +52,7 @@ class OnnxRecommender:
             json.loads(manifest.read_text()) if manifest.is_file() else {}
         )
 
-    def encode(self, histories: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, histories: list[list[str]]) -> tuple[IntArray, BoolArray]:
         """Histories (oldest -> newest item ids) -> (ids [B, H] newest first, mask [B, H])."""
         h = self.history_length
         ids = np.zeros((len(histories), h), dtype=np.int64)
@@ -58,7 +62,7 @@ class OnnxRecommender:
             ids[i, : len(recent)] = recent
         return ids, ids > 0
 
-    def raw(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def raw(self, ids: IntArray, mask: BoolArray) -> tuple[IntArray, FloatArray]:
         top_ids, top_scores = self.session.run(None, {"history_ids": ids, "history_mask": mask})
         return top_ids, top_scores
 

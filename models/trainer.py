@@ -235,7 +235,7 @@ class OnlineLearner:
             hits = (top == targets.unsqueeze(1)).any(dim=1).float().mean().item()
 
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         all_grads = [*grads, sub.grad] if sub.grad is not None else grads
         finite = math.isfinite(loss.item()) and all(
@@ -306,5 +306,6 @@ class OnlineLearner:
             return True
         if self.cfg.deterministic:
             return False
-        last = meta.get("last_export_wall", 0.0)
-        return (now if now is not None else time.time()) - last >= self.cfg.export_every_seconds
+        last = float(meta.get("last_export_wall", 0.0))
+        elapsed = (now if now is not None else time.time()) - last
+        return elapsed >= self.cfg.export_every_seconds

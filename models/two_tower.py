@@ -56,7 +56,8 @@ class UserTower(nn.Module):
         hidden = torch.relu(self.mlp1(torch.cat([pooled, newest], dim=1)))
         user = pooled + newest + self.mlp2(hidden)  # [B, D]
         has_any = (maskf.sum(dim=1, keepdim=True) > 0).to(hist.dtype)  # [B, 1]
-        return has_any * user + (1.0 - has_any) * self.cold.unsqueeze(0)
+        out: torch.Tensor = has_any * user + (1.0 - has_any) * self.cold.unsqueeze(0)
+        return out
 
 
 class TwoTower(nn.Module):
@@ -70,7 +71,8 @@ class TwoTower(nn.Module):
 
     def user_vectors(self, hist_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hist_rows [B, H, D] id rows of the history, newest first; mask [B, H] -> [B, D]."""
-        return self.user_tower(self.item_tower(hist_rows), mask)
+        out: torch.Tensor = self.user_tower(self.item_tower(hist_rows), mask)
+        return out
 
 
 class TopKModel(nn.Module):
@@ -90,7 +92,8 @@ class TopKModel(nn.Module):
     def forward(
         self, history_ids: torch.Tensor, history_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows: torch.Tensor = self.item_rows
+        rows = self.item_rows
+        assert isinstance(rows, torch.Tensor)
         hist = rows[history_ids]  # [B, H, D]
         user = self.dense.user_vectors(hist, history_mask.to(torch.float32))  # [B, D]
         items = self.dense.item_tower(rows)  # [V + 1, D]

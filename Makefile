@@ -1,0 +1,33 @@
+# Two commands a newcomer needs (see README.md):
+#   make demo   install, then run the whole pipeline end to end on embedded Kafka + local Flink
+#   make test   install, then lint, type-check and run every test tier (unit, flink, e2e)
+#
+# PYTHON is the interpreter to install into and run with (use a virtualenv's if you like).
+PYTHON ?= python3
+STAMP := .rtrec/installed.stamp
+
+.PHONY: install demo test lint unit flink e2e clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install --progress-bar off -e ".[dev]"
+	$(PYTHON) -m flink_job.cli setup
+	@mkdir -p $(dir $@) && touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(PYTHON) -m flink_job.cli demo
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy models
+
+test: lint
+	$(PYTHON) -m pytest tests -m "unit or flink or e2e" --durations=15
+
+unit flink e2e: install
+	$(PYTHON) -m pytest tests -m $@
+
+clean:
+	rm -rf .rtrec
