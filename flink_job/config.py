@@ -121,6 +121,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
                 f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
             )
         return value
+    if origin is tuple:
+        (et, _) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected an array, got {type(value).__name__}")
+        return tuple(_check_type(v, et, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         _, vt = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -247,6 +252,8 @@ def to_toml(cfg: AppConfig) -> str:
             return "true" if v else "false"
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)
 
     lines: list[str] = []

@@ -29,9 +29,9 @@ from pyflink.datastream.window import TumblingEventTimeWindows
 
 from flink_job.config import AppConfig, to_dict
 from flink_job.jars import kafka_connector_jar
-from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents
+from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
 from udfs.publish import PublishToRegistry, to_kafka_record
-from udfs.records import EVENT_TYPE, SAMPLE_TYPE, VERSION_TYPE, PicklableOutputTag
+from udfs.records import EVENT_TYPE, ITEM_TYPE, SAMPLE_TYPE, VERSION_TYPE, PicklableOutputTag
 from udfs.trainer import OnlineTrainer
 from udfs.user_window import UserWindowFunction
 
@@ -143,7 +143,28 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
         source_b.build(), watermarks, "kafka-events", type_info=Types.PRIMITIVE_ARRAY(Types.BYTE())
     ).uid("kafka-events")
 
-    versions, dead = build_pipeline(raw, cfg)
+    raw_items = None
+    if k.items_topic:
+        items_source = (
+            KafkaSource.builder()
+            .set_bootstrap_servers(bootstrap)
+            .set_topics(k.items_topic)
+            .set_group_id(k.group_id)
+            .set_starting_offsets(_starting_offsets(cfg))
+            .set_value_only_deserializer(ByteArraySchema())
+        )
+        if k.properties:
+            items_source = items_source.set_properties(dict(k.properties))
+        if k.bounded:
+            items_source = items_source.set_bounded(KafkaOffsetsInitializer.latest())
+        raw_items = env.from_source(
+            items_source.build(),
+            watermarks,
+            "kafka-items",
+            type_info=Types.PRIMITIVE_ARRAY(Types.BYTE()),
+        ).uid("kafka-items")
+
+    versions, dead = build_pipeline(raw, cfg, raw_items)
     registry_sink(versions, cfg).print("model-version").uid("registry-log").name("registry-log")
 
     if cfg.export.publish_kafka:
@@ -162,10 +183,11 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
     ).name("dlq-sink")
 
 
-def build_pipeline(raw, cfg: AppConfig):
+def build_pipeline(raw, cfg: AppConfig, raw_items=None):
     """raw event bytes -> (model-version stream, dead-letter JSON stream).
 
-    ``raw`` must carry event-time timestamps and watermarks (the Kafka source does).
+    ``raw`` (events) and ``raw_items`` (catalogue records, optional) must carry event-time
+    timestamps and watermarks (the Kafka sources do).
     Source-agnostic so tests can feed a collection instead of Kafka.
     """
     k = cfg.kafka
@@ -196,8 +218,18 @@ def build_pipeline(raw, cfg: AppConfig):
         .name("late-to-dlq")
     )
 
+    if raw_items is not None:
+        items = (
+            raw_items.process(ParseItems(k.items_topic, cfg.job.model_key), output_type=ITEM_TYPE)
+            .uid("parse-items")
+            .name("parse-items")
+        )
+        dead = dead.union(items.get_side_output(DLQ_TAG))
+    else:  # no catalogue topic: an empty, immediately finished second input
+        items = raw.get_execution_environment().from_collection([], type_info=ITEM_TYPE)
     versions = (
-        samples.key_by(lambda r: r[0], key_type=Types.STRING())
+        samples.connect(items)
+        .key_by(lambda r: r[0], lambda r: r[0], key_type=Types.STRING())
         .process(
             OnlineTrainer(cfg.model, cfg.trainer, cfg.export.top_k, _public_config(cfg)),
             output_type=VERSION_TYPE,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 class ModelConfig:
     """Shape of the two-tower model.
 
-    dim: embedding width D of item and user vectors.
+    dim: embedding width D of item and user vectors (the text embedding T is projected to D).
     history_length: H, the number of most recent items the user tower reads.
     hidden: width of the user-tower MLP.
     max_items: capacity of the dynamic id vocabulary (rows, excluding the pad row).
@@ -25,6 +25,19 @@ class ModelConfig:
     hidden: int = 64
     max_items: int = 100_000
     init_std: float = 0.05
+    # "minilm" (bundled all-MiniLM-L6-v2), "none" (id-only items) or a local HF model dir.
+    text_encoder: str = "minilm"
+    text_max_length: int = 64
+    # Hashed category embeddings (0 disables).
+    category_buckets: int = 64
+    dropout: float = 0.0
+    # Probability of hiding an item's id embedding in training, so the text/category part
+    # must rank items on its own (what a brand-new item has) - DropoutNet-style cold start.
+    id_dropout: float = 0.25
+    # Id lifecycle: interactions before an item gets its own id row (below: text only),
+    # and event time without interactions after which the row is dropped (0 = never).
+    admission_threshold: int = 1
+    expiry_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,11 @@ class TrainerConfig:
     """
 
     optimizer: str = "adagrad"
+    # "sampled_softmax" (in-batch + sampled negatives, logQ correction), "bpr", or
+    # "adaptive_softmax" (torch.nn.AdaptiveLogSoftmaxWithLoss over the catalogue).
+    loss: str = "sampled_softmax"
+    adaptive_cutoffs: tuple[int, ...] = (2_000, 20_000)
+    ema_decay: float = 0.0
     lr: float = 0.05
     batch_size: int = 64
     num_negatives: int = 64
@@ -51,6 +69,8 @@ class TrainerConfig:
     export_every_seconds: float = 10.0
     flush_after_seconds: float = 5.0
     deterministic: bool = False
+    # A `rtrec pretrain` output: every new model key starts from it ("" = random init).
+    initial_state: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Model versions: a self-contained ONNX graph plus a manifest.
 
-The graph maps ``history_ids`` int64 [B, H] (indices into the version's item list,
+``model.onnx`` maps ``history_ids`` int64 [B, H] (indices into the version's item list,
 newest first, 0 = padding) and ``history_mask`` bool [B, H] to ``top_ids`` int64 [B, K]
 and ``top_scores`` float32 [B, K]. The item matrix is inside the graph, and the item id
 strings are in the ONNX metadata (``item_ids``, a JSON list; index i+1 <-> item_ids[i]),
-so ``model.onnx`` alone is enough to serve.
+so ``model.onnx`` alone is enough to serve. Beside it, for approximate-nearest-neighbour
+serving at larger catalogues: ``user_encoder.onnx`` (same inputs -> ``user_vector`` [B, D]),
+``item_vectors.npy`` [V + 1, D] and ``item_ids.json``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import io
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from models.trainer import OnlineLearner
-from models.two_tower import TopKModel
+from models.two_tower import TopKModel, TwoTower
 
 ONNX_OPSET = 18
 MANIFEST_FORMAT = 1
@@ -37,6 +41,8 @@ class ModelVersion:
     version: int
     onnx_bytes: bytes
     manifest: dict[str, Any]
+    # Extra files of the version directory (user encoder graph, item matrix for ANN serving).
+    extras: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -44,33 +50,82 @@ class ModelVersion:
         return f"v{self.version:06d}-{self.manifest['content_hash'][:12]}"
 
 
-def export_onnx(model: TopKModel, item_ids: list[str]) -> bytes:
-    """Trace ``model`` to ONNX with a dynamic batch axis; embed the item id list."""
+class AsmTopKModel(nn.Module):
+    """Like TopKModel, but ranks with an adaptive-softmax head (``trainer.loss`` =
+    adaptive_softmax): scores [B, V + 1] = log p(class of item | user)."""
+
+    def __init__(
+        self,
+        dense: TwoTower,
+        item_vectors: torch.Tensor,
+        asm: nn.AdaptiveLogSoftmaxWithLoss,
+        classes: torch.Tensor,
+        k: int,
+    ) -> None:
+        super().__init__()
+        self.dense = dense
+        self.asm = asm
+        self.register_buffer("item_rows", item_vectors)
+        self.register_buffer("classes", classes)
+        self.k = min(k, item_vectors.shape[0] - 1)
+
+    def forward(
+        self, history_ids: torch.Tensor, history_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.item_rows
+        classes = self.classes
+        assert isinstance(rows, torch.Tensor) and isinstance(classes, torch.Tensor)
+        user = self.dense.user_vectors(rows[history_ids], history_mask.to(torch.float32))
+        scores = self.asm.log_prob(user)[:, classes]  # [B, V + 1]
+        seen = torch.zeros_like(scores).scatter(1, history_ids, 1.0)
+        seen[:, 0] = 1.0
+        scores = scores - seen * 1e9
+        top_scores, top_ids = torch.topk(scores, self.k, dim=1)
+        return top_ids, top_scores
+
+
+class UserEncoder(nn.Module):
+    """history_ids [B, H] + history_mask [B, H] -> user vector [B, D] (for ANN serving)."""
+
+    def __init__(self, dense: TwoTower, item_vectors: torch.Tensor) -> None:
+        super().__init__()
+        self.dense = dense
+        self.register_buffer("item_rows", item_vectors)
+
+    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        rows = self.item_rows
+        assert isinstance(rows, torch.Tensor)
+        out: torch.Tensor = self.dense.user_vectors(
+            rows[history_ids], history_mask.to(torch.float32)
+        )
+        return out
+
+
+def _to_onnx(model: nn.Module, history_length: int, outputs: list[str]) -> bytes:
     model = model.eval()
-    h = model.dense.cfg.history_length
-    ids = torch.zeros(1, h, dtype=torch.long)
-    mask = torch.zeros(1, h, dtype=torch.bool)
+    ids = torch.zeros(1, history_length, dtype=torch.long)
+    mask = torch.zeros(1, history_length, dtype=torch.bool)
     buf = io.BytesIO()
     batch = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript exporter is ~40x faster than dynamo here and this graph is static.
+        # The TorchScript exporter is ~40x faster than dynamo here and these graphs are static.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (ids, mask),
             buf,  # type: ignore[arg-type]  # file objects are accepted at run time
             input_names=["history_ids", "history_mask"],
-            output_names=["top_ids", "top_scores"],
-            dynamic_axes={
-                "history_ids": batch,
-                "history_mask": batch,
-                "top_ids": batch,
-                "top_scores": batch,
-            },
+            output_names=outputs,
+            dynamic_axes={name: batch for name in ["history_ids", "history_mask", *outputs]},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    proto = onnx.load_from_string(buf.getvalue())
+    return buf.getvalue()
+
+
+def export_onnx(model: nn.Module, item_ids: list[str], history_length: int) -> bytes:
+    """Trace a top-k model to ONNX with a dynamic batch axis; embed the item id list."""
+    proto = onnx.load_from_string(_to_onnx(model, history_length, ["top_ids", "top_scores"]))
     entry = proto.metadata_props.add()
     entry.key = "item_ids"
     entry.value = json.dumps(item_ids)
@@ -82,20 +137,51 @@ def build_version(
 ) -> ModelVersion:
     """Export the learner's current model as the next version (``meta['version'] + 1``).
 
+    Every live catalogue item is exported (items known only from their text included);
+    the item tower is applied here, so the graph holds final item vectors.
     Raises NonFiniteModelError instead of exporting a model with NaN/inf weights.
     """
-    table = learner.table
-    rows = table.embeddings().detach().to("cpu", torch.float32).clone()  # [V + 1, D]
-    dense = learner.model
-    if not bool(torch.isfinite(rows).all()) or not all(
-        bool(torch.isfinite(p).all()) for p in dense.parameters()
+    cat = learner.catalog
+    live = cat.live_indices()
+    with torch.no_grad():
+        idx = torch.from_numpy(live).to(learner.device)
+        vecs = learner.item_vectors(idx, ema=True).to("cpu", torch.float32)
+    dense_src = learner.export_model()
+    cpu_dense = TwoTower(dense_src.cfg, dense_src.text_dim)
+    cpu_dense.load_state_dict({k: v.detach().cpu() for k, v in dense_src.state_dict().items()})
+    cpu_dense.eval()
+    item_matrix = torch.cat([torch.zeros(1, vecs.shape[1]), vecs])  # [V + 1, D]
+    params = [*cpu_dense.parameters()] + ([*learner.asm.parameters()] if learner.asm else [])
+    if not bool(torch.isfinite(item_matrix).all()) or not all(
+        bool(torch.isfinite(p).all()) for p in params
     ):
         raise NonFiniteModelError(
             f"model {meta['model_key']} at step {meta['step']} has non-finite weights; not exported"
         )
-    cpu_dense = type(dense)(dense.cfg)
-    cpu_dense.load_state_dict({k: v.detach().cpu() for k, v in dense.state_dict().items()})
-    onnx_bytes = export_onnx(TopKModel(cpu_dense, rows, top_k), table.ids[1:])
+    item_ids = [cat.ids[i] for i in live.tolist()]
+    h = cpu_dense.cfg.history_length
+    top: nn.Module
+    if learner.asm is not None:
+        asm = nn.AdaptiveLogSoftmaxWithLoss(
+            learner.asm.in_features,
+            learner.asm.n_classes,
+            learner.asm.cutoffs[:-1],
+            div_value=learner.asm.div_value,
+        )
+        asm.load_state_dict({k: v.detach().cpu() for k, v in learner.asm.state_dict().items()})
+        classes = torch.cat([torch.zeros(1, dtype=torch.long), torch.from_numpy(live)])
+        classes = classes.clamp(max=learner.asm.n_classes - 1)
+        top = AsmTopKModel(cpu_dense, item_matrix, asm.eval(), classes, top_k)
+    else:
+        top = TopKModel(cpu_dense, item_matrix, top_k)
+    onnx_bytes = export_onnx(top, item_ids, h)
+    buf = io.BytesIO()
+    np.save(buf, item_matrix.numpy())
+    extras = {
+        "user_encoder.onnx": _to_onnx(UserEncoder(cpu_dense, item_matrix), h, ["user_vector"]),
+        "item_vectors.npy": buf.getvalue(),
+        "item_ids.json": json.dumps(item_ids).encode(),
+    }
     version = meta["version"] + 1
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -105,19 +191,24 @@ def build_version(
         "events_seen": meta["events_seen"],
         "positives_trained": meta["positives_trained"],
         "event_time_hwm_ms": meta["hwm_ts"],
-        "num_items": len(table),
-        "top_k": min(top_k, len(table)),
-        "history_length": dense.cfg.history_length,
+        "num_items": len(item_ids),
+        "num_id_rows": len(learner.table),
+        "items_with_text": int(cat.has_text[live].sum()) if len(live) else 0,
+        "top_k": min(top_k, len(item_ids)),
+        "history_length": h,
+        "scoring": "adaptive_softmax" if learner.asm is not None else "dot",
         "metrics": {
             "train_loss_ema": _finite_or_none(meta["loss_ema"]),
             "prequential_recall10_ema": _finite_or_none(meta["recall10_ema"]),
             "non_finite_skips": meta["non_finite_skips"],
             "oov_targets": meta["oov"],
+            "expired_rows": meta.get("expired_rows", 0),
         },
+        "files": sorted(["model.onnx", *extras]),
         "config": config,
         "content_hash": hashlib.sha256(onnx_bytes).hexdigest(),
     }
-    return ModelVersion(meta["model_key"], version, onnx_bytes, manifest)
+    return ModelVersion(meta["model_key"], version, onnx_bytes, manifest, extras)
 
 
 def _finite_or_none(x: float | None) -> float | None:

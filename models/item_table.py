@@ -12,6 +12,7 @@ its index in the packed bytes, so a rebuilt table is identical to the one it cam
 from __future__ import annotations
 
 import hashlib
+import heapq
 import struct
 from collections.abc import Iterable
 
@@ -32,24 +33,33 @@ class ItemTable:
     """Index <-> id mapping plus the row tensor, counts and last-seen times."""
 
     def __init__(
-        self, dim: int, slots: int, max_items: int, init_std: float, seed: int, device: torch.device
+        self,
+        dim: int,
+        slots: int,
+        max_items: int,
+        init_std: float,
+        seed: int,
+        device: torch.device,
+        slot_init: float = 0.0,
     ) -> None:
         self.dim = dim
         self.slots = slots
+        self.slot_init = slot_init  # initial value of optimizer slot 0 (AdaGrad's accumulator)
         self.max_items = max_items
         self.init_std = init_std
         self.seed = seed
         self.device = device
         self.ids: list[str] = [""]
         self.index: dict[str, int] = {}
+        self.free: list[int] = []  # heap of removed (expired) row indices, reused smallest first
         cap = 1024
         self.data = torch.zeros(cap + 1, dim + slots, device=device)
         self.count = np.zeros(cap + 1, dtype=np.int64)
         self.last_seen = np.zeros(cap + 1, dtype=np.int64)
 
     def __len__(self) -> int:
-        """Number of real rows (excluding the padding row)."""
-        return len(self.ids) - 1
+        """Number of live id rows (excluding padding and expired holes)."""
+        return len(self.index)
 
     def _grow(self, need: int) -> None:
         cap = self.data.shape[0]
@@ -77,12 +87,30 @@ class ItemTable:
             return idx
         if not add or len(self) >= self.max_items:
             return 0
-        idx = len(self.ids)
-        self._grow(idx)
-        self.ids.append(item_id)
+        if self.free:
+            idx = heapq.heappop(self.free)
+            self.ids[idx] = item_id
+        else:
+            idx = len(self.ids)
+            self._grow(idx)
+            self.ids.append(item_id)
         self.index[item_id] = idx
+        self.data[idx] = 0.0
+        if self.slots:
+            self.data[idx, self.dim] = self.slot_init
+        self.count[idx] = 0
+        self.last_seen[idx] = 0
         self.data[idx, : self.dim] = self._init_row(item_id).to(self.device)
         return idx
+
+    def remove(self, item_id: str) -> None:
+        """Drop an id row (expiry); its index is reused by the next admitted id."""
+        idx = self.index.pop(item_id)
+        self.ids[idx] = ""
+        self.data[idx] = 0.0
+        self.count[idx] = 0
+        self.last_seen[idx] = 0
+        heapq.heappush(self.free, idx)
 
     def embeddings(self) -> torch.Tensor:
         """[len + 1, D] id embeddings, row 0 = padding."""
@@ -122,3 +150,4 @@ class ItemTable:
             self.index[item_id] = idx
             self.count[idx] = count
             self.last_seen[idx] = last
+        self.free = [i for i in range(1, n + 1) if not self.ids[i]]  # sorted = a heap

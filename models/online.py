@@ -1,4 +1,5 @@
-"""One call per trainer firing: rebuild the cache if needed, learn, maybe export.
+"""One call per trainer firing: rebuild the cache if needed, ingest catalogue records,
+learn, maybe export.
 
 This is the single entry point the Flink trainer function (and offline replays) use,
 so stream and offline runs execute exactly the same learning code.
@@ -6,23 +7,75 @@ so stream and offline runs execute exactly the same learning code.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from models.events import Item
 from models.export import ModelVersion, NonFiniteModelError, build_version
 from models.history import Sample
+from models.text_encoder import TextEncoder
 from models.trainer import OnlineLearner, StepResult
 
 log = logging.getLogger(__name__)
+INITIAL_STATE_FORMAT = 1
 
 
 @dataclass
 class Firing:
     result: StepResult
     version: ModelVersion | None
+
+
+def save_initial_state(learner: OnlineLearner, meta: dict[str, Any], path: str | Path) -> None:
+    """Write a learner's full state (what `rtrec pretrain` produces) to ``path``."""
+    table, cat = learner.table, learner.catalog
+    obj = {
+        "format": INITIAL_STATE_FORMAT,
+        "dense": learner.dense_blob(),
+        "rows": {table.ids[r]: table.pack_row(r) for r in table.index.values()},
+        "items": {cat.ids[i]: cat.pack(i) for i in cat.index.values()},
+        "meta": {k: meta[k] for k in ("step", "events_seen", "positives_trained", "hwm_ts")},
+        "text_dim": learner.text_dim,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    Path(path).write_bytes(buf.getvalue())
+
+
+def load_initial_state(learner: OnlineLearner, meta: dict[str, Any], path: str) -> StepResult:
+    """Start a new model key from a pretrain file; returns everything to write to state."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"trainer.initial_state = {path!r} does not exist; run `rtrec pretrain --out {path}` "
+            "or set trainer.initial_state = '' to start from a random init"
+        )
+    obj = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=False)
+    if obj.get("format") != INITIAL_STATE_FORMAT:
+        raise ValueError(f"{path} has initial-state format {obj.get('format')}, expected 1")
+    if obj["text_dim"] != learner.text_dim:
+        raise ValueError(
+            f"{path} was pretrained with a {obj['text_dim']}-dim text encoder, the job's encoder "
+            f"gives {learner.text_dim}; use the same model.text_encoder as `rtrec pretrain`"
+        )
+    meta.update(obj["meta"])
+    meta["step"] = obj["meta"]["step"]
+    learner.loaded_step = None
+    learner.ensure_loaded(
+        meta, lambda: obj["dense"], lambda: obj["rows"].items(), lambda: obj["items"].items()
+    )
+    meta["initial_state"] = str(path)
+    return StepResult(
+        touched_rows=dict(obj["rows"]), touched_items=dict(obj["items"]), dense_blob=obj["dense"]
+    )
 
 
 def train_and_maybe_export(
@@ -34,17 +87,36 @@ def train_and_maybe_export(
     top_k: int,
     config: dict[str, Any],
     force_export: bool = False,
+    items_state: Callable[[], Iterable[tuple[str, bytes]]] = lambda: (),
+    new_items: list[Item] | None = None,
+    encoder: TextEncoder | None = None,
 ) -> Firing:
-    """Learn from ``samples`` (may be empty) and export a version when due.
+    """Ingest ``new_items``, learn from ``samples`` (either may be empty), export when due.
 
     ``meta`` is updated in place (step, counters, version); the caller persists it
-    together with ``result.touched_rows`` and ``result.dense_blob``.
+    together with the result's touched/removed rows and catalogue entries and dense blob.
     """
-    learner.ensure_loaded(meta, dense_blob, rows)
+    initial = StepResult()
+    if meta["step"] == 0 and not meta.get("initialised"):
+        meta["initialised"] = True
+        if learner.cfg.initial_state:
+            initial = load_initial_state(learner, meta, learner.cfg.initial_state)
+    learner.ensure_loaded(meta, dense_blob, rows, items_state)
+    ingested = learner.ingest_items(new_items, meta, encoder) if new_items else {}
     result = learner.learn(samples, meta) if samples else StepResult()
+    result.touched_rows = {**initial.touched_rows, **result.touched_rows}
+    result.touched_items = {**initial.touched_items, **ingested, **result.touched_items}
+    for gone in result.removed_items:
+        result.touched_items.pop(gone, None)
+    for gone in result.removed_rows:
+        result.touched_rows.pop(gone, None)
+    if result.dense_blob is None:
+        result.dense_blob = initial.dense_blob
     version = None
     due = learner.export_due(meta) or (force_export and meta["step"] > meta["last_export_step"])
-    if due and len(learner.table) > 0:
+    if ingested and force_export and meta["version"] == 0:
+        due = True  # a catalogue alone is worth publishing (cold start from text)
+    if due and len(learner.catalog) > 0:
         try:
             version = build_version(learner, meta, top_k, config)
         except NonFiniteModelError as e:

@@ -58,6 +58,8 @@ def publish(root: str | Path, mv: ModelVersion) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{mv.name}-", dir=key_dir))
         try:
             (tmp / "model.onnx").write_bytes(mv.onnx_bytes)
+            for name, data in mv.extras.items():
+                (tmp / name).write_bytes(data)
             (tmp / "manifest.json").write_text(json.dumps(mv.manifest, indent=2, sort_keys=True))
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:

@@ -1,9 +1,9 @@
 """The online learner: micro-batch gradient steps on the two-tower model.
 
 State split (matches the Flink state layout, see DESIGN.md "State rules"):
-- ``dense blob``: dense tower parameters + their optimizer state, one versioned blob;
-- ``rows``: one packed row per item id (embedding + optimizer slots + count + last seen),
-  only touched rows are returned after a step;
+- ``dense blob``: dense tower parameters + their optimizer state (+ EMA), one versioned blob;
+- ``rows``: id-embedding rows (embedding + optimizer slots), only touched rows are returned;
+- ``catalog``: every known item (text embedding, categories, counts), touched entries only;
 - ``meta``: counters (step, version, events seen, ...) as a small dict.
 
 :class:`OnlineLearner` is a *cache* of that state. ``ensure_loaded`` rebuilds it when the
@@ -24,17 +24,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from models.catalog import Catalog, category_bucket
 from models.config import ModelConfig, TrainerConfig
 from models.device import pick_device
+from models.events import Item
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
+from models.text_encoder import TextEncoder, text_hash
 from models.two_tower import TwoTower
 
-DENSE_FORMAT = 1
+DENSE_FORMAT = 2
 META_FORMAT = 1
 ADAGRAD_EPS = 1e-10
 ADAGRAD_INIT = 0.1
+LOSSES = ("sampled_softmax", "bpr", "adaptive_softmax")
 
 
 def optimizer_slots(optimizer: str, dim: int) -> int:
@@ -55,6 +60,9 @@ def new_meta(model_key: str) -> dict[str, Any]:
         "hwm_ts": 0,
         "non_finite_skips": 0,
         "oov": 0,
+        "expired_rows": 0,
+        "items_ingested": 0,
+        "targets_without_text": 0,
         "loss_ema": None,
         "recall10_ema": None,
     }
@@ -62,9 +70,12 @@ def new_meta(model_key: str) -> dict[str, Any]:
 
 @dataclass
 class StepResult:
-    """What one call to :meth:`OnlineLearner.learn` changed."""
+    """What one call to :meth:`OnlineLearner.learn` changed (to be written to state)."""
 
     touched_rows: dict[str, bytes] = field(default_factory=dict)
+    removed_rows: list[str] = field(default_factory=list)
+    touched_items: dict[str, bytes] = field(default_factory=dict)
+    removed_items: list[str] = field(default_factory=list)
     dense_blob: bytes | None = None
     loss: float | None = None
     skipped_non_finite: bool = False
@@ -74,12 +85,19 @@ class OnlineLearner:
     """Cache of one model key's trainer state with the gradient step on top."""
 
     def __init__(
-        self, model_cfg: ModelConfig, cfg: TrainerConfig, device: torch.device | None = None
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainerConfig,
+        device: torch.device | None = None,
+        text_dim: int = 0,
     ):
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"trainer.loss must be one of {', '.join(LOSSES)}; got {cfg.loss!r}")
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.device = device or pick_device()
         self.dim = model_cfg.dim
+        self.text_dim = text_dim
         self.slots = optimizer_slots(cfg.optimizer, model_cfg.dim)
         self.loaded_step: int | None = None
         self._fresh()
@@ -89,8 +107,15 @@ class OnlineLearner:
         # Seed the dense init from config without disturbing the process-wide RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed(self.cfg.seed, "dense"))
-            self.model = TwoTower(self.model_cfg).to(self.device)
-        params = list(self.model.parameters())
+            self.model = TwoTower(self.model_cfg, self.text_dim).to(self.device)
+            self.asm: nn.AdaptiveLogSoftmaxWithLoss | None = None
+            if self.cfg.loss == "adaptive_softmax":
+                n = self.model_cfg.max_items + 1
+                cutoffs = [c for c in self.cfg.adaptive_cutoffs if 0 < c < n - 1]
+                self.asm = nn.AdaptiveLogSoftmaxWithLoss(
+                    self.dim, n, cutoffs=cutoffs or [max(1, n // 2)], div_value=2.0
+                ).to(self.device)
+        params = self._dense_params()
         if self.cfg.optimizer == "adagrad":
             self.opt: torch.optim.Optimizer = torch.optim.Adagrad(
                 params, lr=self.cfg.lr, initial_accumulator_value=ADAGRAD_INIT
@@ -99,6 +124,11 @@ class OnlineLearner:
             self.opt = torch.optim.Adam(params, lr=self.cfg.lr)
         else:
             self.opt = torch.optim.SGD(params, lr=self.cfg.lr)
+        self.ema: dict[str, torch.Tensor] | None = (
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.cfg.ema_decay > 0
+            else None
+        )
         self.table = ItemTable(
             self.dim,
             self.slots,
@@ -106,9 +136,15 @@ class OnlineLearner:
             self.model_cfg.init_std,
             self.cfg.seed,
             self.device,
+            slot_init=ADAGRAD_INIT if self.cfg.optimizer == "adagrad" else 0.0,
         )
-        if self.cfg.optimizer == "adagrad":
-            self.table.data[:, self.dim] = ADAGRAD_INIT
+        self.catalog = Catalog(self.text_dim, self.device)
+
+    def _dense_params(self) -> list[nn.Parameter]:
+        params = list(self.model.parameters())
+        if self.asm is not None:
+            params += list(self.asm.parameters())
+        return params
 
     def dense_blob(self) -> bytes:
         buf = io.BytesIO()
@@ -116,7 +152,13 @@ class OnlineLearner:
             {
                 "format": DENSE_FORMAT,
                 "optimizer": self.cfg.optimizer,
+                "loss": self.cfg.loss,
+                "text_dim": self.text_dim,
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "asm": None
+                if self.asm is None
+                else {k: v.detach().cpu() for k, v in self.asm.state_dict().items()},
+                "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.items()},
                 "opt": self.opt.state_dict(),
             },
             buf,
@@ -128,6 +170,7 @@ class OnlineLearner:
         meta: dict[str, Any],
         dense_blob: Callable[[], bytes | None],
         rows: Callable[[], Iterable[tuple[str, bytes]]],
+        items: Callable[[], Iterable[tuple[str, bytes]]] = lambda: (),
     ) -> None:
         """Rebuild the cache from state unless it already reflects ``meta['step']``."""
         if self.loaded_step == meta["step"]:
@@ -135,41 +178,175 @@ class OnlineLearner:
         self._fresh()
         blob = dense_blob()
         if blob is not None:
-            obj = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=False)
-            if obj.get("format") != DENSE_FORMAT:
-                raise ValueError(
-                    f"dense trainer state has format {obj.get('format')}, this release reads "
-                    f"{DENSE_FORMAT}; restore from a compatible savepoint or start a new model key"
-                )
-            if obj.get("optimizer") != self.cfg.optimizer:
-                raise ValueError(
-                    f"state was trained with optimizer {obj.get('optimizer')!r} but "
-                    "trainer.optimizer "
-                    f"is {self.cfg.optimizer!r}; set it back or start a new model key"
-                )
-            self.model.load_state_dict(obj["model"])
-            self.opt.load_state_dict(obj["opt"])
+            self.load_dense(blob)
         self.table.load_rows(rows())
+        self.catalog.load(items())
+        for item_id, r in self.table.index.items():
+            idx = self.catalog.index.get(item_id)
+            if idx is not None:
+                self.catalog.row_of[idx] = r
         self.loaded_step = meta["step"]
+
+    def load_dense(self, blob: bytes) -> None:
+        obj = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=False)
+        if obj.get("format") != DENSE_FORMAT:
+            raise ValueError(
+                f"dense trainer state has format {obj.get('format')}, this release reads "
+                f"{DENSE_FORMAT}; restore from a compatible savepoint or start a new model key"
+            )
+        for key, mine in (
+            ("optimizer", self.cfg.optimizer),
+            ("loss", self.cfg.loss),
+            ("text_dim", self.text_dim),
+        ):
+            if obj.get(key) != mine:
+                raise ValueError(
+                    f"state was trained with {key}={obj.get(key)!r} but this job has {mine!r}; "
+                    "use the original trainer/model settings or start a new model key"
+                )
+        self.model.load_state_dict(obj["model"])
+        if self.asm is not None and obj.get("asm") is not None:
+            self.asm.load_state_dict(obj["asm"])
+        if self.ema is not None and obj.get("ema") is not None:
+            self.ema = {k: v.to(self.device) for k, v in obj["ema"].items()}
+        self.opt.load_state_dict(obj["opt"])
+
+    # ---------------------------------------------------------------------- catalogue
+    def ingest_items(
+        self, items: list[Item], meta: dict[str, Any], encoder: TextEncoder | None
+    ) -> dict[str, bytes]:
+        """Add/refresh catalogue items; text is embedded only when new or changed.
+
+        Returns the packed catalogue entries to write to state.
+        """
+        cat = self.catalog
+        latest: dict[str, Item] = {}
+        for it in items:  # the last record per id wins
+            latest[it.item_id] = it
+        to_embed: list[tuple[int, Item, bytes]] = []
+        touched: dict[str, bytes] = {}
+        for item_id, it in sorted(latest.items()):
+            idx = cat.ensure(item_id)
+            r = self.table.index.get(item_id)
+            cat.row_of[idx] = r if r is not None else 0
+            text = f"{it.title}. {it.text}".strip(". ") if it.text else it.title
+            thash = text_hash(text)
+            buckets = (
+                [category_bucket(c, self.model_cfg.category_buckets) for c in it.categories]
+                if self.model_cfg.category_buckets > 0
+                else []
+            )
+            if encoder is not None and text and cat.text_hash.get(idx) != thash:
+                to_embed.append((idx, it, thash))
+                cat.set_content(idx, None, thash, buckets)
+            else:
+                cat.set_content(idx, None, thash, buckets)
+            cat.last_seen[idx] = max(int(cat.last_seen[idx]), it.ts)
+        if to_embed and encoder is not None:
+            texts = [
+                f"{it.title}. {it.text}".strip(". ") if it.text else it.title
+                for _, it, _ in to_embed
+            ]
+            embs = encoder.encode(texts)
+            for (idx, _, thash), emb in zip(to_embed, embs, strict=True):
+                buckets = [int(b) for b in cat.cats[idx] if b > 0]
+                cat.set_content(idx, emb, thash, buckets)
+        for item_id in latest:
+            touched[item_id] = cat.pack(cat.index[item_id])
+        meta["items_ingested"] += len(latest)
+        return touched
+
+    # ----------------------------------------------------------------------- vectors
+    def item_vectors(
+        self, cat_idx: torch.Tensor, id_rows: torch.Tensor | None = None, ema: bool = False
+    ) -> torch.Tensor:
+        """Item vectors [*, D] for catalogue indices (0 = padding -> zeros)."""
+        cat = self.catalog
+        flat = cat_idx.reshape(-1)
+        rows_idx = torch.from_numpy(cat.row_of[flat.cpu().numpy()]).to(self.device)
+        ids = (
+            self.table.data[rows_idx, : self.dim]
+            if id_rows is None
+            else id_rows.reshape(-1, self.dim)
+        )
+        text = cat.text[flat] if self.text_dim > 0 else None
+        cats = torch.from_numpy(cat.cats[flat.cpu().numpy()]).to(self.device)
+        tower = self.model.item_tower
+        if ema and self.ema is not None:
+            tower = self._ema_model().item_tower
+        out: torch.Tensor = tower(ids, text, cats)
+        out = out * (flat > 0).to(out.dtype).unsqueeze(1)
+        return out.reshape(*cat_idx.shape, self.dim)
+
+    def _ema_model(self) -> TwoTower:
+        m = TwoTower(self.model_cfg, self.text_dim).to(self.device)
+        m.load_state_dict(self.ema if self.ema is not None else self.model.state_dict())
+        return m.eval()
+
+    def export_model(self) -> TwoTower:
+        """The dense towers to export: EMA weights when ``trainer.ema_decay`` > 0."""
+        return self._ema_model() if self.ema is not None else self.model
 
     # ----------------------------------------------------------------------- learning
     def _history_batch(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        """history indices [B, H] newest first, 0-padded, and mask [B, H]."""
+        """history catalogue indices [B, H] newest first, 0-padded, and mask [B, H]."""
         h = self.model_cfg.history_length
         ids = np.zeros((len(samples), h), dtype=np.int64)
+        cat = self.catalog
         for i, s in enumerate(samples):
-            recent = s.history[-h:][::-1]
-            for j, item in enumerate(recent):
-                ids[i, j] = self.table.lookup(item, add=True)
+            for j, item in enumerate(s.history[-h:][::-1]):
+                ids[i, j] = cat.index.get(item, 0)
         t = torch.from_numpy(ids).to(self.device)
         return t, (t > 0)
+
+    def _admit(self, idx: int, touched_rows: set[int], meta: dict[str, Any]) -> None:
+        cat, table = self.catalog, self.table
+        if cat.row_of[idx] == 0 and cat.count[idx] >= self.model_cfg.admission_threshold:
+            r = table.lookup(cat.ids[idx], add=True)
+            cat.row_of[idx] = r
+            if r == 0:
+                meta["oov"] += 1  # id table full: the item is represented by text/categories
+        if cat.row_of[idx] > 0:
+            touched_rows.add(int(cat.row_of[idx]))
+
+    def _expire(self, meta: dict[str, Any], result: StepResult) -> None:
+        """Drop id rows (and text-less catalogue entries) unseen for ``expiry_ms`` event time."""
+        ttl = self.model_cfg.expiry_ms
+        if ttl <= 0:
+            return
+        horizon = meta["hwm_ts"] - ttl
+        table, cat = self.table, self.catalog
+        n = len(table.ids)
+        stale = np.nonzero((table.last_seen[1:n] < horizon) & (table.last_seen[1:n] > 0))[0] + 1
+        for r in stale.tolist():
+            item_id = table.ids[r]
+            if not item_id:
+                continue
+            table.remove(item_id)
+            result.removed_rows.append(item_id)
+            idx = cat.index.get(item_id)
+            if idx is not None:
+                cat.row_of[idx] = 0
+        meta["expired_rows"] += len(stale)
+        m = cat.size
+        gone = (
+            np.nonzero(
+                (cat.last_seen[1:m] < horizon) & ~cat.has_text[1:m] & (cat.row_of[1:m] == 0)
+            )[0]
+            + 1
+        )
+        for idx in gone.tolist():
+            item_id = cat.ids[idx]
+            if item_id:
+                cat.remove(item_id)
+                result.removed_items.append(item_id)
+                result.touched_items.pop(item_id, None)
 
     def learn(self, samples: list[Sample], meta: dict[str, Any]) -> StepResult:
         """Test-then-train on one micro-batch; updates ``meta`` in place.
 
         Scores the batch with the current model first (prequential recall@10 and loss),
-        then takes one gradient step with sampled softmax over in-batch + uniformly
-        sampled negatives with logQ correction.
+        then takes one gradient step with the configured loss.
         """
         meta["events_seen"] += len(samples)
         meta["samples_since_export"] += len(samples)
@@ -179,64 +356,70 @@ class OnlineLearner:
         result = StepResult()
         if not pos:
             return result
-        table = self.table
-        first_new = len(table.ids)  # rows created by this call must reach state even on a skip
-        targets_list = []
+        cat, table, d = self.catalog, self.table, self.dim
+        h = self.model_cfg.history_length
+        new_entries: set[str] = set()
         for s in pos:
-            idx = table.lookup(s.target, add=True)
-            if idx == 0:
-                meta["oov"] += 1
-            targets_list.append(idx)
-        keep = [i for i, t in enumerate(targets_list) if t > 0]
-        if not keep:
-            return result
-        pos = [pos[i] for i in keep]
-        targets = torch.tensor([targets_list[i] for i in keep], device=self.device)
+            for item in (*s.history[-h:], s.target):
+                if item not in cat.index:
+                    new_entries.add(item)
+                    cat.ensure(item)
+        target_idx = np.array([cat.index[s.target] for s in pos], dtype=np.int64)
+        touched_rows: set[int] = set()
+        for s, t in zip(pos, target_idx.tolist(), strict=True):
+            cat.count[t] += 1
+            cat.last_seen[t] = max(int(cat.last_seen[t]), s.ts)
+            if not cat.has_text[t]:
+                meta["targets_without_text"] += 1
+            self._admit(t, touched_rows, meta)
+            r = int(cat.row_of[t])
+            if r:
+                table.last_seen[r] = max(int(table.last_seen[r]), s.ts)
         hist, mask = self._history_batch(pos)
+        targets = torch.from_numpy(target_idx).to(self.device)
         weights = torch.tensor([s.weight for s in pos], device=self.device)
-        n_rows = len(table)
 
         step = meta["step"]
         gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, "neg", step))
-        negs = torch.randint(1, n_rows + 1, (self.cfg.num_negatives,), generator=gen).to(
-            self.device
-        )
-        cand = torch.unique(torch.cat([targets, negs]))  # sorted
+        negs = torch.randint(1, cat.size, (self.cfg.num_negatives,), generator=gen).numpy()
+        live = np.array([bool(cat.ids[i]) for i in negs], dtype=bool)
+        negs_t = torch.from_numpy(negs[live]).to(self.device)
+        cand = torch.unique(torch.cat([targets, negs_t]))  # sorted catalogue indices
         labels = torch.searchsorted(cand, targets)
-        touched = torch.unique(torch.cat([hist[mask], cand]))  # sorted, all > 0
-        d = self.dim
 
-        # Leaf tensor over the touched rows only; position 0 of `sub_full` is the zero pad row.
-        sub = table.data[touched, :d].clone().requires_grad_(True)
+        # Leaf tensor over the touched id rows only; position 0 of `sub_full` is a zero row.
+        hist_rows = torch.from_numpy(cat.row_of[hist.cpu().numpy()]).to(self.device)
+        cand_rows = torch.from_numpy(cat.row_of[cand.cpu().numpy()]).to(self.device)
+        rows = torch.unique(torch.cat([hist_rows.reshape(-1), cand_rows]))
+        rows = rows[rows > 0]
+        sub = table.data[rows, :d].clone().requires_grad_(True)
         sub_full = torch.cat([torch.zeros(1, d, device=self.device), sub])
-        hist_pos = torch.where(mask, torch.searchsorted(touched, hist) + 1, torch.zeros_like(hist))
-        cand_pos = torch.searchsorted(touched, cand) + 1
 
-        counts = torch.from_numpy(table.count[cand.cpu().numpy()]).to(self.device, torch.float32)
-        total = float(table.count[1 : n_rows + 1].sum())
-        log_q = torch.log((counts + 1.0) / (total + n_rows))
+        def pos_of(r: torch.Tensor) -> torch.Tensor:
+            return torch.where(r > 0, torch.searchsorted(rows, r) + 1, torch.zeros_like(r))
 
         self.model.train()
-        user = self.model.user_vectors(sub_full[hist_pos], mask.float())  # [B, D]
-        items = self.model.item_tower(sub_full[cand_pos])  # [C, D]
-        logits = user @ items.t() / self.cfg.temperature - log_q.unsqueeze(0)
-        ce = F.cross_entropy(logits, labels, reduction="none")
-        loss = (ce * weights).sum() / weights.sum()
+        hist_ids = sub_full[pos_of(hist_rows)]
+        cand_ids = sub_full[pos_of(cand_rows)]
+        p = self.model_cfg.id_dropout
+        if p > 0:
+            g = torch.Generator().manual_seed(stable_seed(self.cfg.seed, "id-dropout", step))
+            keep_c = (torch.rand(cand_ids.shape[0], 1, generator=g) >= p).to(self.device)
+            cand_ids = cand_ids * keep_c
+        hist_vecs = self.item_vectors(hist, hist_ids)  # [B, H, D]
+        user = self.model.user_vectors(hist_vecs, mask.float())  # [B, D]
+        cand_vecs = self.item_vectors(cand, cand_ids)  # [C, D]
+        loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
+        loss = (loss_vec * weights).sum() / weights.sum()
         if self.cfg.l2 > 0:
             loss = loss + self.cfg.l2 * (sub.pow(2).sum() / len(pos))
 
         # Prequential score of this batch before learning from it: recall@10 over the catalogue.
-        with torch.no_grad():
-            all_items = self.model.item_tower(table.embeddings())
-            scores = user.detach() @ all_items.t()
-            scores[:, 0] = -math.inf
-            k = min(10, n_rows)
-            top = torch.topk(scores, k, dim=1).indices
-            hits = (top == targets.unsqueeze(1)).any(dim=1).float().mean().item()
+        hits = self._recall_at_10(user.detach(), hist, targets)
 
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._dense_params() if p.grad is not None]
         all_grads = [*grads, sub.grad] if sub.grad is not None else grads
         finite = math.isfinite(loss.item()) and all(
             bool(torch.isfinite(g).all()) for g in all_grads
@@ -244,36 +427,85 @@ class OnlineLearner:
         if not finite:
             meta["non_finite_skips"] += 1
             result.skipped_non_finite = True
-            result.touched_rows = {
-                table.ids[i]: table.pack_row(i) for i in range(first_new, len(table.ids))
-            }
             self.opt.zero_grad(set_to_none=True)
-            meta["step"] += 1
-            self.loaded_step = meta["step"]
-            return result
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([*self.model.parameters(), sub], self.cfg.grad_clip)
-        self.opt.step()
-        assert sub.grad is not None
-        self._sparse_update(touched, sub.grad)
-
-        np_targets = targets.cpu().numpy()
-        np.add.at(table.count, np_targets, 1)
-        for s, t in zip(pos, np_targets, strict=True):
-            table.last_seen[t] = max(int(table.last_seen[t]), s.ts)
-
+        else:
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([*self._dense_params(), sub], self.cfg.grad_clip)
+            self.opt.step()
+            if sub.grad is not None:
+                self._sparse_update(rows, sub.grad)
+            self._update_ema()
+            meta["positives_trained"] += len(pos)
+            lv = float(loss.item())
+            meta["loss_ema"] = (
+                lv if meta["loss_ema"] is None else 0.98 * meta["loss_ema"] + 0.02 * lv
+            )
+            meta["recall10_ema"] = (
+                hits if meta["recall10_ema"] is None else 0.98 * meta["recall10_ema"] + 0.02 * hits
+            )
+            result.loss = lv
+            result.dense_blob = self.dense_blob()
+            touched_rows.update(rows.tolist())
         meta["step"] += 1
-        meta["positives_trained"] += len(pos)
-        lv = float(loss.item())
-        meta["loss_ema"] = lv if meta["loss_ema"] is None else 0.98 * meta["loss_ema"] + 0.02 * lv
-        meta["recall10_ema"] = (
-            hits if meta["recall10_ema"] is None else 0.98 * meta["recall10_ema"] + 0.02 * hits
-        )
+        self._expire(meta, result)
         self.loaded_step = meta["step"]
-        result.loss = lv
-        result.touched_rows = {table.ids[i]: table.pack_row(i) for i in touched.tolist()}
-        result.dense_blob = self.dense_blob()
+        result.touched_rows = {
+            table.ids[r]: table.pack_row(r) for r in sorted(touched_rows) if table.ids[r]
+        }
+        for item in {*(cat.ids[int(t)] for t in target_idx), *new_entries}:
+            if item in cat.index:
+                result.touched_items[item] = cat.pack(cat.index[item])
         return result
+
+    def _loss(
+        self,
+        user: torch.Tensor,
+        cand_vecs: torch.Tensor,
+        cand: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample loss [B] for the configured objective."""
+        if self.cfg.loss == "adaptive_softmax":
+            assert self.asm is not None
+            classes = targets.clamp(max=self.model_cfg.max_items)
+            return -self.asm.log_prob(user).gather(1, classes.unsqueeze(1)).squeeze(1)
+        scores = user @ cand_vecs.t()  # [B, C]
+        if self.cfg.loss == "bpr":
+            pos = scores.gather(1, labels.unsqueeze(1))  # [B, 1]
+            neg_mask = torch.ones_like(scores).scatter(1, labels.unsqueeze(1), 0.0)
+            pairwise = -F.logsigmoid(pos - scores) * neg_mask
+            return pairwise.sum(dim=1) / neg_mask.sum(dim=1).clamp(min=1.0)
+        # Sampled softmax with logQ correction: candidates are drawn roughly in proportion
+        # to popularity (in-batch positives), so popular items are discounted by log q.
+        cat = self.catalog
+        counts = torch.from_numpy(cat.count[cand.cpu().numpy()]).to(self.device, torch.float32)
+        total = float(cat.count[: cat.size].sum())
+        log_q = torch.log((counts + 1.0) / (total + len(cat)))
+        logits = scores / self.cfg.temperature - log_q.unsqueeze(0)
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def score_all(self, user: torch.Tensor) -> torch.Tensor:
+        """Scores [B, size] of every catalogue index (padding and holes = -inf)."""
+        cat = self.catalog
+        if self.asm is not None:
+            n = min(cat.size, self.model_cfg.max_items + 1)
+            scores = torch.full((user.shape[0], cat.size), -math.inf, device=self.device)
+            scores[:, :n] = self.asm.log_prob(user)[:, :n]
+        else:
+            all_idx = torch.arange(cat.size, device=self.device)
+            scores = user @ self.item_vectors(all_idx).t()
+        dead = torch.from_numpy(np.array([not i for i in cat.ids], dtype=bool)).to(self.device)
+        return scores.masked_fill(dead.unsqueeze(0), -math.inf)
+
+    def _recall_at_10(self, user: torch.Tensor, hist: torch.Tensor, targets: torch.Tensor) -> float:
+        with torch.no_grad():
+            scores = self.score_all(user)
+            scores.scatter_(1, hist, -math.inf)  # exclude what the user already saw
+            scores[:, 0] = -math.inf
+            k = min(10, len(self.catalog))
+            top = torch.topk(scores, k, dim=1).indices
+            return float((top == targets.unsqueeze(1)).any(dim=1).float().mean().item())
 
     def _sparse_update(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Apply the configured optimizer to the touched id rows only ([R, D] grads)."""
@@ -296,6 +528,17 @@ class OnlineLearner:
                 mhat = m / (1 - b1 ** t.unsqueeze(1))
                 vhat = v / (1 - b2 ** t.unsqueeze(1))
                 data[rows, :d] -= lr * mhat / (vhat.sqrt() + eps)
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.ema_decay
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.ema[k].mul_(decay).add_(v, alpha=1 - decay)
+                else:
+                    self.ema[k].copy_(v)
 
     def export_due(self, meta: dict[str, Any], now: float | None = None) -> bool:
         """Publish every ``export_every_steps`` steps, or after ``export_every_seconds``

@@ -7,8 +7,15 @@ import logging
 from pyflink.common import Types
 from pyflink.datastream import OutputTag, ProcessFunction
 
-from models.events import Event, InvalidRecord, dead_letter, parse_event, pseudonymise
-from udfs.records import event_to_row
+from models.events import (
+    Event,
+    InvalidRecord,
+    dead_letter,
+    parse_event,
+    parse_item,
+    pseudonymise,
+)
+from udfs.records import event_to_row, item_to_row
 
 DLQ_TAG = OutputTag("dead-letters", Types.STRING())
 log = logging.getLogger(__name__)
@@ -36,6 +43,26 @@ class ParseEvents(ProcessFunction):
                 e.event_id, pseudonymise(e.user_id, self.key), e.item_id, e.type, e.ts, e.value
             )
         yield event_to_row(e)
+
+
+class ParseItems(ProcessFunction):
+    """Catalogue bytes -> item row for ``model_key``; invalid records -> DLQ_TAG."""
+
+    def __init__(self, source_topic: str, model_key: str) -> None:
+        self.source = source_topic
+        self.model_key = model_key
+
+    def process_element(self, value, ctx):
+        try:
+            it = parse_item(value)
+        except InvalidRecord as err:
+            yield DLQ_TAG, dead_letter(value, str(err), self.source)
+            return
+        except Exception as err:
+            log.exception("unexpected error validating a catalogue record")
+            yield DLQ_TAG, dead_letter(value, f"internal validation error: {err!r}", self.source)
+            return
+        yield item_to_row(self.model_key, it)
 
 
 class LateToDeadLetter:

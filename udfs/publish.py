@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import pickle
 
 from pyflink.datastream import MapFunction
 
@@ -16,7 +17,8 @@ log = logging.getLogger(__name__)
 
 def _version(row: tuple) -> ModelVersion:
     manifest = json.loads(row[2])
-    return ModelVersion(row[0], int(manifest["version"]), row[3], manifest)
+    extras = pickle.loads(row[4]) if row[4] else {}
+    return ModelVersion(row[0], int(manifest["version"]), row[3], manifest, extras)
 
 
 class PublishToRegistry(MapFunction):

@@ -7,7 +7,7 @@ import math
 from pyflink.common import Types
 from pyflink.datastream import OutputTag
 
-from models.events import Event
+from models.events import Event, Item
 from models.history import Sample
 
 # event_id, user_id (pseudonymised), item_id, type, ts, value (NaN = none)
@@ -27,9 +27,19 @@ SAMPLE_TYPE = Types.TUPLE(
         Types.STRING(),
     ]
 )
-# model_key, version name, manifest JSON, ONNX bytes
+# model_key, version name, manifest JSON, ONNX bytes, extra files {name: bytes}
 VERSION_TYPE = Types.TUPLE(
-    [Types.STRING(), Types.STRING(), Types.STRING(), Types.PICKLED_BYTE_ARRAY()]
+    [
+        Types.STRING(),
+        Types.STRING(),
+        Types.STRING(),
+        Types.PICKLED_BYTE_ARRAY(),
+        Types.PICKLED_BYTE_ARRAY(),
+    ]
+)
+# model_key, item_id, title, text, categories ("\x1f"-joined), ts
+ITEM_TYPE = Types.TUPLE(
+    [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG()]
 )
 SEP = "\x1f"
 
@@ -50,6 +60,14 @@ def row_to_event(r: tuple) -> Event:
     return Event(
         r[0], r[1], r[2], r[3], int(r[4]), None if v is None or math.isnan(v) else float(v)
     )
+
+
+def item_to_row(model_key: str, it: Item) -> tuple:
+    return (model_key, it.item_id, it.title, it.text, SEP.join(it.categories), it.ts)
+
+
+def row_to_item(r: tuple) -> Item:
+    return Item(r[1], r[2], r[3], tuple(r[4].split(SEP)) if r[4] else (), int(r[5]))
 
 
 def sample_to_row(s: Sample) -> tuple:

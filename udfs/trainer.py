@@ -1,9 +1,12 @@
 """key_by(model key) -> OnlineTrainer: the model's parameters and optimizer state in keyed state.
 
+Two inputs, both keyed by model key: training samples (1) and catalogue items (2).
 State per model key (see DESIGN.md "State rules"):
 - ``buffer`` ListState of sample rows not yet learned from, ``buffered`` their count;
+- ``pending_items`` ListState of catalogue rows not yet ingested;
 - ``dense`` the dense parameters + optimizer state blob;
-- ``rows`` MapState item id -> packed id row (only touched rows are written);
+- ``rows`` MapState item id -> packed id-embedding row (only touched rows are written);
+- ``items`` MapState item id -> packed catalogue entry (text embedding, categories, counts);
 - ``meta`` counters (step, version, events seen, high-water mark...).
 """
 
@@ -13,18 +16,19 @@ import json
 import pickle
 
 from pyflink.common import Types
-from pyflink.datastream import KeyedProcessFunction, TimeDomain
+from pyflink.datastream import KeyedCoProcessFunction, TimeDomain
 from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor
 
 from models.config import ModelConfig, TrainerConfig
 from models.online import train_and_maybe_export
+from models.text_encoder import load_encoder
 from models.trainer import OnlineLearner, new_meta
-from udfs.records import SAMPLE_TYPE, row_to_sample
+from udfs.records import ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
 
 END_OF_INPUT_TS = 2**63 - 2  # fires when a bounded input ends (watermark = Long.MAX_VALUE)
 
 
-class OnlineTrainer(KeyedProcessFunction):
+class OnlineTrainer(KeyedCoProcessFunction):
     def __init__(
         self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, top_k: int, config: dict
     ):
@@ -38,27 +42,26 @@ class OnlineTrainer(KeyedProcessFunction):
         rc = runtime_context
         self.buffer = rc.get_list_state(ListStateDescriptor("buffer", SAMPLE_TYPE))
         self.buffered = rc.get_state(ValueStateDescriptor("buffered", Types.INT()))
+        self.pending_items = rc.get_list_state(ListStateDescriptor("pending_items", ITEM_TYPE))
+        self.pending_count = rc.get_state(ValueStateDescriptor("pending_count", Types.INT()))
         self.dense = rc.get_state(ValueStateDescriptor("dense", Types.PICKLED_BYTE_ARRAY()))
         self.rows = rc.get_map_state(
             MapStateDescriptor("rows", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
         )
+        self.items = rc.get_map_state(
+            MapStateDescriptor("items", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+        )
         self.meta = rc.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
         self.flush_timer = rc.get_state(ValueStateDescriptor("flush_timer", Types.LONG()))
+        self.encoder = load_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
 
     def _meta(self, key: str) -> dict:
         raw = self.meta.value()
         return pickle.loads(raw) if raw is not None else new_meta(key)
 
-    def process_element(self, value, ctx):
-        key = ctx.get_current_key()
-        self.buffer.add(value)
-        n = (self.buffered.value() or 0) + 1
-        if n == 1 and self.meta.value() is None:
+    def _arm_timers(self, ctx) -> None:
+        if self.meta.value() is None:  # (re-registering the same timer is a no-op)
             ctx.timer_service().register_event_time_timer(END_OF_INPUT_TS)
-        if n >= self.cfg.batch_size:
-            yield from self._fire(key, final=False)
-            return
-        self.buffered.update(n)
         if not self.cfg.deterministic and self.flush_timer.value() is None:
             at = ctx.timer_service().current_processing_time() + int(
                 self.cfg.flush_after_seconds * 1000
@@ -66,20 +69,57 @@ class OnlineTrainer(KeyedProcessFunction):
             ctx.timer_service().register_processing_time_timer(at)
             self.flush_timer.update(at)
 
+    def process_element1(self, value, ctx):
+        key = ctx.get_current_key()
+        self._arm_timers(ctx)
+        self.buffer.add(value)
+        n = (self.buffered.value() or 0) + 1
+        if n >= self.cfg.batch_size:
+            yield from self._fire(key, ctx.timer_service().current_watermark())
+        else:
+            self.buffered.update(n)
+
+    def process_element2(self, value, ctx):
+        # Catalogue records take effect in event time: an item is ingested once the
+        # watermark passes its ts, so models see the catalogue as it was at that instant.
+        self._arm_timers(ctx)
+        self.pending_items.add(value)
+        self.pending_count.update((self.pending_count.value() or 0) + 1)
+        ctx.timer_service().register_event_time_timer(int(value[5]))
+        return iter(())
+
     def on_timer(self, timestamp, ctx):
         key = ctx.get_current_key()
         if ctx.time_domain() == TimeDomain.PROCESSING_TIME:
             self.flush_timer.clear()
-            yield from self._fire(key, final=False)
+            yield from self._fire(key, ctx.timer_service().current_watermark())
         elif timestamp == END_OF_INPUT_TS:
-            yield from self._fire(key, final=True)
+            yield from self._fire(key, END_OF_INPUT_TS, final=True)
+        else:
+            yield from self._fire(key, timestamp)
 
-    def _fire(self, key: str, final: bool):
+    def _due_items(self, watermark: int) -> list:
+        """Pending catalogue rows with ts <= watermark; the rest stay pending."""
+        if not self.pending_count.value():
+            return []
+        due, keep = [], []
+        for r in self.pending_items.get():
+            (due if r[5] <= watermark else keep).append(r)
+        if due:
+            self.pending_items.update(keep)
+            self.pending_count.update(len(keep))
+        return [row_to_item(r) for r in sorted(due, key=lambda r: (r[5], r[1]))]
+
+    def _fire(self, key: str, watermark: int, final: bool = False):
         meta = self._meta(key)
         learner = self.learners.get(key)
         if learner is None:
-            learner = self.learners[key] = OnlineLearner(self.model_cfg, self.cfg)
-        samples = [row_to_sample(r) for r in self.buffer.get()]
+            text_dim = self.encoder.dim if self.encoder is not None else 0
+            learner = self.learners[key] = OnlineLearner(
+                self.model_cfg, self.cfg, text_dim=text_dim
+            )
+        samples = [row_to_sample(r) for r in self.buffer.get()] if self.buffered.value() else []
+        items = self._due_items(watermark)
         firing = train_and_maybe_export(
             learner,
             meta,
@@ -89,15 +129,26 @@ class OnlineTrainer(KeyedProcessFunction):
             self.top_k,
             self.config,
             force_export=final,
+            items_state=self.items.items,
+            new_items=items,
+            encoder=self.encoder,
         )
-        if firing.result.touched_rows:
-            # PyFlink iterates the argument as (key, value) pairs, not as a dict.
-            self.rows.put_all(list(firing.result.touched_rows.items()))
-        if firing.result.dense_blob is not None:
-            self.dense.update(firing.result.dense_blob)
+        r = firing.result
+        # PyFlink iterates put_all's argument as (key, value) pairs, not as a dict.
+        if r.touched_rows:
+            self.rows.put_all(list(r.touched_rows.items()))
+        for item_id in r.removed_rows:
+            self.rows.remove(item_id)
+        if r.touched_items:
+            self.items.put_all(list(r.touched_items.items()))
+        for item_id in r.removed_items:
+            self.items.remove(item_id)
+        if r.dense_blob is not None:
+            self.dense.update(r.dense_blob)
         self.buffer.clear()
         self.buffered.clear()
         self.meta.update(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
         if firing.version is not None:
             v = firing.version
-            yield key, v.name, json.dumps(v.manifest, sort_keys=True), v.onnx_bytes
+            extras = pickle.dumps(v.extras, protocol=pickle.HIGHEST_PROTOCOL)
+            yield key, v.name, json.dumps(v.manifest, sort_keys=True), v.onnx_bytes, extras

@@ -45,6 +45,7 @@ def topic_events(n: int, seed: int = 1) -> list[bytes]:
 
 def test_pipeline_trains_exports_and_dead_letters(make_cfg, tmp_path):
     cfg = make_cfg(
+        "model.text_encoder='none'",
         "trainer.batch_size=32",
         "trainer.export_every_steps=10",
         "trainer.export_every_seconds=3600.0",

