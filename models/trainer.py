@@ -100,6 +100,9 @@ class OnlineLearner:
         self.text_dim = text_dim
         self.slots = optimizer_slots(cfg.optimizer, model_cfg.dim)
         self.loaded_step: int | None = None
+        # Set by `rtrec pretrain --unfreeze-top N`: catalogue indices [N] -> differentiable
+        # text embeddings [N, T] from the language model being fine-tuned.
+        self.text_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._fresh()
 
     # ----------------------------------------------------------------- state <-> cache
@@ -258,9 +261,17 @@ class OnlineLearner:
 
     # ----------------------------------------------------------------------- vectors
     def item_vectors(
-        self, cat_idx: torch.Tensor, id_rows: torch.Tensor | None = None, ema: bool = False
+        self,
+        cat_idx: torch.Tensor,
+        id_rows: torch.Tensor | None = None,
+        ema: bool = False,
+        trainable_text: bool = False,
     ) -> torch.Tensor:
-        """Item vectors [*, D] for catalogue indices (0 = padding -> zeros)."""
+        """Item vectors [*, D] for catalogue indices (0 = padding -> zeros).
+
+        ``trainable_text`` takes text embeddings from ``text_fn`` (LM fine-tuning) instead
+        of the frozen ones in the catalogue.
+        """
         cat = self.catalog
         flat = cat_idx.reshape(-1)
         rows_idx = torch.from_numpy(cat.row_of[flat.cpu().numpy()]).to(self.device)
@@ -270,6 +281,8 @@ class OnlineLearner:
             else id_rows.reshape(-1, self.dim)
         )
         text = cat.text[flat] if self.text_dim > 0 else None
+        if trainable_text and self.text_fn is not None and self.text_dim > 0:
+            text = self.text_fn(flat)
         cats = torch.from_numpy(cat.cats[flat.cpu().numpy()]).to(self.device)
         tower = self.model.item_tower
         if ema and self.ema is not None:
@@ -406,9 +419,9 @@ class OnlineLearner:
             g = torch.Generator().manual_seed(stable_seed(self.cfg.seed, "id-dropout", step))
             keep_c = (torch.rand(cand_ids.shape[0], 1, generator=g) >= p).to(self.device)
             cand_ids = cand_ids * keep_c
-        hist_vecs = self.item_vectors(hist, hist_ids)  # [B, H, D]
+        hist_vecs = self.item_vectors(hist, hist_ids, trainable_text=True)  # [B, H, D]
         user = self.model.user_vectors(hist_vecs, mask.float())  # [B, D]
-        cand_vecs = self.item_vectors(cand, cand_ids)  # [C, D]
+        cand_vecs = self.item_vectors(cand, cand_ids, trainable_text=True)  # [C, D]
         loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
         loss = (loss_vec * weights).sum() / weights.sum()
         if self.cfg.l2 > 0:
@@ -497,6 +510,35 @@ class OnlineLearner:
             scores = user @ self.item_vectors(all_idx).t()
         dead = torch.from_numpy(np.array([not i for i in cat.ids], dtype=bool)).to(self.device)
         return scores.masked_fill(dead.unsqueeze(0), -math.inf)
+
+    def rank_targets(self, samples: list[Sample]) -> list[int]:
+        """Test step of test-then-train: the 1-based rank of each sample's target among all
+        catalogue items, excluding the user's history (eval mode, current weights).
+
+        A target the model does not know yet gets rank ``len(catalog) + 1`` (a miss).
+        Call it *before* ``learn`` on the same samples.
+        """
+        if not samples:
+            return []
+        cat = self.catalog
+        miss = len(cat) + 1
+        known = [s for s in samples if s.target in cat.index]
+        ranks: dict[int, int] = {}
+        if known:
+            self.model.eval()
+            with torch.no_grad():
+                hist, mask = self._history_batch(known)
+                user = self.model.user_vectors(self.item_vectors(hist), mask.float())
+                scores = self.score_all(user)
+                scores.scatter_(1, hist, -math.inf)
+                scores[:, 0] = -math.inf
+                tgt = torch.tensor([cat.index[s.target] for s in known], device=self.device)
+                tscore = scores.gather(1, tgt.unsqueeze(1))
+                r = (scores > tscore).sum(dim=1) + 1
+                r = torch.where(torch.isfinite(tscore.squeeze(1)), r, torch.full_like(r, miss))
+            for s, v in zip(known, r.tolist(), strict=True):
+                ranks[id(s)] = int(v)
+        return [ranks.get(id(s), miss) for s in samples]
 
     def _recall_at_10(self, user: torch.Tensor, hist: torch.Tensor, targets: torch.Tensor) -> float:
         with torch.no_grad():

@@ -130,3 +130,24 @@ def test_non_finite_model_is_never_exported(trained):
     finally:
         with torch.no_grad():
             learner.model.user_tower.cold.copy_(saved)
+
+
+def test_ann_serving_files_agree_with_the_topk_graph(trained, tmp_path):
+    """user_encoder.onnx + item_vectors.npy (for ANN serving) give the same top-k scores."""
+    import onnxruntime as ort
+
+    learner, meta = trained
+    path = publish(tmp_path, build_version(learner, meta, 10, {}))
+    rec = OnnxRecommender(path / "model.onnx")
+    ids, mask = rec.encode([["t1_1", "t1_2"], ["t4_0", "t4_3", "t4_9"]])
+    _, top_scores = rec.raw(ids, mask)
+    enc = ort.InferenceSession(str(path / "user_encoder.onnx"), providers=["CPUExecutionProvider"])
+    (user,) = enc.run(None, {"history_ids": ids, "history_mask": mask})
+    items = np.load(path / "item_vectors.npy")
+    assert json.loads((path / "item_ids.json").read_text()) == rec.item_ids
+    scores = user @ items.T
+    for row in range(2):
+        scores[row, ids[row]] = -np.inf
+        scores[row, 0] = -np.inf
+    ref = -np.sort(-scores, axis=1)[:, :10]
+    np.testing.assert_allclose(top_scores, ref, atol=1e-5)
