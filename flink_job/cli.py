@@ -221,8 +221,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from flink_job.offline_train import pretrain, split_stream
 
     extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
-    cfg = _cfg(args, extra)
-    warm, _ = split_stream(_dataset_stream(cfg), args.fraction)
+    cfg = _cfg(args, extra + _bootstrap_override(args))
+    if args.from_ts is not None or args.to_ts is not None:
+        # A Kafka time range: everything in it is history (no --fraction split).
+        from flink_job.datasets import kafka_time_range
+        from flink_job.offline import to_stream
+
+        k = cfg.kafka
+        bootstrap = _bootstrap_or_detached(cfg, args.kafka_dir)
+        recs = kafka_time_range(
+            bootstrap,
+            k.events_topic,
+            k.items_topic,
+            args.from_ts or 0,
+            args.to_ts if args.to_ts is not None else 2**62,
+            k.properties,
+        )
+        log.info("read %d records from Kafka", len(recs))
+        warm = list(to_stream(recs, cfg))
+    else:
+        warm, _ = split_stream(_dataset_stream(cfg), args.fraction)
     summary = pretrain(cfg, warm, args.out, epochs=args.epochs, unfreeze_top=args.unfreeze_top)
     print(json.dumps(summary, indent=2))
     print(f"start the job from it with --set trainer.initial_state={json.dumps(args.out)}")
@@ -364,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=1)
     s.add_argument("--unfreeze-top", type=int, default=0, help="fine-tune the top N LM layers")
     s.add_argument("--out", default=str(STATE_DIR / "initial_state.pt"))
+    s.add_argument("--bootstrap", help="read the history from Kafka instead of --dataset")
+    s.add_argument("--topic", help="events topic (with --bootstrap)")
+    s.add_argument("--from-ts", type=int, help="Kafka time range start, epoch ms (inclusive)")
+    s.add_argument("--to-ts", type=int, help="Kafka time range end, epoch ms (exclusive)")
+    s.add_argument("--kafka-dir", default=kafka_dir)
     _add_config_args(s)
     s.set_defaults(func=cmd_pretrain)
 

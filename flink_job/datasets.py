@@ -248,6 +248,35 @@ def movielens(
         yield _event_record(f"ml-{user}-{movie}-{ts}", user, movie, "rating", ts, rating)
 
 
+def kafka_time_range(
+    bootstrap: str,
+    events_topic: str,
+    items_topic: str,
+    from_ts: int,
+    to_ts: int,
+    properties: dict[str, str] | None = None,
+) -> list[Record]:
+    """Records of a Kafka time range [from_ts, to_ts), events and catalogue merged by time.
+
+    The catalogue is read from the beginning of time up to ``to_ts`` (items published
+    before the range are part of the catalogue the range's events refer to).
+    """
+    from flink_job.kafka_local import read_time_range
+
+    out = [
+        Record("items", k, v, ts)
+        for ts, k, v in (
+            read_time_range(bootstrap, items_topic, 0, to_ts, properties) if items_topic else []
+        )
+    ]
+    out += [
+        Record("events", k, v, ts)
+        for ts, k, v in read_time_range(bootstrap, events_topic, from_ts, to_ts, properties)
+    ]
+    out.sort(key=lambda r: (r.ts, r.topic != "items"))  # items first at equal times
+    return out
+
+
 def records(cfg: ReplayConfig, stats: ReplayStats | None = None) -> Iterator[Record]:
     if cfg.dataset == "synthetic":
         return synthetic(cfg, stats)

@@ -355,3 +355,59 @@ def partition_count(bootstrap: str, topic: str, properties: dict[str, str] | Non
     if not desc or desc[0].get("error_code", 0) != 0 or not desc[0].get("partitions"):
         raise ValueError(f"topic {topic!r} does not exist on {bootstrap}")
     return len(desc[0]["partitions"])
+
+
+def read_time_range(
+    bootstrap: str,
+    topic: str,
+    from_ts: int,
+    to_ts: int,
+    properties: dict[str, str] | None = None,
+    timeout_s: float = 120.0,
+) -> list[tuple[int, bytes, bytes]]:
+    """(timestamp, key, value) of every record of ``topic`` with from_ts <= ts < to_ts,
+    sorted by timestamp (all partitions)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        **admin_properties(bootstrap, properties or {}),
+        enable_auto_commit=False,
+        fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
+        isolation_level="read_committed",
+    )
+    try:
+        n = partition_count(bootstrap, topic, properties)
+        tps = [TopicPartition(topic, p) for p in range(n)]
+        consumer.assign(tps)
+        starts = consumer.offsets_for_times({tp: from_ts for tp in tps})
+        end = consumer.end_offsets(tps)
+        active = []
+        for tp in tps:
+            found = starts.get(tp)
+            if found is None:  # nothing at or after from_ts in this partition
+                continue
+            consumer.seek(tp, found.offset)
+            active.append(tp)
+        out: list[tuple[int, bytes, bytes]] = []
+        done: set[TopicPartition] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(active):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} [{from_ts}, {to_ts}) timed out")
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                for r in records:
+                    if r.timestamp >= to_ts:
+                        done.add(tp)
+                        break
+                    out.append((r.timestamp, r.key or b"", r.value))
+            for tp in active:
+                if consumer.position(tp) >= end[tp]:
+                    done.add(tp)
+            for tp in done:
+                if tp in active:
+                    consumer.pause(tp)
+        out.sort(key=lambda x: x[0])
+        return out
+    finally:
+        consumer.close()

@@ -22,7 +22,7 @@ def rtrec(*args: str, cwd) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_detached_broker_lifecycle_and_replay(tmp_path):
+def test_detached_broker_lifecycle_and_replay(tmp_path, tiny_bert_dir):
     kdir = str(tmp_path / "k")
     up = rtrec("kafka", "up", "--dir", kdir, cwd=tmp_path)
     assert up.returncode == 0, up.stderr
@@ -52,6 +52,19 @@ def test_detached_broker_lifecycle_and_replay(tmp_path):
         assert len(events) == 505
         items = [json.loads(v) for v in read_topic(bootstrap, "items")]
         assert {i["item_id"] for i in items} == {f"item{n}" for n in range(50)}
+
+        # Pretrain on a Kafka time range of what was replayed.
+        valid_ts = sorted(json.loads(v)["ts"] for v in events if v.startswith(b'{"event_id":"e'))
+        lo, hi = valid_ts[100], valid_ts[400]
+        out = tmp_path / "init.pt"
+        pre = rtrec(
+            "pretrain", "--kafka-dir", kdir, "--from-ts", str(lo), "--to-ts", str(hi),
+            "--out", str(out), "--set", f"model.text_encoder='{tiny_bert_dir}'", cwd=tmp_path,
+        )
+        assert pre.returncode == 0, pre.stderr[-3000:]
+        summary = json.loads(pre.stdout[: pre.stdout.rindex("}") + 1])
+        assert summary["samples"] == sum(lo <= t < hi for t in valid_ts)
+        assert out.is_file()
     finally:
         down = rtrec("kafka", "down", "--dir", kdir, cwd=tmp_path)
     assert down.returncode == 0 and "stopped" in down.stdout
