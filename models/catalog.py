@@ -23,7 +23,8 @@ import torch
 
 from models.item_table import stable_seed
 
-HEADER = struct.Struct("<qqqB16sH")  # index, count, last_seen, has_text, text_hash, n_cats
+# index, count, last_seen, adaptive-softmax class (-1 = none), has_text, text_hash, n_cats
+HEADER = struct.Struct("<qqqqB16sH")
 MAX_CATEGORIES = 8
 
 
@@ -48,6 +49,8 @@ class Catalog:
         self.text_hash: dict[int, bytes] = {}
         # Derived, not stored: the id-embedding row of each entry (0 = no own id row).
         self.row_of = np.zeros(cap + 1, dtype=np.int64)
+        # Output class of each entry in the adaptive softmax (-1 = none yet).
+        self.asm_class = np.full(cap + 1, -1, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -70,6 +73,7 @@ class Catalog:
         self.last_seen = np.concatenate([self.last_seen, np.zeros(new - cap, np.int64)])
         self.has_text = np.concatenate([self.has_text, np.zeros(new - cap, bool)])
         self.row_of = np.concatenate([self.row_of, np.zeros(new - cap, np.int64)])
+        self.asm_class = np.concatenate([self.asm_class, np.full(new - cap, -1, np.int64)])
 
     def ensure(self, item_id: str) -> int:
         """Index of ``item_id``, creating an (empty) entry for an unknown id."""
@@ -90,6 +94,7 @@ class Catalog:
         self.cats[idx] = 0
         self.text[idx] = 0.0
         self.row_of[idx] = 0
+        self.asm_class[idx] = -1
         self.text_hash.pop(idx, None)
         return idx
 
@@ -111,6 +116,7 @@ class Catalog:
         self.count[idx] = 0
         self.has_text[idx] = False
         self.row_of[idx] = 0
+        self.asm_class[idx] = -1
         self.text_hash.pop(idx, None)
         heapq.heappush(self.free, idx)
 
@@ -124,6 +130,7 @@ class Catalog:
             idx,
             int(self.count[idx]),
             int(self.last_seen[idx]),
+            int(self.asm_class[idx]),
             int(self.has_text[idx]),
             self.text_hash.get(idx, b"\0" * 16),
             n,
@@ -140,7 +147,7 @@ class Catalog:
         """Rebuild from packed entries (any order): indices come from the entries."""
         parsed = []
         for item_id, blob in entries:
-            idx, count, last, has_text, thash, n = HEADER.unpack_from(blob)
+            idx, count, last, asm_class, has_text, thash, n = HEADER.unpack_from(blob)
             off = HEADER.size
             cats = np.frombuffer(blob, dtype="<i8", count=n, offset=off)
             off += 8 * n
@@ -151,15 +158,16 @@ class Catalog:
                     f"encoder gives {self.text_dim}; model.text_encoder changed? restore with the "
                     "original encoder or start a new model key"
                 )
-            parsed.append((idx, item_id, count, last, thash, cats, emb))
+            parsed.append((idx, item_id, count, last, asm_class, thash, cats, emb))
         top = max((p[0] for p in parsed), default=0)
         self.__init__(self.text_dim, self.device)  # type: ignore[misc]
         self._grow(top)
         self.ids = [""] * (top + 1)
-        for idx, item_id, count, last, thash, cats, emb in parsed:
+        for idx, item_id, count, last, asm_class, thash, cats, emb in parsed:
             self.ids[idx] = item_id
             self.index[item_id] = idx
             self.count[idx] = count
             self.last_seen[idx] = last
+            self.asm_class[idx] = asm_class
             self.set_content(idx, emb, thash, [int(c) for c in cats])
         self.free = [i for i in range(1, top + 1) if not self.ids[i]]  # sorted = a heap

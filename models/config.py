@@ -57,6 +57,7 @@ class TrainerConfig:
     # "adaptive_softmax" (torch.nn.AdaptiveLogSoftmaxWithLoss over the catalogue).
     loss: str = "sampled_softmax"
     adaptive_cutoffs: tuple[int, ...] = (2_000, 20_000)
+    adaptive_resort_steps: int = 500
     ema_decay: float = 0.0
     lr: float = 0.05
     batch_size: int = 64

@@ -76,7 +76,8 @@ class AsmTopKModel(nn.Module):
         classes = self.classes
         assert isinstance(rows, torch.Tensor) and isinstance(classes, torch.Tensor)
         user = self.dense.user_vectors(rows[history_ids], history_mask.to(torch.float32))
-        scores = self.asm.log_prob(user)[:, classes]  # [B, V + 1]
+        scores = self.asm.log_prob(user)[:, classes.clamp(min=0)]  # [B, V + 1]
+        scores = scores - (classes < 0).to(scores.dtype).unsqueeze(0) * 1e9
         seen = torch.zeros_like(scores).scatter(1, history_ids, 1.0)
         seen[:, 0] = 1.0
         scores = scores - seen * 1e9
@@ -169,8 +170,9 @@ def build_version(
             div_value=learner.asm.div_value,
         )
         asm.load_state_dict({k: v.detach().cpu() for k, v in learner.asm.state_dict().items()})
-        classes = torch.cat([torch.zeros(1, dtype=torch.long), torch.from_numpy(live)])
-        classes = classes.clamp(max=learner.asm.n_classes - 1)
+        # -1 = no output class yet (never a target): ranked last by the graph.
+        cls = torch.from_numpy(cat.asm_class[live])
+        classes = torch.cat([torch.zeros(1, dtype=torch.long), cls])
         top = AsmTopKModel(cpu_dense, item_matrix, asm.eval(), classes, top_k)
     else:
         top = TopKModel(cpu_dense, item_matrix, top_k)
@@ -203,6 +205,8 @@ def build_version(
             "non_finite_skips": meta["non_finite_skips"],
             "oov_targets": meta["oov"],
             "expired_rows": meta.get("expired_rows", 0),
+            "targets_without_text": meta.get("targets_without_text", 0),
+            "items_ingested": meta.get("items_ingested", 0),
         },
         "files": sorted(["model.onnx", *extras]),
         "config": config,

@@ -15,6 +15,7 @@ from the wall clock, so the same input gives the same model.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.adaptive import assign_new_classes, resort_by_frequency
 from models.catalog import Catalog, category_bucket
 from models.config import ModelConfig, TrainerConfig
 from models.device import pick_device
@@ -35,6 +37,7 @@ from models.item_table import ItemTable, stable_seed
 from models.text_encoder import TextEncoder, text_hash
 from models.two_tower import TwoTower
 
+log = logging.getLogger(__name__)
 DENSE_FORMAT = 2
 META_FORMAT = 1
 ADAGRAD_EPS = 1e-10
@@ -378,6 +381,8 @@ class OnlineLearner:
                     new_entries.add(item)
                     cat.ensure(item)
         target_idx = np.array([cat.index[s.target] for s in pos], dtype=np.int64)
+        if self.asm is not None:
+            assign_new_classes(cat, target_idx, self.asm.n_classes)
         touched_rows: set[int] = set()
         for s, t in zip(pos, target_idx.tolist(), strict=True):
             cat.count[t] += 1
@@ -439,6 +444,12 @@ class OnlineLearner:
         )
         if not finite:
             meta["non_finite_skips"] += 1
+            log.warning(
+                "model %s step %d: non-finite loss or gradient, step skipped (%d so far)",
+                meta["model_key"],
+                step,
+                meta["non_finite_skips"],
+            )
             result.skipped_non_finite = True
             self.opt.zero_grad(set_to_none=True)
         else:
@@ -460,6 +471,12 @@ class OnlineLearner:
             result.dense_blob = self.dense_blob()
             touched_rows.update(rows.tolist())
         meta["step"] += 1
+        if self.asm is not None and meta["step"] % max(1, self.cfg.adaptive_resort_steps) == 0:
+            moved = resort_by_frequency(self.asm, self.opt, cat)
+            if moved:  # classes are part of every catalogue entry: write them all
+                new_entries.update(cat.index)
+                if result.dense_blob is not None:
+                    result.dense_blob = self.dense_blob()
         self._expire(meta, result)
         self.loaded_step = meta["step"]
         result.touched_rows = {
@@ -481,8 +498,10 @@ class OnlineLearner:
         """Per-sample loss [B] for the configured objective."""
         if self.cfg.loss == "adaptive_softmax":
             assert self.asm is not None
-            classes = targets.clamp(max=self.model_cfg.max_items)
-            return -self.asm.log_prob(user).gather(1, classes.unsqueeze(1)).squeeze(1)
+            classes = torch.from_numpy(self.catalog.asm_class[targets.cpu().numpy()])
+            classes = classes.to(self.device)
+            lp = self.asm.log_prob(user).gather(1, classes.clamp(min=0).unsqueeze(1)).squeeze(1)
+            return -lp * (classes >= 0).to(lp.dtype)  # -1: past the class capacity, not learned
         scores = user @ cand_vecs.t()  # [B, C]
         if self.cfg.loss == "bpr":
             pos = scores.gather(1, labels.unsqueeze(1))  # [B, 1]
@@ -502,9 +521,9 @@ class OnlineLearner:
         """Scores [B, size] of every catalogue index (padding and holes = -inf)."""
         cat = self.catalog
         if self.asm is not None:
-            n = min(cat.size, self.model_cfg.max_items + 1)
-            scores = torch.full((user.shape[0], cat.size), -math.inf, device=self.device)
-            scores[:, :n] = self.asm.log_prob(user)[:, :n]
+            cls = torch.from_numpy(cat.asm_class[: cat.size]).to(self.device)
+            scores = self.asm.log_prob(user)[:, cls.clamp(min=0)]
+            scores = scores.masked_fill((cls < 0).unsqueeze(0), -math.inf)
         else:
             all_idx = torch.arange(cat.size, device=self.device)
             scores = user @ self.item_vectors(all_idx).t()

@@ -58,8 +58,18 @@ def test_detached_broker_lifecycle_and_replay(tmp_path, tiny_bert_dir):
         lo, hi = valid_ts[100], valid_ts[400]
         out = tmp_path / "init.pt"
         pre = rtrec(
-            "pretrain", "--kafka-dir", kdir, "--from-ts", str(lo), "--to-ts", str(hi),
-            "--out", str(out), "--set", f"model.text_encoder='{tiny_bert_dir}'", cwd=tmp_path,
+            "pretrain",
+            "--kafka-dir",
+            kdir,
+            "--from-ts",
+            str(lo),
+            "--to-ts",
+            str(hi),
+            "--out",
+            str(out),
+            "--set",
+            f"model.text_encoder='{tiny_bert_dir}'",
+            cwd=tmp_path,
         )
         assert pre.returncode == 0, pre.stderr[-3000:]
         summary = json.loads(pre.stdout[: pre.stdout.rindex("}") + 1])

@@ -134,3 +134,33 @@ def test_expiry_keeps_id_rows_bounded_under_item_churn():
     assert len(seen) == 720
     assert max_rows <= 2 * 60 + 10  # about two generations alive at a time, not 720
     assert meta["expired_rows"] > 400 and meta["oov"] == 0
+
+
+def test_adaptive_softmax_classes_follow_frequency():
+    """Classes grow with the catalogue and are re-sorted by frequency; rows move with items."""
+    cfg = TrainerConfig(loss="adaptive_softmax", adaptive_cutoffs=(8,), adaptive_resort_steps=10**9)
+    learner = OnlineLearner(MC, cfg, CPU)
+    meta = new_meta("m")
+    rng = np.random.default_rng(1)
+    data = []
+    for k in range(3000):  # item "p{j}" drawn with probability ~ 1 / (j + 1): rare ones first
+        j = int(min(rng.zipf(1.3), 40)) - 1
+        data.append(Sample("m", "u", ("p0",), f"p{39 - j}", 1, 1.0, k, str(k)))
+    for i in range(0, 3000, 64):
+        learner.learn(data[i : i + 64], meta)
+    cat, asm = learner.catalog, learner.asm
+    live = np.array(sorted(cat.index.values()))
+    assert sorted(cat.asm_class[live].tolist()) == list(range(len(live)))  # grew densely
+    head_before = {
+        cat.ids[i]: asm.head.weight[cat.asm_class[i]].clone() for i in live if cat.asm_class[i] < 8
+    }
+    from models.adaptive import resort_by_frequency
+
+    assert resort_by_frequency(asm, learner.opt, cat) > 0
+    by_class = sorted(live, key=lambda i: cat.asm_class[i])
+    counts = [int(cat.count[i]) for i in by_class]
+    assert counts == sorted(counts, reverse=True)  # class order = frequency order
+    for i in live:
+        item = cat.ids[i]
+        if item in head_before and cat.asm_class[i] < 8:  # stayed in the head: row moved along
+            assert torch.equal(asm.head.weight[cat.asm_class[i]], head_before[item])
