@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ from flink_job.job import build_job, make_env
 from models.registry import read_latest
 
 log = logging.getLogger(__name__)
+
+
+def progress(line: str) -> None:
+    """A progress line on stderr. Not through logging: the in-process Python workers of a
+    local Flink run reconfigure the root logger."""
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -53,7 +60,7 @@ def run_local(
     build_job(env, cfg, bootstrap)
     t0 = time.monotonic()
     client = env.execute_async(cfg.job.name)
-    log.info("job %s submitted to the local Flink mini-cluster", client.get_job_id())
+    progress(f"job {client.get_job_id()} submitted to the local Flink mini-cluster")
     outcome: dict[str, Any] = {}
 
     def wait() -> None:
@@ -82,18 +89,13 @@ def run_local(
                 last_print = now
                 state = outcome.get("status", "RUNNING")
                 if m is None:
-                    log.info("[%5.1fs] %s: no model version yet", now, state)
+                    progress(f"[{now:5.1f}s] {state}: no model version yet")
                 else:
                     total = f"/{expected_events}" if expected_events else ""
-                    log.info(
-                        "[%5.1fs] %s: trained on %d%s events, %d steps, version %d, recall@10 %.3f",
-                        now,
-                        state,
-                        m["events_seen"],
-                        total,
-                        m["steps"],
-                        m["version"],
-                        m["metrics"]["prequential_recall10_ema"] or 0.0,
+                    recall = m["metrics"]["prequential_recall10_ema"] or 0.0
+                    progress(
+                        f"[{now:5.1f}s] {state}: trained on {m['events_seen']}{total} events, "
+                        f"{m['steps']} steps, version {m['version']}, recall@10 {recall:.3f}"
                     )
             if done:
                 break
