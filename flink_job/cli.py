@@ -118,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flink_job.runner import run_local
 
     extra = _bootstrap_override(args) + (["kafka.bounded=true"] if args.bounded else [])
+    if args.from_savepoint:
+        extra.append(f"job.from_savepoint={json.dumps(args.from_savepoint)}")
     cfg = _cfg(args, extra)
     result = run_local(cfg, _bootstrap_or_detached(cfg, args.kafka_dir))
     print(f"job {result.status} after {result.elapsed_s:.1f}s")
@@ -361,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap")
     s.add_argument("--topic")
     s.add_argument("--bounded", action="store_true", help="stop at the offsets that exist at start")
+    s.add_argument("--from-savepoint", help="restore from a savepoint or retained checkpoint path")
     s.add_argument("--kafka-dir", default=kafka_dir)
     _add_config_args(s)
     s.set_defaults(func=cmd_run)

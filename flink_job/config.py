@@ -59,7 +59,17 @@ class JobConfig:
     window_ms: int = 1000
     out_of_orderness_ms: int = 5000
     idleness_ms: int = 5000
-    checkpoint_interval_ms: int = 10_000
+    checkpoint_interval_ms: int = 10_000  # 0 disables checkpointing
+    checkpoint_mode: str = "exactly_once"  # or "at_least_once"
+    checkpoint_timeout_ms: int = 600_000
+    checkpoint_min_pause_ms: int = 0
+    # Where checkpoints go (a path or URI; "" = .rtrec/checkpoints); kept after cancellation
+    # when retain_checkpoints, so a job can be restarted from the latest one.
+    checkpoint_dir: str = ""
+    retain_checkpoints: bool = True
+    state_backend: str = "hashmap"  # or "rocksdb" (state larger than memory)
+    # Start from this savepoint / retained checkpoint ("" = fresh start or Kafka offsets).
+    from_savepoint: str = ""
     restart_attempts: int = 3
     restart_delay_ms: int = 1000
     bundle_size: int = 1000
@@ -213,6 +223,20 @@ def validate(cfg: AppConfig) -> None:
     if cfg.job.python_mode not in ("process", "thread"):
         raise ConfigError(
             f"job.python_mode must be 'process' or 'thread', got {cfg.job.python_mode!r}"
+        )
+    if cfg.job.checkpoint_mode not in ("exactly_once", "at_least_once"):
+        raise ConfigError(
+            "job.checkpoint_mode must be exactly_once or at_least_once; "
+            f"got {cfg.job.checkpoint_mode!r}"
+        )
+    if cfg.job.state_backend not in ("hashmap", "rocksdb"):
+        raise ConfigError(
+            f"job.state_backend must be hashmap or rocksdb; got {cfg.job.state_backend!r}"
+        )
+    if cfg.trainer.loss not in ("sampled_softmax", "bpr", "adaptive_softmax"):
+        raise ConfigError(
+            "trainer.loss must be sampled_softmax, bpr or adaptive_softmax; "
+            f"got {cfg.trainer.loss!r}"
         )
     if cfg.trainer.optimizer not in ("adagrad", "sgd", "adam"):
         raise ConfigError(

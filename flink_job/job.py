@@ -25,6 +25,7 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSink,
     KafkaSource,
 )
+from pyflink.datastream.externalized_checkpoint_retention import ExternalizedCheckpointRetention
 from pyflink.datastream.window import TumblingEventTimeWindows
 
 from flink_job.config import AppConfig, to_dict
@@ -73,13 +74,34 @@ def make_env(
         "restart-strategy.fixed-delay.delay": f"{cfg.job.restart_delay_ms} ms",
         "pipeline.name": cfg.job.name,
     }
+    settings["state.backend.type"] = cfg.job.state_backend
+    if cfg.job.checkpoint_interval_ms > 0:
+        ckpt_dir = cfg.job.checkpoint_dir or str(Path(".rtrec/checkpoints").resolve())
+        settings["execution.checkpointing.dir"] = (
+            ckpt_dir if "://" in ckpt_dir else Path(ckpt_dir).resolve().as_uri()
+        )
+    if cfg.job.from_savepoint:
+        settings["execution.savepoint.path"] = cfg.job.from_savepoint
     settings.update(extra_conf or {})
     for k, v in settings.items():
         conf.set_string(k, v)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_parallelism(cfg.job.parallelism)
     if cfg.job.checkpoint_interval_ms > 0:
-        env.enable_checkpointing(cfg.job.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
+        mode = (
+            CheckpointingMode.EXACTLY_ONCE
+            if cfg.job.checkpoint_mode == "exactly_once"
+            else CheckpointingMode.AT_LEAST_ONCE
+        )
+        env.enable_checkpointing(cfg.job.checkpoint_interval_ms, mode)
+        cc = env.get_checkpoint_config()
+        cc.set_checkpoint_timeout(cfg.job.checkpoint_timeout_ms)
+        cc.set_min_pause_between_checkpoints(cfg.job.checkpoint_min_pause_ms)
+        cc.set_externalized_checkpoint_retention(
+            ExternalizedCheckpointRetention.RETAIN_ON_CANCELLATION
+            if cfg.job.retain_checkpoints
+            else ExternalizedCheckpointRetention.DELETE_ON_CANCELLATION
+        )
     return env
 
 

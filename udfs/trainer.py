@@ -53,6 +53,10 @@ class OnlineTrainer(KeyedCoProcessFunction):
         )
         self.meta = rc.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
         self.flush_timer = rc.get_state(ValueStateDescriptor("flush_timer", Types.LONG()))
+        # Deterministic mode: (record timestamp, sample) pairs waiting for the watermark.
+        self.ordered = rc.get_list_state(
+            ListStateDescriptor("ordered", Types.TUPLE([Types.LONG(), SAMPLE_TYPE]))
+        )
         self.encoder = load_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
 
     def _meta(self, key: str) -> dict:
@@ -72,6 +76,13 @@ class OnlineTrainer(KeyedCoProcessFunction):
     def process_element1(self, value, ctx):
         key = ctx.get_current_key()
         self._arm_timers(ctx)
+        if self.cfg.deterministic:
+            # Train in event-time order behind the watermark: a sample's record timestamp is
+            # its window's end, so once the watermark passes it, every sample that sorts
+            # before it has arrived, whatever the interleaving of the upstream channels.
+            self.ordered.add((ctx.timestamp(), value))
+            ctx.timer_service().register_event_time_timer(ctx.timestamp())
+            return
         self.buffer.add(value)
         n = (self.buffered.value() or 0) + 1
         if n >= self.cfg.batch_size:
@@ -93,10 +104,29 @@ class OnlineTrainer(KeyedCoProcessFunction):
         if ctx.time_domain() == TimeDomain.PROCESSING_TIME:
             self.flush_timer.clear()
             yield from self._fire(key, ctx.timer_service().current_watermark())
+        elif self.cfg.deterministic:
+            yield from self._drain(key, timestamp, final=timestamp == END_OF_INPUT_TS)
         elif timestamp == END_OF_INPUT_TS:
             yield from self._fire(key, END_OF_INPUT_TS, final=True)
         else:
             yield from self._fire(key, timestamp)
+
+    def _drain(self, key: str, watermark: int, final: bool):
+        """Deterministic mode: train on the samples behind the watermark, sorted, in
+        batches of exactly ``batch_size`` (a partial batch waits, except at the end)."""
+        ready, rest = [], []
+        for entry in self.ordered.get():
+            (ready if entry[0] <= watermark or final else rest).append(entry)
+        ready.sort(key=lambda e: (e[0], e[1][6], e[1][1], e[1][7]))  # window, ts, user, event
+        bs = self.cfg.batch_size
+        cut = len(ready) if final else len(ready) - len(ready) % bs
+        batches = [ready[i : i + bs] for i in range(0, cut, bs)]
+        self.ordered.update(ready[cut:] + rest)
+        if not batches:
+            yield from self._fire(key, watermark, samples=[], final=final)
+        for i, batch in enumerate(batches):
+            samples = [row_to_sample(row) for _, row in batch]
+            yield from self._fire(key, watermark, samples, final=final and i == len(batches) - 1)
 
     def _due_items(self, watermark: int) -> list:
         """Pending catalogue rows with ts <= watermark; the rest stay pending."""
@@ -110,7 +140,8 @@ class OnlineTrainer(KeyedCoProcessFunction):
             self.pending_count.update(len(keep))
         return [row_to_item(r) for r in sorted(due, key=lambda r: (r[5], r[1]))]
 
-    def _fire(self, key: str, watermark: int, final: bool = False):
+    def _fire(self, key: str, watermark: int, samples=None, final: bool = False):
+        """One learner call; ``samples`` None = everything in the (non-deterministic) buffer."""
         meta = self._meta(key)
         learner = self.learners.get(key)
         if learner is None:
@@ -118,7 +149,10 @@ class OnlineTrainer(KeyedCoProcessFunction):
             learner = self.learners[key] = OnlineLearner(
                 self.model_cfg, self.cfg, text_dim=text_dim
             )
-        samples = [row_to_sample(r) for r in self.buffer.get()] if self.buffered.value() else []
+        if samples is None:
+            samples = [row_to_sample(r) for r in self.buffer.get()] if self.buffered.value() else []
+            self.buffer.clear()
+            self.buffered.clear()
         items = self._due_items(watermark)
         firing = train_and_maybe_export(
             learner,
@@ -145,8 +179,6 @@ class OnlineTrainer(KeyedCoProcessFunction):
             self.items.remove(item_id)
         if r.dense_blob is not None:
             self.dense.update(r.dense_blob)
-        self.buffer.clear()
-        self.buffered.clear()
         self.meta.update(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
         if firing.version is not None:
             v = firing.version

@@ -1,0 +1,317 @@
+"""Non-neural baselines for prequential (test-then-train) evaluation.
+
+Every baseline follows the same protocol as :class:`models.trainer.OnlineLearner`:
+
+- ``ingest_items(items)``: catalogue items become known (score 0 until learned about);
+- ``rank_targets(samples)``: the 1-based rank of each sample's target among all known
+  items, excluding the items in the sample's history. Call it *before* ``learn``;
+- ``learn(samples)``: update from the positives (``label == 1`` and ``weight > 0``).
+
+Rank semantics (shared by all baselines, see :meth:`Baseline.rank_targets`):
+
+- rank = 1 + (known items scoring strictly higher) + (other known items scoring *equal*):
+  ties are counted against the target, so a baseline with many equal scores (counts of 0)
+  never gets credit for an arbitrary tie-break. The neural learner's float scores
+  practically never tie, so both conventions agree for it;
+- a target the baseline has never seen, or one that is in the sample's history (history
+  items are excluded from the candidates), gets ``len(known) + 1`` (a miss), as in the
+  learner.
+
+Baselines:
+
+- :class:`Popularity`: all-time positive counts;
+- :class:`RecentPopularity`: counts over a sliding window of the last N positives;
+- :class:`ISGD`: incremental matrix factorisation (Vinagre et al., 2014);
+- :class:`CoOccurrence`: "last items -> next item" transition counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from models.events import Item
+from models.history import Sample
+from models.item_table import stable_seed
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+class Ranker(Protocol):
+    """What the prequential evaluation needs from a baseline."""
+
+    name: str
+
+    def ingest_items(self, items: Iterable[Item]) -> None: ...
+
+    def rank_targets(self, samples: list[Sample]) -> list[int]: ...
+
+    def top_k(self, samples: list[Sample], k: int) -> list[list[str]]: ...
+
+    def learn(self, samples: list[Sample]) -> None: ...
+
+
+def positives(samples: Iterable[Sample]) -> list[Sample]:
+    """The samples a model learns from as positives."""
+    return [s for s in samples if s.label == 1 and s.weight > 0]
+
+
+class Baseline:
+    """Item index (item id <-> dense index) and the shared ranking logic.
+
+    Subclasses implement :meth:`_scores` (``[B, n]`` scores of every known item) and
+    :meth:`_learn_one`; they may override :meth:`_grow` to size per-item arrays.
+    """
+
+    name = "baseline"
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids: list[str] = []
+        self._capacity = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # ------------------------------------------------------------------ item index
+    def _ensure(self, item_id: str) -> int:
+        idx = self.index.get(item_id)
+        if idx is None:
+            idx = len(self.ids)
+            if idx >= self._capacity:
+                self._capacity = max(1024, 2 * self._capacity)
+                self._grow(self._capacity)
+            self.index[item_id] = idx
+            self.ids.append(item_id)
+            self._new_item(idx, item_id)
+        return idx
+
+    def _grow(self, capacity: int) -> None:
+        """Resize per-item arrays to ``capacity`` rows (new rows zero)."""
+
+    def _new_item(self, idx: int, item_id: str) -> None:
+        """Initialise the state of a newly known item."""
+
+    @staticmethod
+    def _resize(a: FloatArray, capacity: int) -> FloatArray:
+        out = np.zeros((capacity, *a.shape[1:]), dtype=a.dtype)
+        out[: a.shape[0]] = a
+        return out
+
+    def ingest_items(self, items: Iterable[Item]) -> None:
+        for it in items:
+            self._ensure(it.item_id)
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, samples: list[Sample]) -> None:
+        for s in positives(samples):
+            for h in s.history:
+                self._ensure(h)
+            self._learn_one(s, self._ensure(s.target))
+
+    def _learn_one(self, s: Sample, target: int) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ ranking
+    def _scores(self, samples: list[Sample]) -> FloatArray:
+        """Scores ``[B, n]`` of every known item for each sample (a fresh, writable array)."""
+        raise NotImplementedError
+
+    def _masked_scores(self, samples: list[Sample]) -> FloatArray:
+        scores = self._scores(samples)
+        for row, s in enumerate(samples):
+            hist = [self.index[h] for h in s.history if h in self.index]
+            if hist:
+                scores[row, hist] = -np.inf
+        return scores
+
+    def rank_targets(self, samples: list[Sample]) -> list[int]:
+        """1-based rank of each target among known, non-history items (ties count against it).
+
+        Unknown targets and targets in the history get ``len(self) + 1``.
+        """
+        miss = len(self.ids) + 1
+        out = [miss] * len(samples)
+        rows = [i for i, s in enumerate(samples) if s.target in self.index]
+        if not rows:
+            return out
+        sub = [samples[i] for i in rows]
+        scores = self._masked_scores(sub)
+        tgt = np.array([self.index[s.target] for s in sub], dtype=np.int64)
+        t = scores[np.arange(len(sub)), tgt][:, None]
+        # >= counts the target itself once: 1 + greater + (equal - 1).
+        ranks = (scores >= t).sum(axis=1)
+        for i, tv, r in zip(rows, t[:, 0].tolist(), ranks.tolist(), strict=True):
+            out[i] = int(r) if np.isfinite(tv) else miss
+        return out
+
+    def top_k(self, samples: list[Sample], k: int) -> list[list[str]]:
+        """The ``k`` best non-history items per sample, best first (ties in index order)."""
+        n = len(self.ids)
+        if not samples or n == 0:
+            return [[] for _ in samples]
+        scores = self._masked_scores(samples)
+        kk = min(k, n)
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        out: list[list[str]] = []
+        for row in range(len(samples)):
+            cand = part[row]
+            vals = scores[row, cand]
+            order = cand[np.lexsort((cand, -vals))]
+            out.append([self.ids[int(j)] for j in order if np.isfinite(scores[row, j])])
+        return out
+
+
+class Popularity(Baseline):
+    """Most popular items of all time (count of positives)."""
+
+    name = "popularity"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: FloatArray = np.zeros(0)
+
+    def _grow(self, capacity: int) -> None:
+        self.counts = self._resize(self.counts, capacity)
+
+    def _learn_one(self, s: Sample, target: int) -> None:
+        self.counts[target] += 1.0
+
+    def _scores(self, samples: list[Sample]) -> FloatArray:
+        n = len(self.ids)
+        return np.tile(self.counts[:n], (len(samples), 1))
+
+
+class RecentPopularity(Popularity):
+    """Most popular items over the last ``window_events`` positives (a sliding window)."""
+
+    name = "recent_popularity"
+
+    def __init__(self, window_events: int = 5000) -> None:
+        super().__init__()
+        if window_events <= 0:
+            raise ValueError(f"window_events must be > 0, got {window_events}")
+        self.window_events = window_events
+        self.window: deque[int] = deque()
+
+    def _learn_one(self, s: Sample, target: int) -> None:
+        self.counts[target] += 1.0
+        self.window.append(target)
+        if len(self.window) > self.window_events:
+            self.counts[self.window.popleft()] -= 1.0
+
+
+class ISGD(Baseline):
+    """Incremental SGD matrix factorisation for positive-only feedback (Vinagre et al. 2014).
+
+    For each positive (u, i): err = 1 - u.i; u += lr (err i - reg u); i += lr (err u - reg i)
+    (both with the old values). New users and items start from small random vectors
+    seeded from their ids, so runs are reproducible. Score of item j for user u = u.j.
+    """
+
+    name = "isgd"
+
+    def __init__(
+        self,
+        k: int = 32,
+        lr: float = 0.05,
+        reg: float = 0.01,
+        init_std: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.k, self.lr, self.reg, self.init_std, self.seed = k, lr, reg, init_std, seed
+        self.items: FloatArray = np.zeros((0, k))
+        self.users: dict[str, FloatArray] = {}
+
+    def _random_vector(self, kind: str, key: str) -> FloatArray:
+        rng = np.random.default_rng(stable_seed(self.seed, kind, key))
+        return rng.normal(0.0, self.init_std, self.k)
+
+    def _grow(self, capacity: int) -> None:
+        self.items = self._resize(self.items, capacity)
+
+    def _new_item(self, idx: int, item_id: str) -> None:
+        self.items[idx] = self._random_vector("item", item_id)
+
+    def user_vector(self, user_id: str, create: bool = False) -> FloatArray:
+        u = self.users.get(user_id)
+        if u is None:
+            u = self._random_vector("user", user_id)
+            if create:
+                self.users[user_id] = u
+        return u
+
+    def _learn_one(self, s: Sample, target: int) -> None:
+        u = self.user_vector(s.user_id, create=True)
+        i = self.items[target].copy()
+        err = 1.0 - float(u @ i)
+        self.items[target] = i + self.lr * (err * u - self.reg * i)
+        self.users[s.user_id] = u + self.lr * (err * i - self.reg * u)
+
+    def _scores(self, samples: list[Sample]) -> FloatArray:
+        n = len(self.ids)
+        users = np.stack([self.user_vector(s.user_id) for s in samples])
+        out: FloatArray = users @ self.items[:n].T
+        return out
+
+
+class CoOccurrence(Baseline):
+    """ "Last items -> next item": counts of (previous item -> next item) transitions.
+
+    Learning a positive with target j counts ``h -> j`` for the ``pair_window`` items h
+    right before j in the user's history (1 = the immediately preceding item only).
+    Score of candidate j = sum over the user's last ``last_n`` history items h (newest
+    first, position p = 0, 1, ...) of ``count(h -> j) / (p + 1)``, plus a popularity
+    term smaller than any difference of co-occurrence scores (it only breaks ties).
+    """
+
+    name = "cooccurrence"
+
+    def __init__(self, last_n: int = 5, pair_window: int = 1) -> None:
+        super().__init__()
+        if last_n <= 0 or pair_window <= 0:
+            raise ValueError("last_n and pair_window must be > 0")
+        self.last_n = last_n
+        self.pair_window = pair_window
+        self.next_counts: dict[int, dict[int, float]] = {}
+        self.counts: FloatArray = np.zeros(0)
+        # Co-occurrence scores are multiples of 1 / lcm(1..last_n): keep the popularity term
+        # below half of that step so it never overturns a co-occurrence order.
+        self._tie_scale = 0.5 / math.lcm(*range(1, last_n + 1))
+
+    def _grow(self, capacity: int) -> None:
+        self.counts = self._resize(self.counts, capacity)
+
+    def _learn_one(self, s: Sample, target: int) -> None:
+        self.counts[target] += 1.0
+        for h in s.history[-self.pair_window :]:
+            row = self.next_counts.setdefault(self.index[h], {})
+            row[target] = row.get(target, 0.0) + 1.0
+
+    def _scores(self, samples: list[Sample]) -> FloatArray:
+        n = len(self.ids)
+        pop = self.counts[:n]
+        top = float(pop.max()) if n else 0.0
+        base = pop * (self._tie_scale / (top + 1.0))
+        out: FloatArray = np.tile(base, (len(samples), 1))
+        for row, s in enumerate(samples):
+            for p, h in enumerate(reversed(s.history[-self.last_n :])):
+                nxt = self.next_counts.get(self.index.get(h, -1))
+                if not nxt:
+                    continue
+                idx = np.fromiter(nxt.keys(), dtype=np.int64, count=len(nxt))
+                cnt = np.fromiter(nxt.values(), dtype=np.float64, count=len(nxt))
+                out[row, idx] += cnt / (p + 1)
+        return out
+
+
+def default_baselines() -> list[Baseline]:
+    """The baselines `rtrec eval` compares the online learner with."""
+    return [Popularity(), RecentPopularity(), ISGD(), CoOccurrence()]
