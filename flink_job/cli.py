@@ -255,12 +255,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Prequential comparison: LM + warm start vs id-only random init (and frozen)."""
+    """Prequential evaluation without Flink: online vs frozen vs baselines (default), or
+    language-model/warm-start variants of the online model (--variants)."""
+    from flink_job.evaluate import render_markdown, run_eval
     from flink_job.offline_train import compare
 
     extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
     cfg = _cfg(args, extra)
-    res = compare(cfg, _dataset_stream(cfg), warmup=args.warmup, k=args.k)
+    stream = _dataset_stream(cfg)
+    if not args.variants:
+        out_dir = Path(args.out or STATE_DIR / "eval")
+        res = run_eval(cfg, stream, warmup=args.warmup, k=args.k, out_dir=out_dir)
+        print(render_markdown(res))
+        print(
+            f"\nwrote {out_dir}/results.json, results.md, recall_over_time.png, ndcg_over_time.png"
+        )
+        return 0
+    res = compare(cfg, stream, warmup=args.warmup, k=args.k)
     k = args.k
     print(f"\nprequential on the stream after the first {args.warmup:.0%} (warm-up):")
     print(f"{'variant':32s} {'first 10%':>22s} {'rest':>22s}")
@@ -272,9 +283,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{r[f'recall@{k}']:10.4f} {r[f'ndcg@{k}']:11.4f}"
         )
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
-        print(f"\nwrote {args.out}")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "variants.json").write_text(json.dumps(res, indent=2))
+        print(f"\nwrote {args.out}/variants.json")
     return 0
 
 
@@ -397,7 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", help="'synthetic' or a MovieLens directory")
     s.add_argument("--warmup", type=float, default=0.2, help="leading share used as history")
     s.add_argument("--k", type=int, default=10)
-    s.add_argument("--out", help="write the results as JSON here")
+    s.add_argument("--out", help="output directory (default .rtrec/eval)")
+    s.add_argument(
+        "--variants",
+        action="store_true",
+        help="compare LM / warm-start / id-only variants of the online model instead",
+    )
     _add_config_args(s)
     s.set_defaults(func=cmd_eval)
 

@@ -178,8 +178,8 @@ def run_eval(
         overall: dict[str, Any] = tr.result.span(0, n_buckets)
         overall["coverage"] = _coverage(tr.recommended, catalogue)
         per = []
-        for i, b in enumerate(tr.result.buckets):
-            d: dict[str, Any] = b.as_dict(k)
+        for i, bucket in enumerate(tr.result.buckets):
+            d: dict[str, Any] = bucket.as_dict(k)
             d["coverage"] = _coverage([tr.recommended[i]], catalogue)
             per.append(d)
         models[name] = {"overall": overall, "per_bucket": per, "seconds": round(tr.seconds, 2)}
@@ -301,13 +301,13 @@ def plot_metric(res: dict[str, Any], metric: str, title: str, path: Path) -> Non
             linewidth=2.5 if name == "online" else 1.5,
             label=name,
         )
-    ax.set_xticks(x)
-    ax.set_xlabel("time bucket (equal shares of the test positives, in order)")
+    ax.set_xticks(x, [f"{i}\n{b['start'][:7]}" for i, b in zip(x, res["buckets"], strict=True)])
+    ax.set_xlabel("time bucket (equal shares of the test positives, in order) and its start")
     ax.set_ylabel(title)
     ax.set_title(f"{title} over time (prequential, test-then-train)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
 

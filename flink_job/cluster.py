@@ -1,0 +1,152 @@
+"""A real Flink standalone cluster on loopback, from the pip package's own scripts.
+
+JobManager + N TaskManagers as child processes (``start-foreground``), with a generated
+configuration directory, free ports and logs under ``workdir``. Used by the fault-tolerance
+tests (kill -9 a TaskManager) and by `rtrec cluster`-style local runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyflink
+
+from flink_job.jars import SetupError
+from flink_job.kafka_local import free_port
+
+log = logging.getLogger(__name__)
+
+
+class StandaloneCluster:
+    def __init__(self, workdir: str | Path, taskmanagers: int = 2, slots: int = 2) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.n_tm = taskmanagers
+        self.slots = slots
+        self.home = Path(pyflink.__file__).parent
+        self.jm: subprocess.Popen[bytes] | None = None
+        self.tms: list[subprocess.Popen[bytes]] = []
+        self.rest_port = 0
+
+    def _conf(self) -> dict[str, str]:
+        self.rest_port = free_port()
+        return {
+            "jobmanager.rpc.address": "127.0.0.1",
+            "jobmanager.rpc.port": str(free_port()),
+            "jobmanager.bind-host": "127.0.0.1",
+            "rest.address": "127.0.0.1",
+            "rest.bind-address": "127.0.0.1",
+            "rest.port": str(self.rest_port),
+            "taskmanager.bind-host": "127.0.0.1",
+            "taskmanager.host": "127.0.0.1",
+            "taskmanager.numberOfTaskSlots": str(self.slots),
+            "jobmanager.memory.process.size": "1024m",
+            "taskmanager.memory.process.size": "2048m",
+            "taskmanager.memory.managed.fraction": "0.3",
+            "python.executable": sys.executable,
+            "python.client.executable": sys.executable,
+            "heartbeat.timeout": "8000",
+            "heartbeat.interval": "1000",
+            "parallelism.default": "1",
+        }
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
+        env.update(
+            FLINK_LIB_DIR=str(self.workdir / "lib"),
+            FLINK_CONF_DIR=str(self.workdir / "conf"),
+            FLINK_LOG_DIR=str(self.workdir / "log"),
+            FLINK_PID_DIR=str(self.workdir / "pid"),
+        )
+        return env
+
+    def _spawn(self, script: str, name: str) -> subprocess.Popen[bytes]:
+        out = open(self.workdir / "log" / f"{name}.stdout", "ab")  # noqa: SIM115 - child owns it
+        return subprocess.Popen(
+            ["bash", str(self.home / "bin" / script), "start-foreground"],
+            env=self._env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self, timeout_s: float = 90.0) -> str:
+        """Start JobManager + TaskManagers; returns the REST address host:port."""
+        for d in ("conf", "log", "pid", "lib"):
+            (self.workdir / d).mkdir(parents=True, exist_ok=True)
+        # The pip package keeps flink-python in opt/; a cluster running Python operators
+        # needs it on its classpath, so the cluster gets its own lib dir of links.
+        for jar in [
+            *(self.home / "lib").glob("*.jar"),
+            *(self.home / "opt").glob("flink-python*.jar"),
+        ]:
+            link = self.workdir / "lib" / jar.name
+            if not link.exists():
+                link.symlink_to(jar)
+        conf = self._conf()
+        (self.workdir / "conf" / "config.yaml").write_text(
+            "".join(f"{k}: {v}\n" for k, v in conf.items())
+        )
+        self.jm = self._spawn("jobmanager.sh", "jobmanager")
+        for i in range(self.n_tm):
+            self.tms.append(self._spawn("taskmanager.sh", f"taskmanager-{i}"))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.overview()["taskmanagers"] >= self.n_tm:
+                    log.info("standalone Flink cluster ready at %s", self.address)
+                    return self.address
+            except OSError:
+                pass
+            if self.jm.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.stop()
+        raise SetupError(
+            f"Flink cluster did not start within {timeout_s:.0f}s; logs in {self.workdir / 'log'}"
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.rest_port}"
+
+    def rest(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://{self.address}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def overview(self) -> dict:
+        return self.rest("/overview")
+
+    def kill_taskmanager(self, i: int = 0) -> int:
+        """kill -9 TaskManager i (its whole process group, Python workers included)."""
+        p = self.tms[i]
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+        return p.pid
+
+    def restart_taskmanager(self, i: int = 0) -> None:
+        self.tms[i] = self._spawn("taskmanager.sh", f"taskmanager-{i}-r")
+
+    def stop(self) -> None:
+        for p in [*self.tms, *([self.jm] if self.jm else [])]:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    p.wait(timeout=20)
+                except (subprocess.TimeoutExpired, ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+        self.tms, self.jm = [], None
+
+    def __enter__(self) -> StandaloneCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
