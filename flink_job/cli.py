@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flink_job.config import AppConfig, ConfigError, load_config, to_toml
 from flink_job.jars import SetupError
+from flink_job.savepoints import SavepointError
 
 log = logging.getLogger("rtrec")
 STATE_DIR = Path(".rtrec")
@@ -295,7 +296,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from flink_job.jars import kafka_connector_jar
 
-    cfg = _cfg(args, _bootstrap_override(args))
+    extra = _bootstrap_override(args)
+    if args.from_savepoint:
+        extra.append(f"job.from_savepoint={json.dumps(args.from_savepoint)}")
+    cfg = _cfg(args, extra)
     if not cfg.kafka.bootstrap_servers:
         raise ConfigError(
             "submit needs --bootstrap (or kafka.bootstrap_servers) reachable from the cluster"
@@ -317,10 +321,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "--",
         *(["--config", args.config] if args.config else []),
     ]
-    for ov in [*_bootstrap_override(args), *args.overrides]:
+    for ov in [*extra, *args.overrides]:
         cmd += ["--set", ov]
     log.info("running %s", " ".join(cmd))
     return subprocess.call(cmd, env={**os.environ, "PYFLINK_CLIENT_EXECUTABLE": sys.executable})
+
+
+def cmd_savepoint(args: argparse.Namespace) -> int:
+    from flink_job.savepoints import trigger_savepoint
+
+    print(trigger_savepoint(args.jobmanager, args.job_id, args.dir, args.format))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from flink_job.savepoints import stop_with_savepoint
+
+    if not args.savepoint:
+        raise ConfigError("rtrec stop needs --savepoint (cancel without one with the Flink UI/CLI)")
+    print(stop_with_savepoint(args.jobmanager, args.job_id, args.dir, args.format))
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -419,10 +439,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="submit the job to a Flink cluster (flink run --python)")
     s.add_argument("--jobmanager", default="localhost:8081", help="JobManager REST address")
+    s.add_argument("--from-savepoint", help="start from this savepoint / retained checkpoint")
     s.add_argument("--bootstrap")
     s.add_argument("--topic")
     _add_config_args(s)
     s.set_defaults(func=cmd_submit)
+
+    for name, helptext in (
+        ("savepoint", "take a savepoint of a job running on a Flink cluster"),
+        ("stop", "stop a job on a Flink cluster with a savepoint"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("job_id")
+        s.add_argument("--jobmanager", default="localhost:8081", help="JobManager REST address")
+        s.add_argument("--dir", default=str(STATE_DIR / "savepoints"), help="target directory")
+        s.add_argument("--format", choices=["CANONICAL", "NATIVE"], default="CANONICAL")
+        if name == "stop":
+            s.add_argument("--savepoint", action="store_true", help="take a final savepoint")
+        s.set_defaults(func=cmd_savepoint if name == "savepoint" else cmd_stop)
 
     s = sub.add_parser("serve", help="HTTP recommendations from the registry's LATEST, hot-swapped")
     s.add_argument("--registry")
@@ -445,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, SetupError, FileNotFoundError) as e:
+    except (ConfigError, SetupError, FileNotFoundError, SavepointError) as e:
         print(f"rtrec {args.command}: error: {e}", file=sys.stderr)
         return 2
 

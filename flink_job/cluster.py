@@ -94,6 +94,15 @@ class StandaloneCluster:
         (self.workdir / "conf" / "config.yaml").write_text(
             "".join(f"{k}: {v}\n" for k, v in conf.items())
         )
+        # start-foreground logs through log4j-console.properties: to stdout, kept in log/.
+        (self.workdir / "conf" / "log4j-console.properties").write_text(
+            "rootLogger.level = INFO\n"
+            "rootLogger.appenderRef.console.ref = ConsoleAppender\n"
+            "appender.console.name = ConsoleAppender\n"
+            "appender.console.type = CONSOLE\n"
+            "appender.console.layout.type = PatternLayout\n"
+            "appender.console.layout.pattern = %d{HH:mm:ss,SSS} %-5p %c{1} - %m%n\n"
+        )
         self.jm = self._spawn("jobmanager.sh", "jobmanager")
         for i in range(self.n_tm):
             self.tms.append(self._spawn("taskmanager.sh", f"taskmanager-{i}"))

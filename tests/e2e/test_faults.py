@@ -126,8 +126,15 @@ def kill_taskmanager(cluster: StandaloneCluster, jid: str, registry: Path) -> fl
     raise TimeoutError("the job did not recover within 120 s")
 
 
-def test_taskmanager_kill_gives_the_same_model(cluster, kafka, tmp_path):
-    ref_names, ref_manifest, _ = run(cluster, kafka, tmp_path, "reference")
+@pytest.fixture(scope="module")
+def reference(cluster, kafka, tmp_path_factory):
+    """The uninterrupted run every faulty run must reproduce exactly."""
+    names, manifest, _ = run(cluster, kafka, tmp_path_factory.mktemp("ref"), "reference")
+    return names, manifest
+
+
+def test_taskmanager_kill_gives_the_same_model(cluster, kafka, tmp_path, reference):
+    ref_names, ref_manifest = reference
     names, manifest, recovery = run(cluster, kafka, tmp_path, "killed", kill_taskmanager)
     print(f"TaskManager kill -> running again: {recovery:.1f}s")
     # Every input event was trained on exactly once ...
