@@ -140,51 +140,41 @@ def _sink(
     return b.build()
 
 
-def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -> None:
-    """Add the whole rtrec graph to ``env``, reading from and writing to ``bootstrap``."""
+def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str, topic: str):
+    """A stream of raw record values of ``topic``, with event-time watermarks.
+
+    Event time = the Kafka record timestamp, with watermarks tracked per partition inside
+    the source (a single watermark after the source would make every partition that is
+    read a little behind the others "late"). Producers set it to the event's ts
+    (`rtrec replay` does).
+    """
     k = cfg.kafka
-    source_b = (
+    b = (
         KafkaSource.builder()
         .set_bootstrap_servers(bootstrap)
-        .set_topics(k.events_topic)
+        .set_topics(topic)
         .set_group_id(k.group_id)
         .set_starting_offsets(_starting_offsets(cfg))
         .set_value_only_deserializer(ByteArraySchema())
     )
     if k.properties:
-        source_b = source_b.set_properties(dict(k.properties))
+        b = b.set_properties(dict(k.properties))
     if k.bounded:
-        source_b = source_b.set_bounded(KafkaOffsetsInitializer.latest())
-    # Event time = the Kafka record timestamp, with watermarks tracked per partition inside the
-    # source (a single watermark after the source would make every partition that is read a
-    # little behind the others "late"). Producers set it to the event's ts (`rtrec replay` does).
+        b = b.set_bounded(KafkaOffsetsInitializer.latest())
     watermarks = WatermarkStrategy.for_bounded_out_of_orderness(
         Duration.of_millis(cfg.job.out_of_orderness_ms)
     ).with_idleness(Duration.of_millis(cfg.job.idleness_ms))
-    raw = env.from_source(
-        source_b.build(), watermarks, "kafka-events", type_info=Types.PRIMITIVE_ARRAY(Types.BYTE())
-    ).uid("kafka-events")
+    name = "kafka-events" if topic == k.events_topic else "kafka-items"
+    return env.from_source(
+        b.build(), watermarks, name, type_info=Types.PRIMITIVE_ARRAY(Types.BYTE())
+    ).uid(name)
 
-    raw_items = None
-    if k.items_topic:
-        items_source = (
-            KafkaSource.builder()
-            .set_bootstrap_servers(bootstrap)
-            .set_topics(k.items_topic)
-            .set_group_id(k.group_id)
-            .set_starting_offsets(_starting_offsets(cfg))
-            .set_value_only_deserializer(ByteArraySchema())
-        )
-        if k.properties:
-            items_source = items_source.set_properties(dict(k.properties))
-        if k.bounded:
-            items_source = items_source.set_bounded(KafkaOffsetsInitializer.latest())
-        raw_items = env.from_source(
-            items_source.build(),
-            watermarks,
-            "kafka-items",
-            type_info=Types.PRIMITIVE_ARRAY(Types.BYTE()),
-        ).uid("kafka-items")
+
+def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -> None:
+    """Add the whole rtrec graph to ``env``, reading from and writing to ``bootstrap``."""
+    k = cfg.kafka
+    raw = _kafka_bytes(env, cfg, bootstrap, k.events_topic)
+    raw_items = _kafka_bytes(env, cfg, bootstrap, k.items_topic) if k.items_topic else None
 
     versions, dead = build_pipeline(raw, cfg, raw_items)
     registry_sink(versions, cfg).print("model-version").uid("registry-log").name("registry-log")
