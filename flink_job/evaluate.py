@@ -51,14 +51,8 @@ def learner_top_k(learner: OnlineLearner, samples: list[Sample], k: int) -> list
     if not samples:
         return []
     cat = learner.catalog
-    learner.model.eval()
-    with torch.no_grad():
-        hist, mask = learner._history_batch(samples)
-        user = learner.model.user_vectors(learner.item_vectors(hist), mask.float())
-        scores = learner.score_all(user)
-        scores.scatter_(1, hist, -math.inf)
-        scores[:, 0] = -math.inf
-        vals, idx = torch.topk(scores, min(k, cat.size), dim=1)
+    scores = learner.score_histories(samples)
+    vals, idx = torch.topk(scores, min(k, cat.size), dim=1)
     return [
         [cat.ids[j] for j, v in zip(row_i, row_v, strict=True) if math.isfinite(v)]
         for row_i, row_v in zip(idx.tolist(), vals.tolist(), strict=True)

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from models.item_table import stable_seed
+from models.item_table import pad_rows, stable_seed
 
 # index, count, last_seen, adaptive-softmax class (-1 = none), has_text, text_hash, n_cats
 HEADER = struct.Struct("<qqqqB16sH")
@@ -68,11 +68,8 @@ class Catalog:
         text = torch.zeros(new, self.text.shape[1], device=self.device)
         text[:cap] = self.text
         self.text = text
-        self.cats = np.concatenate([self.cats, np.zeros((new - cap, MAX_CATEGORIES), np.int64)])
-        self.count = np.concatenate([self.count, np.zeros(new - cap, np.int64)])
-        self.last_seen = np.concatenate([self.last_seen, np.zeros(new - cap, np.int64)])
-        self.has_text = np.concatenate([self.has_text, np.zeros(new - cap, bool)])
-        self.row_of = np.concatenate([self.row_of, np.zeros(new - cap, np.int64)])
+        for name in ("cats", "count", "last_seen", "has_text", "row_of"):
+            setattr(self, name, pad_rows(getattr(self, name), new - cap))
         self.asm_class = np.concatenate([self.asm_class, np.full(new - cap, -1, np.int64)])
 
     def ensure(self, item_id: str) -> int:

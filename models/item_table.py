@@ -15,12 +15,18 @@ import hashlib
 import heapq
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 ROW_HEADER = struct.Struct("<qqq")  # index, count, last_seen_ts
+
+
+def pad_rows(arr: npt.NDArray[Any], rows: int) -> npt.NDArray[Any]:
+    """``arr`` with ``rows`` zero rows appended (growing a capacity-doubling table)."""
+    return np.concatenate([arr, np.zeros((rows, *arr.shape[1:]), dtype=arr.dtype)])
 
 
 def stable_seed(*parts: object) -> int:
@@ -69,8 +75,8 @@ class ItemTable:
         data = torch.zeros(new_cap, self.dim + self.slots, device=self.device)
         data[:cap] = self.data
         self.data = data
-        self.count = np.concatenate([self.count, np.zeros(new_cap - cap, dtype=np.int64)])
-        self.last_seen = np.concatenate([self.last_seen, np.zeros(new_cap - cap, dtype=np.int64)])
+        self.count = pad_rows(self.count, new_cap - cap)
+        self.last_seen = pad_rows(self.last_seen, new_cap - cap)
 
     def _init_row(self, item_id: str) -> torch.Tensor:
         # Seeded by the id, not by arrival order: the same id always starts from the same row.

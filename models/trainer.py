@@ -530,6 +530,18 @@ class OnlineLearner:
         dead = torch.from_numpy(np.array([not i for i in cat.ids], dtype=bool)).to(self.device)
         return scores.masked_fill(dead.unsqueeze(0), -math.inf)
 
+    def score_histories(self, samples: list[Sample]) -> torch.Tensor:
+        """Eval-mode scores [B, size] of every catalogue index for each sample's history;
+        padding, holes and the history's own items are -inf (as the exported graph does)."""
+        self.model.eval()
+        with torch.no_grad():
+            hist, mask = self._history_batch(samples)
+            user = self.model.user_vectors(self.item_vectors(hist), mask.float())
+            scores = self.score_all(user)
+            scores.scatter_(1, hist, -math.inf)
+            scores[:, 0] = -math.inf
+        return scores
+
     def rank_targets(self, samples: list[Sample]) -> list[int]:
         """Test step of test-then-train: the 1-based rank of each sample's target among all
         catalogue items, excluding the user's history (eval mode, current weights).
@@ -544,13 +556,8 @@ class OnlineLearner:
         known = [s for s in samples if s.target in cat.index]
         ranks: dict[int, int] = {}
         if known:
-            self.model.eval()
+            scores = self.score_histories(known)
             with torch.no_grad():
-                hist, mask = self._history_batch(known)
-                user = self.model.user_vectors(self.item_vectors(hist), mask.float())
-                scores = self.score_all(user)
-                scores.scatter_(1, hist, -math.inf)
-                scores[:, 0] = -math.inf
                 tgt = torch.tensor([cat.index[s.target] for s in known], device=self.device)
                 tscore = scores.gather(1, tgt.unsqueeze(1))
                 r = (scores > tscore).sum(dim=1) + 1
