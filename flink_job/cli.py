@@ -290,6 +290,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Hyperparameter search (Optuna) scored by the online learner's prequential NDCG@k."""
+    from flink_job.datasets import records
+    from flink_job.tune import build_space, fixed_keys, tune
+
+    extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
+    cfg = _cfg(args, extra)
+    space = build_space(cfg, args.space, fixed=fixed_keys(args.overrides))
+    log.info("reading %s", cfg.replay.dataset)
+    res = tune(
+        cfg,
+        list(records(cfg.replay)),
+        space,
+        args.out,
+        trials=args.trials,
+        timeout=args.timeout,
+        seed=args.seed,
+        fraction=args.fraction,
+        warmup=args.warmup,
+        k=args.k,
+    )
+    m = res.metric.upper()
+    print(f"best {m} {res.best_value:.4f} (trial {res.best_number} of {len(res.trials)})")
+    if res.baseline_value is not None:
+        gain = res.best_value / res.baseline_value - 1 if res.baseline_value > 0 else float("inf")
+        print(f"base config {m} {res.baseline_value:.4f} (trial 0): {gain:+.1%}")
+    for key, v in res.best_params.items():
+        print(f"  {key} = {v!r}")
+    print(f"wrote {res.toml_path} and {res.trials_path}")
+    print(f"use it: rtrec run --config {res.toml_path}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit the job to a running Flink cluster with the pip package's `flink run`."""
     import pyflink
@@ -436,6 +469,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(s)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser(
+        "tune", help="hyperparameter search (Optuna) scored by prequential NDCG@10 of the learner"
+    )
+    s.add_argument("--dataset", help="'synthetic' (default) or a MovieLens directory")
+    s.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
+    s.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    s.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    s.add_argument(
+        "--fraction", type=float, default=0.5, help="validation slice: leading share of samples"
+    )
+    s.add_argument("--warmup", type=float, default=0.2, help="share of the slice learned unscored")
+    s.add_argument("--k", type=int, default=10, help="NDCG@k")
+    s.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=SPEC",
+        help="add/replace a search dimension: LOW..HIGH, LOW..HIGH:log, A,B,C or one value "
+        "(default: lr, batch size, dim, history length, loss, optimizer; --set keys are fixed)",
+    )
+    s.add_argument(
+        "--out",
+        default=str(STATE_DIR / "tune" / "best.toml"),
+        help="best config TOML (trials table: <stem>.trials.json next to it)",
+    )
+    _add_config_args(s)
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("submit", help="submit the job to a Flink cluster (flink run --python)")
     s.add_argument("--jobmanager", default="localhost:8081", help="JobManager REST address")

@@ -218,6 +218,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def replace_values(cfg: AppConfig, values: dict[str, Any]) -> AppConfig:
+    """``cfg`` with ``{"section.key": value}`` replaced, checked like a loaded config
+    (unknown keys, types and cross-field rules raise ConfigError naming the key)."""
+    data = to_dict(cfg)
+    for dotted, value in values.items():
+        parts = dotted.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"{dotted!r}: expected section.key (e.g. trainer.lr)")
+        section = parts[0]
+        if section not in data:
+            raise ConfigError(
+                f"unknown section {section!r} in {dotted!r}; sections: {', '.join(sorted(data))}"
+            )
+        _merge(data, parts, value)
+    new = _build(AppConfig, data, "")
+    validate(new)
+    return new
+
+
 def validate(cfg: AppConfig) -> None:
     """Cross-field checks with messages that say what to change."""
     if cfg.job.python_mode not in ("process", "thread"):

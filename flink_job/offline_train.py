@@ -4,7 +4,8 @@
   fine-tuning the top transformer layers) and write the initial state every new model
   key of the streaming job starts from (``trainer.initial_state``).
 - :func:`prequential`: test-then-train over a stream - rank each sample's target with the
-  current model, then learn from the batch - giving Recall@K, NDCG@K and MRR per bucket.
+  current model, then learn from the batch - giving Recall@K, NDCG@K and MRR per bucket;
+  :func:`online_prequential`: warm-up + prequential of a fresh learner (`rtrec tune`).
 """
 
 from __future__ import annotations
@@ -212,6 +213,60 @@ def prequential(
     return result
 
 
+def warm_up(
+    learner: OnlineLearner,
+    stream: Iterable[Item | Sample],
+    encoder: TextEncoder | None,
+    meta: dict[str, Any],
+    progress: bool = False,
+    desc: str = "warm-up",
+) -> None:
+    """Learn from ``stream`` in trainer firings (catalogue items, then the batch), no scoring."""
+    data = stream if isinstance(stream, Sequence) else list(stream)
+    total = sum(1 for x in data if isinstance(x, Sample))
+    bar = tqdm(total=total, desc=desc, unit="ev", disable=not progress, mininterval=1.0)
+    for items, samples in batches(data, learner.cfg.batch_size):
+        if items:
+            learner.ingest_items(items, meta, encoder)
+        if samples:
+            learner.learn(samples, meta)
+        bar.update(len(samples))
+    bar.close()
+
+
+def online_prequential(
+    cfg: AppConfig,
+    stream: Sequence[Item | Sample],
+    encoder: TextEncoder | None,
+    warmup: float = 0.2,
+    k: int = 10,
+    n_buckets: int = 10,
+    progress: bool = True,
+    desc: str = "online",
+) -> PrequentialResult:
+    """The online learner of ``cfg``, prequentially: a fresh learner learns from the first
+    ``warmup`` share of the samples, then is scored test-then-train on the rest.
+
+    This is the "online" model of `rtrec eval` (same split, batches and ranks) and the
+    objective of `rtrec tune`. ``encoder`` must match ``cfg.model.text_encoder`` (None for
+    "none"); it is passed in so that repeated calls share its embedding memo.
+    """
+    warm, test = split_stream(stream, warmup)
+    learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=encoder.dim if encoder else 0)
+    meta = new_meta(cfg.job.model_key)
+    warm_up(learner, warm, encoder, meta, progress=progress, desc=f"{desc} warm-up")
+    return prequential(
+        learner,
+        test,
+        encoder,
+        k=k,
+        n_buckets=n_buckets,
+        meta=meta,
+        progress=progress,
+        desc=desc,
+    )
+
+
 def compare(
     cfg: AppConfig,
     stream: Sequence[Item | Sample],
@@ -242,11 +297,7 @@ def compare(
         learner = OnlineLearner(vcfg.model, vcfg.trainer, text_dim=enc.dim if enc else 0)
         meta = new_meta(vcfg.job.model_key)
         if warm_start:
-            for items, samples in batches(warm, vcfg.trainer.batch_size):
-                if items:
-                    learner.ingest_items(items, meta, enc)
-                if samples:
-                    learner.learn(samples, meta)
+            warm_up(learner, warm, enc, meta)
         else:  # the catalogue (not the interactions) of the warm-up period is known
             learner.ingest_items([x for x in warm if isinstance(x, Item)], meta, enc)
         res = prequential(
