@@ -6,7 +6,7 @@
 PYTHON ?= python3
 STAMP := .rtrec/installed.stamp
 
-.PHONY: install demo test lint unit flink e2e clean
+.PHONY: install demo test lint unit flink e2e bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --progress-bar off -e ".[dev]"
@@ -28,6 +28,10 @@ test: lint
 
 unit flink e2e: install
 	$(PYTHON) -m pytest tests -m $@
+
+# Every benchmark (benchmarks/*.py) with a summary table; BENCH_ARGS=--quick for a smoke run.
+bench: install
+	$(PYTHON) -m flink_job.cli bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .rtrec

@@ -390,6 +390,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark scripts of ``benchmarks/`` (each in its own process) + a summary."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: `rtrec bench` runs from a source checkout")
+    cmd = [sys.executable, str(script), "--out", args.out]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--only", args.only] if args.only else []
+    return subprocess.call(cmd)
+
+
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtrec", description=__doc__.split("\n")[0])
@@ -526,6 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--poll-s", type=float, default=2.0)
     _add_config_args(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("bench", help="run the benchmarks (benchmarks/*.py) and print a summary")
+    s.add_argument("--quick", action="store_true", help="small sizes: a smoke run (minutes)")
+    s.add_argument("--only", default="", help="comma-separated subset, e.g. throughput,state")
+    s.add_argument("--out", default=str(STATE_DIR / "bench"), help="directory of the JSON results")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

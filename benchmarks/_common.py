@@ -1,0 +1,386 @@
+"""Helpers shared by the benchmark scripts (not a test or library API).
+
+Every script: ``python benchmarks/<name>.py [--quick] [--out DIR]`` prints its figures,
+the ratio to a baseline measured in the same run, and writes ``<out>/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_OUT = REPO / ".rtrec" / "bench"
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"benchmarks/{name}.py",
+        description=(doc or "").strip().splitlines()[0] if doc else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, ~1-2 min)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for <name>.json")
+    return p
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    load = None
+    with contextlib.suppress(OSError):
+        load = [round(x, 2) for x in os.getloadavg()]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "mem_gb": mem_gb,
+        "loadavg_at_end": load,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_result(out_dir: str | Path, name: str, args: argparse.Namespace, result: dict) -> Path:
+    """``<out>/<name>.json`` with the parameters, the machine and the figures."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": name,
+        "quick": bool(getattr(args, "quick", False)),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "params": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "machine": machine(),
+        **result,
+    }
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (floats to 3 significant-ish digits)."""
+    if not rows:
+        return "(no rows)"
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if v != v:
+                return "nan"
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = [
+        "| " + " | ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) + " |"
+        for row in cells
+    ]
+    return "\n".join([line, sep, *body])
+
+
+def percentiles(xs: list[float], ps: tuple[int, ...] = (50, 95, 99)) -> dict[str, float | None]:
+    """Nearest-rank percentiles (None for an empty list)."""
+    s = sorted(xs)
+    out: dict[str, float | None] = {}
+    for p in ps:
+        if not s:
+            out[f"p{p}"] = None
+            continue
+        k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))  # nearest rank
+        out[f"p{p}"] = s[k]
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- Kafka + registry
+
+
+@contextlib.contextmanager
+def embedded_kafka(workdir: Path) -> Iterator[str]:
+    from flink_job.kafka_local import EmbeddedKafka
+
+    with EmbeddedKafka(workdir / "kafka") as k:
+        yield k.bootstrap
+
+
+def config(overrides: list[str]):
+    from flink_job.config import load_config
+
+    return load_config(None, overrides)
+
+
+def all_topics(cfg) -> list[str]:
+    """Every topic the configuration names (events, items, dlq, models, ...)."""
+    import dataclasses
+
+    k = cfg.kafka
+    names = [getattr(k, f.name) for f in dataclasses.fields(k) if f.name.endswith("_topic")]
+    return [n for n in names if n]
+
+
+def create_all_topics(cfg, bootstrap: str) -> None:
+    from flink_job.kafka_local import create_topics
+
+    create_topics(bootstrap, all_topics(cfg), cfg.kafka.partitions, cfg.kafka.properties)
+
+
+def topic_overrides(prefix: str) -> list[str]:
+    return [
+        f"kafka.events_topic='{prefix}.events'",
+        f"kafka.items_topic='{prefix}.items'",
+        f"kafka.dlq_topic='{prefix}.dlq'",
+        f"kafka.models_topic='{prefix}.models'",
+    ]
+
+
+class RegistryWatcher(threading.Thread):
+    """Polls a registry directory; records (wall time first seen, manifest) per version."""
+
+    def __init__(self, root: Path, model_key: str = "default", every_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.root, self.key, self.every_s = Path(root), model_key, every_s
+        self.seen: dict[str, tuple[float, dict]] = {}
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            self.poll()
+            time.sleep(self.every_s)
+
+    def poll(self) -> None:
+        d = self.root / self.key
+        if not d.is_dir():
+            return
+        for p in d.iterdir():
+            if p.name.startswith("v") and p.name not in self.seen and p.is_dir():
+                with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                    m = json.loads((p / "manifest.json").read_text())
+                    self.seen[p.name] = (time.time(), m)
+
+    def versions(self) -> list[tuple[float, dict]]:
+        """(seen wall time, manifest), by version number."""
+        return sorted(self.seen.values(), key=lambda x: x[1]["version"])
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(5)
+
+
+def manifests_by_mtime(root: Path, model_key: str = "default") -> list[tuple[float, dict]]:
+    """(manifest.json mtime = publish wall time, manifest) of every version, by version."""
+    d = Path(root) / model_key
+    out = []
+    if d.is_dir():
+        for p in d.iterdir():
+            f = p / "manifest.json"
+            if p.name.startswith("v") and f.is_file():
+                out.append((f.stat().st_mtime, json.loads(f.read_text())))
+    return sorted(out, key=lambda x: x[1]["version"])
+
+
+class ModelsTopicWatcher(threading.Thread):
+    """A read_committed consumer of the ``models`` topic: (wall time received, manifest)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic = bootstrap, topic
+        self.seen: list[tuple[float, dict]] = []
+        self.stop_flag = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        from kafka import KafkaConsumer
+
+        from flink_job.kafka_local import MAX_MESSAGE_BYTES
+
+        c = KafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
+        )
+        self.ready.set()
+        try:
+            while not self.stop_flag.is_set():
+                for recs in c.poll(timeout_ms=100).values():
+                    now = time.time()
+                    for r in recs:
+                        with contextlib.suppress(ValueError, KeyError):
+                            self.seen.append((now, json.loads(r.value)["manifest"]))
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(10)
+
+
+class LiveProducer(threading.Thread):
+    """Produces the synthetic stream at ``rate`` events/s with event time = wall clock.
+
+    The catalogue goes first (ts = now); each event's ``ts`` and record timestamp are set
+    to the produce wall time, which is kept in ``produced`` as (ts_ms, wall_s).
+    """
+
+    def __init__(self, cfg, bootstrap: str, rate: float, limit_s: float) -> None:
+        super().__init__(daemon=True)
+        self.cfg, self.bootstrap, self.rate, self.limit_s = cfg, bootstrap, rate, limit_s
+        self.produced: list[tuple[int, float]] = []
+        self.stop_flag = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # reported by the caller
+            self.error = e
+
+    def _run(self) -> None:
+        from kafka import KafkaProducer
+
+        from flink_job.datasets import records
+        from flink_job.kafka_local import MAX_MESSAGE_BYTES
+
+        k = self.cfg.kafka
+        create_all_topics(self.cfg, self.bootstrap)
+        producer = KafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            linger_ms=0,
+            max_request_size=MAX_MESSAGE_BYTES,
+        )
+        topic_of = {"events": k.events_topic, "items": k.items_topic}
+        t0 = time.monotonic()
+        n = 0
+        try:
+            for rec in records(self.cfg.replay):
+                if self.stop_flag.is_set() or time.monotonic() - t0 > self.limit_s:
+                    break
+                if not rec.valid:
+                    continue
+                body = json.loads(rec.value)
+                wall = time.time()
+                ts = int(wall * 1000)
+                body["ts"] = ts
+                producer.send(
+                    topic_of[rec.topic],
+                    key=rec.key,
+                    value=json.dumps(body, separators=(",", ":")).encode(),
+                    timestamp_ms=ts,
+                )
+                if rec.topic != "events":
+                    continue
+                self.produced.append((ts, wall))
+                n += 1
+                ahead = n / self.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+            producer.flush(timeout=60)
+        finally:
+            producer.close(timeout=10)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(30)
+
+
+def standalone_cluster(workdir: Path, taskmanagers: int, slots: int):
+    """``flink_job.cluster.StandaloneCluster`` with a fresher REST view of the job.
+
+    The JobManager caches the execution graph it serves over REST for
+    ``web.refresh-interval`` (3 s by default); benchmarks poll it, so it is 200 ms here.
+    """
+    from flink_job.cluster import StandaloneCluster
+
+    class BenchCluster(StandaloneCluster):
+        def _conf(self) -> dict[str, str]:
+            return {**super()._conf(), "web.refresh-interval": "200"}
+
+    return BenchCluster(workdir, taskmanagers=taskmanagers, slots=slots)
+
+
+def rest_json(address: str, path: str, timeout: float = 5.0) -> Any:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def submit_to_cluster(address: str, bootstrap: str, overrides: list[str]) -> str:
+    """`rtrec submit` to a standalone cluster; returns the new job id."""
+    import subprocess
+
+    before = {j["jid"] for j in rest_json(address, "/jobs/overview")["jobs"]}
+    env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
+    cmd = [sys.executable, "-m", "flink_job.cli", "submit", "--jobmanager", address]
+    cmd += ["--bootstrap", bootstrap, *[x for o in overrides for x in ("--set", o)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"submit failed: {proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    new = [j["jid"] for j in rest_json(address, "/jobs/overview")["jobs"] if j["jid"] not in before]
+    if len(new) != 1:
+        raise RuntimeError(f"expected one new job on {address}, found {new}")
+    return new[0]
+
+
+def cancel_job(address: str, jid: str) -> None:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{address}/jobs/{jid}?mode=cancel", method="PATCH")
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(req, timeout=10).read()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if rest_json(address, f"/jobs/{jid}")["state"] in ("CANCELED", "FAILED", "FINISHED"):
+                return
+        time.sleep(0.5)

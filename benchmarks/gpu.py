@@ -1,0 +1,142 @@
+"""Accelerator check: trainer samples/s and text-encoder items/s on the current device.
+
+The device is CUDA when present, else CPU (``RTREC_DEVICE`` overrides, as in the job).
+Prints the device name (``torch.cuda.get_device_name``). Baseline measured in the same
+run: the same two measurements on the CPU (skipped when the device is the CPU; ratio 1).
+
+- trainer: ``train_and_maybe_export`` (the Flink trainer's call) on Zipf samples over a
+  catalogue with MiniLM-width (384) text vectors, default model/trainer config;
+- text encoder: the configured ``model.text_encoder`` (bundled all-MiniLM-L6-v2 by
+  default) embedding catalogue texts in batches of 64 (what the trainer does on ingest).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import _common as C
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trainer_rate(device, n_items: int, samples: int, batch_size: int) -> dict[str, Any]:
+    from catalogue import RandomTextEncoder, make_items, make_samples
+
+    from models.config import ModelConfig, TrainerConfig
+    from models.export import build_version
+    from models.online import train_and_maybe_export
+    from models.trainer import OnlineLearner, new_meta
+
+    mcfg = ModelConfig()
+    tcfg = TrainerConfig(batch_size=batch_size, export_every_steps=10**9, export_every_seconds=1e12)
+    enc = RandomTextEncoder()
+    learner = OnlineLearner(mcfg, tcfg, device=device, text_dim=enc.dim)
+    meta = new_meta("default")
+    train_and_maybe_export(
+        learner, meta, [], lambda: None, lambda: (), 50, {},
+        new_items=make_items(n_items), encoder=enc,
+    )  # fmt: skip
+    data = make_samples(n_items, samples + 5 * batch_size, mcfg.history_length)
+    batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+    for b in batches[:5]:
+        train_and_maybe_export(learner, meta, b, lambda: None, lambda: (), 50, {})
+    _sync(device)
+    t0 = time.perf_counter()
+    n = 0
+    for b in batches[5:]:
+        train_and_maybe_export(learner, meta, b, lambda: None, lambda: (), 50, {})
+        n += len(b)
+    _sync(device)
+    learn_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    build_version(learner, meta, 50, {})
+    export_s = time.perf_counter() - t0
+    return {"trainer_samples_per_s": n / learn_s, "export_s": export_s}
+
+
+def encoder_rate(device, spec: str, texts: int) -> dict[str, Any]:
+    from catalogue import make_items
+
+    from models.text_encoder import TextEncoder, resolve_model_dir
+
+    path = resolve_model_dir(spec)
+    if path is None:
+        return {"encoder_items_per_s": None}
+    enc = TextEncoder(path, device=device)
+    items = make_items(texts + 64)
+    strs = [f"{it.title}. {it.text}" for it in items]
+    enc.encode(strs[:64])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    enc.encode(strs[64:])
+    _sync(device)
+    return {"encoder_items_per_s": texts / (time.perf_counter() - t0), "encoder": enc.name}
+
+
+def measure(device, args) -> dict[str, Any]:
+    C.log(f"{device}: trainer, {args.samples} samples over {args.items} items")
+    r = {"device": str(device), **trainer_rate(device, args.items, args.samples, args.batch_size)}
+    C.log(f"{device}: text encoder {args.encoder}, {args.texts} texts")
+    r.update(encoder_rate(device, args.encoder, args.texts))
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.parser("gpu", __doc__)
+    p.add_argument("--items", type=int, default=10_000, help="catalogue size")
+    p.add_argument("--samples", type=int, default=20_000, help="timed trainer samples")
+    p.add_argument("--batch-size", type=int, default=64, help="trainer.batch_size")
+    p.add_argument("--texts", type=int, default=4096, help="timed encoder texts")
+    p.add_argument("--encoder", default="minilm", help="model.text_encoder ('none' skips it)")
+    p.add_argument("--no-cpu-baseline", action="store_true", help="skip the CPU baseline")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.items, args.samples, args.texts = 2000, 640, 256
+    import torch
+
+    from models.device import pick_device
+
+    device = pick_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"device: {device} ({name}); torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    rows = [{"run": "device", "device_name": name, **measure(device, args)}]
+    if device.type != "cpu" and not args.no_cpu_baseline:
+        rows.append(
+            {"run": "cpu baseline", "device_name": "cpu", **measure(torch.device("cpu"), args)}
+        )
+    base = rows[-1]
+    for r in rows:
+        r["trainer_vs_cpu"] = C.ratio(r["trainer_samples_per_s"], base["trainer_samples_per_s"])
+        r["encoder_vs_cpu"] = C.ratio(r["encoder_items_per_s"], base["encoder_items_per_s"])
+    cols = [
+        "run", "device_name", "trainer_samples_per_s", "trainer_vs_cpu", "export_s",
+        "encoder_items_per_s", "encoder_vs_cpu",
+    ]  # fmt: skip
+    print(C.table(rows, cols))
+    d = rows[0]
+    enc = d["encoder_items_per_s"]
+    headline = (
+        f"{name}: trainer {d['trainer_samples_per_s']:.0f} samples/s "
+        f"({d['trainer_vs_cpu']:.1f}x cpu), encoder "
+        + (f"{enc:.0f} items/s ({d['encoder_vs_cpu']:.1f}x cpu)" if enc else "skipped")
+    )
+    print(headline)
+    C.write_result(
+        args.out,
+        "gpu",
+        args,
+        {"device_name": name, "rows": rows, "baseline": "cpu", "headline": headline},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""State: checkpoint size and duration vs the number of users and items.
+
+For each size (users x items, e.g. 1k, 4k, 16k of each) the synthetic dataset with that
+many users and catalogue items (``--events-per-user`` events per user) is replayed into
+its own topics, and the job runs on a standalone Flink cluster (JobManager + 1
+TaskManager, ``flink_job.cluster.StandaloneCluster``) with checkpointing every 10 s.
+Once the trainer has learned from (nearly) every event, two more checkpoints complete,
+and the last one's figures are read from the JobManager REST API
+(``/jobs/<id>/checkpoints`` and ``.../checkpoints/details/<id>``): total checkpointed
+state, end-to-end duration, and the share of the user-window and trainer operators.
+
+Baseline measured in the same run: the smallest size; printed: state / smallest next
+to size / smallest, and a least-squares line state = a + b * users (with R^2) to show
+linear growth.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+
+def latest_manifest(registry: Path) -> dict | None:
+    ms = C.manifests_by_mtime(registry)
+    return max((m for _, m in ms), key=lambda m: m["events_seen"], default=None)
+
+
+def completed(address: str, jid: str) -> int:
+    return int(C.rest_json(address, f"/jobs/{jid}/checkpoints")["counts"]["completed"])
+
+
+def checkpoint_figures(address: str, jid: str) -> dict[str, Any]:
+    ck = C.rest_json(address, f"/jobs/{jid}/checkpoints")
+    last = ck["latest"]["completed"]
+    names = {v["id"]: v["name"] for v in C.rest_json(address, f"/jobs/{jid}")["vertices"]}
+    details = C.rest_json(address, f"/jobs/{jid}/checkpoints/details/{last['id']}")
+    per_op: dict[str, int] = {}
+    for vid, t in (details.get("tasks") or {}).items():
+        name = names.get(vid, vid)
+        key = (
+            "trainer" if "trainer" in name else "user_window" if "user-window" in name else "other"
+        )
+        per_op[key] = per_op.get(key, 0) + int(
+            t.get("checkpointed_size") or t.get("state_size") or 0
+        )
+    durations = [
+        h["end_to_end_duration"] for h in ck.get("history", []) if h.get("status") == "COMPLETED"
+    ]
+    return {
+        "checkpoint_id": last["id"],
+        "state_bytes": int(last.get("checkpointed_size") or last.get("state_size") or 0),
+        "full_state_bytes": int(last.get("state_size") or 0),
+        "duration_ms": int(last["end_to_end_duration"]),
+        "duration_ms_max_recent": max(durations) if durations else None,
+        "trainer_bytes": per_op.get("trainer"),
+        "user_window_bytes": per_op.get("user_window"),
+        "other_bytes": per_op.get("other"),
+    }
+
+
+def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: int, args) -> dict:
+    from flink_job.replay import replay
+
+    tag = f"state-{users}x{items}"
+    registry = work / tag / "registry"
+    ov = [
+        *C.topic_overrides(tag),
+        f"replay.num_users={users}",
+        f"replay.num_items={items}",
+        f"replay.num_events={users * args.events_per_user}",
+        f"replay.new_items_midstream={min(40, items // 10)}",
+        "replay.malformed_fraction=0.0",
+        "replay.drift_every_events=0",
+        f"model.text_encoder='{args.encoder}'",
+        f"model.max_items={max(100_000, items)}",
+        f"job.checkpoint_interval_ms={args.checkpoint_ms}",
+        f"job.checkpoint_dir='{work / tag / 'checkpoints'}'",
+        "job.retain_checkpoints=false",
+        f"job.state_backend='{args.backend}'",
+        f"export.registry_dir='{registry}'",
+    ]
+    cfg = C.config(ov)
+    C.create_all_topics(cfg, bootstrap)
+    stats = replay(cfg, bootstrap, progress=False)
+    C.log(f"{tag}: replayed {stats.events} events, {stats.items} items; submitting")
+    jid = C.submit_to_cluster(cluster_addr, bootstrap, ov)
+    try:
+        t0 = time.monotonic()
+        target = int(stats.events * 0.97)
+        while True:
+            m = latest_manifest(registry)
+            if m is not None and m["events_seen"] >= target:
+                break
+            if time.monotonic() - t0 > args.timeout:
+                raise TimeoutError(f"{tag}: trained on {m and m['events_seen']}/{stats.events}")
+            if C.rest_json(cluster_addr, f"/jobs/{jid}")["state"] in ("FAILED", "CANCELED"):
+                raise RuntimeError(f"{tag}: job {jid} failed; see the cluster logs")
+            time.sleep(1)
+        n = completed(cluster_addr, jid)
+        while completed(cluster_addr, jid) < n + 2:
+            if time.monotonic() - t0 > args.timeout:
+                raise TimeoutError(f"{tag}: no further checkpoints")
+            time.sleep(0.5)
+        fig = checkpoint_figures(cluster_addr, jid)
+    finally:
+        C.cancel_job(cluster_addr, jid)
+    m = latest_manifest(registry) or {}
+    return {
+        "users": users,
+        "items": items,
+        "events": stats.events,
+        "users_seen": len(stats.user_events),
+        "items_in_events": len(stats.item_ids_in_events),
+        "catalogue": stats.items,
+        "model_items": m.get("num_items"),
+        "id_rows": m.get("num_id_rows"),
+        **fig,
+    }
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    return a, b, 1 - ss_res / ss_tot if ss_tot else 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.parser("state", __doc__)
+    p.add_argument(
+        "--sizes", default="1000x1000,4000x4000,16000x16000", help="USERSxITEMS,... (3 sizes)"
+    )
+    p.add_argument("--events-per-user", type=int, default=4)
+    p.add_argument("--encoder", default="minilm", help="model.text_encoder")
+    p.add_argument("--backend", default="hashmap", choices=["hashmap", "rocksdb"])
+    p.add_argument("--checkpoint-ms", type=int, default=10_000)
+    p.add_argument("--timeout", type=float, default=1800.0, help="s per size")
+    p.add_argument("--workdir", default="")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.encoder, args.checkpoint_ms = "100x100,200x200,400x400", "none", 2000
+    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rtrec-bench-state-"))
+    rows = []
+    try:
+        with C.embedded_kafka(work) as bootstrap:
+            cluster = C.standalone_cluster(work / "cluster", taskmanagers=1, slots=2)
+            try:
+                address = cluster.start()
+                for users, items in sizes:
+                    rows.append(run_size(address, bootstrap, work, users, items, args))
+                    print(C.table(rows[-1:], _COLS), flush=True)
+            finally:
+                cluster.stop()
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    base = rows[0]
+    for r in rows:
+        r["size_vs_smallest"] = C.ratio(r["users"] + r["items"], base["users"] + base["items"])
+        r["state_vs_smallest"] = C.ratio(r["state_bytes"], base["state_bytes"])
+        r["duration_vs_smallest"] = C.ratio(r["duration_ms"], base["duration_ms"])
+        r["state_mb"] = r["state_bytes"] / 1e6
+    a, b, r2 = linear_fit([r["users"] for r in rows], [r["state_bytes"] for r in rows])
+    print(C.table(rows, _COLS))
+    headline = (
+        f"checkpoint {rows[-1]['state_mb']:.1f} MB / {rows[-1]['duration_ms']} ms at "
+        f"{rows[-1]['users']} users x {rows[-1]['items']} items "
+        f"({rows[-1]['state_vs_smallest']:.1f}x state for "
+        f"{rows[-1]['size_vs_smallest']:.0f}x size); "
+        f"fit {b:.0f} B/user(+item) + {a / 1e6:.2f} MB, R^2 {r2:.3f}"
+    )
+    print(headline)
+    C.write_result(
+        args.out,
+        "state",
+        args,
+        {
+            "rows": rows,
+            "fit": {"intercept_bytes": a, "bytes_per_user": b, "r2": r2},
+            "headline": headline,
+        },
+    )
+    return 0
+
+
+_COLS = [
+    "users", "items", "events", "users_seen", "state_mb", "state_vs_smallest",
+    "size_vs_smallest", "duration_ms", "duration_vs_smallest", "trainer_bytes",
+    "user_window_bytes",
+]  # fmt: skip
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""Throughput: sustained events/s from Kafka through the whole job, checkpointing on.
+
+Setup: the embedded Kafka broker, the synthetic dataset replayed once into ``bench.events``
+(+ its catalogue into ``bench.items``, 1% malformed records so validation and the DLQ
+work); every run reads it from the beginning as a bounded source.
+
+- job: the real job (``build_job`` via ``run_local`` on a local mini-cluster: parse +
+  validate + DLQ, user windows, trainer, registry + transactional ``models`` topic),
+  checkpoints every ``--checkpoint-ms`` (10 s). Steady state = between the first and
+  the last published model version: (events_seen(last) - events_seen(first)) /
+  (publish time(last) - publish time(first)), publish time = manifest.json mtime. JVM,
+  Python-worker and model start-up come before the first version and are excluded.
+- baseline pass-through: the same Kafka source builder (``flink_job.job._kafka_bytes``),
+  then key_by(record hash ~ user) -> keyed ValueState counter -> key_by(model key) ->
+  keyed ValueState counter, all no-op Python functions, same parallelism and
+  checkpointing; rate between the first and the last record reaching the last stage.
+- baseline compute-only: the trainer's learn loop alone (``train_and_maybe_export`` on
+  the same samples, same batch size and export cadence, catalogue ingested in order,
+  through ``flink_job.offline``), no Flink; samples/s of the whole loop.
+
+Printed per (parallelism, text encoder): job events/s, job/pass-through, job/compute-only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+
+# ----------------------------------------------------------------- the pass-through job
+def _passthrough_functions():
+    """Defined lazily: importing pyflink costs seconds and only the Flink runs need it."""
+    from pyflink.common import Types
+    from pyflink.datastream import KeyedProcessFunction, MapFunction
+    from pyflink.datastream.state import ValueStateDescriptor
+
+    class HashKey(MapFunction):
+        def map(self, value):
+            return str(zlib.crc32(bytes(value)) & 1023), 1
+
+    class CountPerKey(KeyedProcessFunction):
+        def __init__(self, out_key: str | None = None, record_dir: str | None = None):
+            self.out_key = out_key
+            self.record_dir = record_dir
+
+        def open(self, runtime_context):
+            self.count = runtime_context.get_state(ValueStateDescriptor("n", Types.LONG()))
+            self.first = self.last = None
+            self.n = 0
+            self.task = runtime_context.get_index_of_this_subtask()
+
+        def process_element(self, value, ctx):
+            self.count.update((self.count.value() or 0) + value[1])
+            if self.record_dir is None:
+                yield self.out_key, 1
+                return
+            now = time.time()
+            if self.first is None:
+                self.first = now
+            self.last = now
+            self.n += 1
+            if self.n % 500 == 0:
+                self._write()
+
+        def _write(self):
+            if self.record_dir is not None and self.n:
+                p = Path(self.record_dir) / f"stage-{self.task}.json"
+                p.write_text(json.dumps({"first": self.first, "last": self.last, "n": self.n}))
+
+        def close(self):
+            self._write()
+
+    return Types, HashKey, CountPerKey
+
+
+def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> dict[str, Any]:
+    from flink_job.job import _kafka_bytes, make_env
+
+    Types, HashKey, CountPerKey = _passthrough_functions()
+    record_dir.mkdir(parents=True, exist_ok=True)
+    env = make_env(cfg)
+    raw = _kafka_bytes(env, cfg, bootstrap, cfg.kafka.events_topic)
+    pair = Types.TUPLE([Types.STRING(), Types.LONG()])
+    (
+        raw.map(HashKey(), output_type=pair)
+        .key_by(lambda r: r[0], key_type=Types.STRING())
+        .process(CountPerKey(out_key=cfg.job.model_key), output_type=pair)
+        .key_by(lambda r: r[0], key_type=Types.STRING())
+        .process(CountPerKey(record_dir=str(record_dir)), output_type=pair)
+        .print()
+    )
+    t0 = time.monotonic()
+    client = env.execute_async("rtrec-bench-passthrough")
+    done = threading.Thread(target=lambda: client.get_job_execution_result().result(), daemon=True)
+    done.start()  # bounded: ends with the input
+    done.join(timeout_s)
+    if done.is_alive():
+        client.cancel().result()
+        raise TimeoutError(f"pass-through job did not finish within {timeout_s:.0f}s; cancelled")
+    elapsed = time.monotonic() - t0
+    stages = [json.loads(p.read_text()) for p in record_dir.glob("stage-*.json")]
+    n = sum(s["n"] for s in stages)
+    first = min(s["first"] for s in stages)
+    last = max(s["last"] for s in stages)
+    return {
+        "records": n,
+        "steady_s": last - first,
+        "events_per_s": (n - 1) / (last - first) if last > first else None,
+        "elapsed_s": elapsed,
+    }
+
+
+# -------------------------------------------------------------------------- the real job
+def run_job(cfg, bootstrap: str, timeout_s: float) -> dict[str, Any]:
+    from flink_job.runner import run_local
+
+    res = run_local(cfg, bootstrap, progress_every_s=10.0, timeout_s=timeout_s)
+    if res.status != "FINISHED":
+        raise RuntimeError(f"job ended {res.status}")
+    versions = C.manifests_by_mtime(Path(cfg.export.registry_dir), cfg.job.model_key)
+    if len(versions) < 2:
+        raise RuntimeError(
+            f"only {len(versions)} model version(s): too few events to measure a steady state"
+        )
+    (t_a, m_a), (t_b, m_b) = versions[0], versions[-1]
+    return {
+        "events_seen": m_b["events_seen"],
+        "versions": len(versions),
+        "steady_s": t_b - t_a,
+        "events_per_s": (m_b["events_seen"] - m_a["events_seen"]) / (t_b - t_a),
+        "elapsed_s": res.elapsed_s,
+        "first_version_s": res.first_version_s,
+        "overall_events_per_s": m_b["events_seen"] / res.elapsed_s,
+    }
+
+
+# ------------------------------------------------------------------------- compute only
+def run_compute_only(cfg) -> dict[str, Any]:
+    from flink_job.datasets import records
+    from flink_job.offline import batches, to_stream
+    from models.online import train_and_maybe_export
+    from models.text_encoder import load_encoder
+    from models.trainer import OnlineLearner, new_meta
+
+    encoder = load_encoder(cfg.model.text_encoder, cfg.model.text_max_length)
+    stream = list(to_stream(records(cfg.replay), cfg))  # parse + user stage, not timed
+    learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=encoder.dim if encoder else 0)
+    meta = new_meta(cfg.job.model_key)
+    n = versions = 0
+    t0 = time.perf_counter()
+    first: tuple[float, int] | None = None  # (time, samples) at the end of the first firing
+    for items, samples in batches(stream, cfg.trainer.batch_size):
+        f = train_and_maybe_export(
+            learner, meta, samples, lambda: None, lambda: (), cfg.export.top_k, {},
+            new_items=items, encoder=encoder,
+        )  # fmt: skip
+        n += len(samples)
+        versions += f.version is not None
+        if first is None and f.version is not None:
+            first = (time.perf_counter(), n)
+    f = train_and_maybe_export(
+        learner, meta, [], lambda: None, lambda: (), cfg.export.top_k, {}, force_export=True
+    )
+    versions += f.version is not None
+    end = time.perf_counter()
+    # Same definition as the job's: from the first published version to the last one
+    # (the first firing's one-off costs - allocations, first catalogue - are excluded).
+    t_a, n_a = first or (t0, 0)
+    return {
+        "samples": n,
+        "versions": versions,
+        "elapsed_s": end - t0,
+        "events_per_s": (n - n_a) / (end - t_a),
+        "overall_events_per_s": n / (end - t0),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.parser("throughput", __doc__)
+    p.add_argument("--events", type=int, default=20_000, help="events replayed")
+    p.add_argument("--users", type=int, default=2_000)
+    p.add_argument("--items", type=int, default=2_000)
+    p.add_argument("--parallelism", default="1,2", help="job parallelism values")
+    p.add_argument(
+        "--encoders",
+        default="minilm,none",
+        help="model.text_encoder values: minilm (default config) and/or none (id-only)",
+    )
+    p.add_argument("--checkpoint-ms", type=int, default=10_000)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per Flink run")
+    p.add_argument("--workdir", default="", help="scratch directory (default: a temp dir)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.events, args.users, args.items = 2000, 300, 400
+        args.parallelism, args.encoders = "1", "none"
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rtrec-bench-throughput-"))
+    rows: list[dict[str, Any]] = []
+    from flink_job.replay import replay
+
+    base = [
+        *C.topic_overrides("bench"),
+        "kafka.bounded=true",
+        f"replay.num_events={args.events}",
+        f"replay.num_users={args.users}",
+        f"replay.num_items={args.items}",
+        f"replay.new_items_midstream={min(40, args.items // 10)}",
+        f"job.checkpoint_interval_ms={args.checkpoint_ms}",
+        "job.retain_checkpoints=false",
+    ]
+    try:
+        with C.embedded_kafka(work) as bootstrap:
+            t0 = time.monotonic()
+            C.create_all_topics(C.config(base), bootstrap)
+            stats = replay(C.config(base), bootstrap, progress=False)
+            C.log(
+                f"replayed {stats.events} events + {stats.items} items "
+                f"in {time.monotonic() - t0:.1f}s"
+            )
+            for enc in args.encoders.split(","):
+                cfg0 = C.config([*base, f"model.text_encoder='{enc}'"])
+                C.log(f"compute-only ({enc}): {stats.events} events without Flink")
+                comp = run_compute_only(cfg0)
+                for par in [int(x) for x in args.parallelism.split(",")]:
+                    tag = f"p{par}-{enc}"
+                    cfg = C.config([
+                        *base,
+                        f"model.text_encoder='{enc}'",
+                        f"job.parallelism={par}",
+                        f"export.registry_dir='{work / tag / 'registry'}'",
+                        f"job.checkpoint_dir='{work / tag / 'checkpoints'}'",
+                        f"kafka.group_id='bench-{tag}'",
+                    ])  # fmt: skip
+                    C.log(f"pass-through ({tag})")
+                    pt = run_passthrough(cfg, bootstrap, work / tag / "passthrough", args.timeout)
+                    C.log(f"job ({tag})")
+                    job = run_job(cfg, bootstrap, args.timeout)
+                    rows.append({
+                        "parallelism": par,
+                        "encoder": enc,
+                        "job_events_per_s": job["events_per_s"],
+                        "passthrough_events_per_s": pt["events_per_s"],
+                        "compute_only_events_per_s": comp["events_per_s"],
+                        "job_vs_passthrough": C.ratio(job["events_per_s"], pt["events_per_s"]),
+                        "job_vs_compute_only": C.ratio(job["events_per_s"], comp["events_per_s"]),
+                        "job_steady_s": job["steady_s"],
+                        "job_versions": job["versions"],
+                        "job_first_version_s": job["first_version_s"],
+                        "job_overall_events_per_s": job["overall_events_per_s"],
+                        "job": job,
+                        "passthrough": pt,
+                        "compute_only": comp,
+                    })  # fmt: skip
+                    print(C.table(rows[-1:], _COLS), flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(C.table(rows, _COLS))
+    best = max(rows, key=lambda r: r["job_events_per_s"])
+    headline = (
+        f"job {best['job_events_per_s']:.0f} events/s (p{best['parallelism']}, {best['encoder']}): "
+        f"{best['job_vs_passthrough']:.2f}x pass-through, "
+        f"{best['job_vs_compute_only']:.2f}x compute-only"
+    )
+    print(headline)
+    C.write_result(
+        args.out,
+        "throughput",
+        args,
+        {"events": stats.events, "rows": rows, "headline": headline},
+    )
+    return 0
+
+
+_COLS = [
+    "parallelism", "encoder", "job_events_per_s", "passthrough_events_per_s",
+    "compute_only_events_per_s", "job_vs_passthrough", "job_vs_compute_only",
+    "job_steady_s", "job_versions",
+]  # fmt: skip
+
+if __name__ == "__main__":
+    raise SystemExit(main())

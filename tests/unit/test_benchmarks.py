@@ -1,0 +1,58 @@
+"""The no-Flink benchmark scripts run end to end at tiny sizes and write valid JSON.
+
+(The benchmarks themselves are not tests: `rtrec bench` runs them; see README "Benchmarks".)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run(script: str, out: Path, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RTREC_DEVICE": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((out / script.replace(".py", ".json")).read_text())
+    assert doc["benchmark"] == script.removesuffix(".py")
+    assert doc["machine"]["cpus"] >= 1
+    assert doc["headline"] in proc.stdout
+    return doc
+
+
+def test_catalogue_script_writes_json(tmp_path: Path) -> None:
+    doc = run("catalogue.py", tmp_path, "--sizes", "200,400", "--samples", "128", "--exports", "1")
+    rows = doc["rows"]
+    assert [r["items"] for r in rows] == [200, 400]
+    assert all(r["learn_samples_per_s"] > 0 and r["export_s"] > 0 for r in rows)
+    assert rows[0]["learn_vs_smallest"] == pytest.approx(1.0)
+
+
+def test_gpu_script_writes_json(tmp_path: Path) -> None:
+    doc = run(
+        "gpu.py",
+        tmp_path,
+        "--items",
+        "200",
+        "--samples",
+        "128",
+        "--texts",
+        "16",
+        "--encoder",
+        "none",
+    )
+    assert doc["device_name"] == "cpu"
+    (row,) = doc["rows"]
+    assert row["trainer_samples_per_s"] > 0 and row["trainer_vs_cpu"] == pytest.approx(1.0)
