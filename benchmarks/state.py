@@ -1,13 +1,15 @@
 """State: checkpoint size and duration vs the number of users and items.
 
-For each size (users x items, e.g. 1k, 4k, 16k of each) the synthetic dataset with that
-many users and catalogue items (``--events-per-user`` events per user) is replayed into
-its own topics, and the job runs on a standalone Flink cluster (JobManager + 1
-TaskManager, ``flink_job.cluster.StandaloneCluster``) with checkpointing every 10 s.
-Once the trainer has learned from (nearly) every event, two more checkpoints complete,
-and the last one's figures are read from the JobManager REST API
-(``/jobs/<id>/checkpoints`` and ``.../checkpoints/details/<id>``): total checkpointed
-state, end-to-end duration, and the share of the user-window and trainer operators.
+For each size (users x items, e.g. 1k, 4k, 16k of each) a stream where every user has
+exactly ``--events-per-user`` events (users interleaved, items half uniform, half Zipf,
+so every user and nearly every item gets state) and every item a catalogue record with
+text is written into its own topics, and the job runs on a standalone Flink cluster
+(JobManager + 1 TaskManager, ``flink_job.cluster.StandaloneCluster``) with checkpointing
+every 10 s. Once (nearly) every event has reached the trainer (its read-records metric),
+two more checkpoints complete, and the last one's figures are read from the JobManager
+REST API (``/jobs/<id>/checkpoints`` and ``.../checkpoints/details/<id>``): total
+checkpointed state, end-to-end duration, and the share of the user-window and trainer
+operators.
 
 Baseline measured in the same run: the smallest size; printed: state / smallest next
 to size / smallest, and a least-squares line state = a + b * users (with R^2) to show
@@ -28,6 +30,16 @@ import _common as C
 def latest_manifest(registry: Path) -> dict | None:
     ms = C.manifests_by_mtime(registry)
     return max((m for _, m in ms), key=lambda m: m["events_seen"], default=None)
+
+
+def trainer_records_in(address: str, jid: str) -> int:
+    """Records (samples + catalogue items) the trainer has read, from the REST job view."""
+    j = C.rest_json(address, f"/jobs/{jid}")
+    return sum(
+        int(v.get("metrics", {}).get("read-records") or 0)
+        for v in j["vertices"]
+        if "trainer" in v["name"]
+    )
 
 
 def completed(address: str, jid: str) -> int:
@@ -63,19 +75,66 @@ def checkpoint_figures(address: str, jid: str) -> dict[str, Any]:
     }
 
 
-def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: int, args) -> dict:
-    from flink_job.replay import replay
+def produce(cfg, bootstrap: str, users: int, items: int, per_user: int) -> dict[str, int]:
+    """The size's catalogue + events (event time advancing 200 ms per event)."""
+    import json
+    import random
 
+    from kafka import KafkaProducer
+
+    from flink_job.datasets import START_TS_MS, TOPICS
+
+    k = cfg.kafka
+    rng = random.Random(7)
+    topics = list(TOPICS)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
+    for i in range(items):
+        t = topics[i % len(topics)]
+        w = TOPICS[t]
+        body = {
+            "item_id": f"item{i}",
+            "title": f"{w[i % 8].title()} #{i}",
+            "text": f"A {t} piece about {w[i % 8]}, {w[(i // 8) % 8]} and {w[(i // 64) % 8]}.",
+            "categories": [t],
+            "ts": START_TS_MS,
+        }
+        producer.send(k.items_topic, value=json.dumps(body).encode(), timestamp_ms=START_TS_MS)
+    touched: set[int] = set()
+    n = users * per_user
+    for e in range(n):
+        ts = START_TS_MS + 1000 + 200 * e
+        u = e % users
+        i = rng.randrange(items)
+        if rng.random() < 0.5:
+            i = min(int(rng.paretovariate(1.0)) - 1, items - 1)
+        touched.add(i)
+        body = {"event_id": f"e{e}", "user_id": f"user{u}", "item_id": f"item{i}", "ts": ts}
+        body["type"] = "click"
+        producer.send(
+            k.events_topic,
+            key=f"user{u}".encode(),
+            value=json.dumps(body).encode(),
+            timestamp_ms=ts,
+        )
+    # One event per partition an hour later: the watermark then passes every real event's
+    # window, so all of them reach the trainer (these two wait in their own windows).
+    last = START_TS_MS + 1000 + 200 * n + 3_600_000
+    for part in range(cfg.kafka.partitions):
+        body = {"event_id": f"end{part}", "user_id": f"end{part}", "item_id": "item0"}
+        body.update(type="click", ts=last)
+        producer.send(
+            k.events_topic, value=json.dumps(body).encode(), partition=part, timestamp_ms=last
+        )
+    producer.flush(timeout=120)
+    producer.close()
+    return {"events": n, "items_in_events": len(touched)}
+
+
+def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: int, args) -> dict:
     tag = f"state-{users}x{items}"
     registry = work / tag / "registry"
     ov = [
         *C.topic_overrides(tag),
-        f"replay.num_users={users}",
-        f"replay.num_items={items}",
-        f"replay.num_events={users * args.events_per_user}",
-        f"replay.new_items_midstream={min(40, items // 10)}",
-        "replay.malformed_fraction=0.0",
-        "replay.drift_every_events=0",
         f"model.text_encoder='{args.encoder}'",
         f"model.max_items={max(100_000, items)}",
         f"job.checkpoint_interval_ms={args.checkpoint_ms}",
@@ -86,18 +145,20 @@ def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: i
     ]
     cfg = C.config(ov)
     C.create_all_topics(cfg, bootstrap)
-    stats = replay(cfg, bootstrap, progress=False)
-    C.log(f"{tag}: replayed {stats.events} events, {stats.items} items; submitting")
+    stats = produce(cfg, bootstrap, users, items, args.events_per_user)
+    C.log(f"{tag}: produced {stats['events']} events, {items} items; submitting")
     jid = C.submit_to_cluster(cluster_addr, bootstrap, ov)
     try:
         t0 = time.monotonic()
-        target = int(stats.events * 0.97)
+        # Every event has reached the trainer (a few may wait in the last open windows):
+        # read from the job's metrics, as an idle trainer publishes no new version.
+        target = int(stats["events"] * 0.97) + items
         while True:
-            m = latest_manifest(registry)
-            if m is not None and m["events_seen"] >= target:
+            got = trainer_records_in(cluster_addr, jid)
+            if got >= target:
                 break
             if time.monotonic() - t0 > args.timeout:
-                raise TimeoutError(f"{tag}: trained on {m and m['events_seen']}/{stats.events}")
+                raise TimeoutError(f"{tag}: trainer read {got}/{target} records")
             if C.rest_json(cluster_addr, f"/jobs/{jid}")["state"] in ("FAILED", "CANCELED"):
                 raise RuntimeError(f"{tag}: job {jid} failed; see the cluster logs")
             time.sleep(1)
@@ -113,10 +174,7 @@ def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: i
     return {
         "users": users,
         "items": items,
-        "events": stats.events,
-        "users_seen": len(stats.user_events),
-        "items_in_events": len(stats.item_ids_in_events),
-        "catalogue": stats.items,
+        **stats,
         "model_items": m.get("num_items"),
         "id_rows": m.get("num_id_rows"),
         **fig,
@@ -139,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sizes", default="1000x1000,4000x4000,16000x16000", help="USERSxITEMS,... (3 sizes)"
     )
-    p.add_argument("--events-per-user", type=int, default=4)
+    p.add_argument("--events-per-user", type=int, default=5)
     p.add_argument("--encoder", default="minilm", help="model.text_encoder")
     p.add_argument("--backend", default="hashmap", choices=["hashmap", "rocksdb"])
     p.add_argument("--checkpoint-ms", type=int, default=10_000)
@@ -194,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _COLS = [
-    "users", "items", "events", "users_seen", "state_mb", "state_vs_smallest",
+    "users", "items", "events", "items_in_events", "state_mb", "state_vs_smallest",
     "size_vs_smallest", "duration_ms", "duration_vs_smallest", "trainer_bytes",
     "user_window_bytes",
 ]  # fmt: skip
