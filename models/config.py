@@ -31,6 +31,18 @@ class ModelConfig:
     # Hashed category embeddings (0 disables).
     category_buckets: int = 64
     dropout: float = 0.0
+    # User tower: "attention" (static-query attention pooling + newest item + MLP) or
+    # "sequence" (one self-attention block over the recent items, read at the newest one,
+    # plus a learned item-to-item transition map from the newest items).
+    user_tower: str = "attention"
+    # Recent items that feed the transition map of the "sequence" tower.
+    transition_items: int = 3
+    # Item-to-item transition memory learned online: each id row keeps its
+    # ``transition_slots`` most frequent next items (catalogue index + count; 0 = off), and
+    # the score of item j adds sum_p w_p * log(1 + count(h_p -> j)) over the
+    # ``transition_window`` newest history items h_p, with w learned by the loss.
+    transition_slots: int = 0
+    transition_window: int = 5
     # Probability of hiding an item's id embedding in training, so the text/category part
     # must rank items on its own (what a brand-new item has) - DropoutNet-style cold start.
     id_dropout: float = 0.25
@@ -63,6 +75,11 @@ class TrainerConfig:
     batch_size: int = 64
     num_negatives: int = 64
     temperature: float = 0.1
+    # Scale of the sampled-softmax logQ correction (1 = full, 0 = none).
+    logq: float = 1.0
+    # Hard negatives from the transition memory: per sample, this many of the newest
+    # history item's most frequent successors join the candidates (0 = none).
+    transition_negatives: int = 0
     l2: float = 0.0
     grad_clip: float = 10.0
     seed: int = 1234

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import torch
 from torch import nn
@@ -133,6 +134,26 @@ def export_onnx(model: nn.Module, item_ids: list[str], history_length: int) -> b
     return bytes(proto.SerializeToString())
 
 
+def _successors(
+    learner: OnlineLearner, live: npt.NDArray[np.int64]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The transition memory over the exported item list: successor positions [V + 1, M]
+    (0 = none) and counts [V + 1, M]; None when the memory is off."""
+    if learner.model.transition_weight is None or learner.trans_m == 0:
+        return None
+    idx, cnt = learner.successors()
+    live_t = torch.from_numpy(live).to(idx.device)
+    position = torch.zeros(learner.catalog.size, dtype=torch.long, device=idx.device)
+    position[live_t] = torch.arange(1, len(live) + 1, device=idx.device)
+    succ = position[idx[live_t]]  # [V, M] positions in the exported list (0 = none)
+    counts = cnt[live_t] * (succ > 0).to(cnt.dtype)
+    m = idx.shape[1]
+    return (
+        torch.cat([torch.zeros(1, m, dtype=torch.long), succ.cpu()]),
+        torch.cat([torch.zeros(1, m), counts.to("cpu", torch.float32)]),
+    )
+
+
 def build_version(
     learner: OnlineLearner, meta: dict[str, Any], top_k: int, config: dict[str, Any]
 ) -> ModelVersion:
@@ -175,7 +196,7 @@ def build_version(
         classes = torch.cat([torch.zeros(1, dtype=torch.long), cls])
         top = AsmTopKModel(cpu_dense, item_matrix, asm.eval(), classes, top_k)
     else:
-        top = TopKModel(cpu_dense, item_matrix, top_k)
+        top = TopKModel(cpu_dense, item_matrix, top_k, _successors(learner, live))
     onnx_bytes = export_onnx(top, item_ids, h)
     buf = io.BytesIO()
     np.save(buf, item_matrix.numpy())

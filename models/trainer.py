@@ -35,7 +35,7 @@ from models.events import Item
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
 from models.text_encoder import TextEncoder, text_hash
-from models.two_tower import TwoTower
+from models.two_tower import TwoTower, transition_scores
 
 log = logging.getLogger(__name__)
 DENSE_FORMAT = 2
@@ -101,7 +101,10 @@ class OnlineLearner:
         self.device = device or pick_device()
         self.dim = model_cfg.dim
         self.text_dim = text_dim
-        self.slots = optimizer_slots(cfg.optimizer, model_cfg.dim)
+        # Id rows: [embedding D | optimizer slots | transition memory: M indices, M counts].
+        self.trans_m = model_cfg.transition_slots if cfg.loss != "adaptive_softmax" else 0
+        self.trans_off = model_cfg.dim + optimizer_slots(cfg.optimizer, model_cfg.dim)
+        self.slots = optimizer_slots(cfg.optimizer, model_cfg.dim) + 2 * self.trans_m
         self.loaded_step: int | None = None
         # Set by `rtrec pretrain --unfreeze-top N`: catalogue indices [N] -> differentiable
         # text embeddings [N, T] from the language model being fine-tuned.
@@ -402,7 +405,8 @@ class OnlineLearner:
         negs = torch.randint(1, cat.size, (self.cfg.num_negatives,), generator=gen).numpy()
         live = np.array([bool(cat.ids[i]) for i in negs], dtype=bool)
         negs_t = torch.from_numpy(negs[live]).to(self.device)
-        cand = torch.unique(torch.cat([targets, negs_t]))  # sorted catalogue indices
+        hard = self._transition_negatives(hist)
+        cand = torch.unique(torch.cat([targets, negs_t, hard]))  # sorted catalogue indices
         labels = torch.searchsorted(cand, targets)
 
         # Leaf tensor over the touched id rows only; position 0 of `sub_full` is a zero row.
@@ -427,7 +431,9 @@ class OnlineLearner:
         hist_vecs = self.item_vectors(hist, hist_ids, trainable_text=True)  # [B, H, D]
         user = self.model.user_vectors(hist_vecs, mask.float())  # [B, D]
         cand_vecs = self.item_vectors(cand, cand_ids, trainable_text=True)  # [C, D]
-        loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
+        trans = self.transition_scores(hist, mask)  # [B, size] (memory before this batch)
+        extra = trans[:, cand] if trans is not None else None
+        loss_vec = self._loss(user, cand_vecs, cand, labels, targets, extra)
         loss = (loss_vec * weights).sum() / weights.sum()
         if self.cfg.l2 > 0:
             loss = loss + self.cfg.l2 * (sub.pow(2).sum() / len(pos))
@@ -470,6 +476,7 @@ class OnlineLearner:
             result.loss = lv
             result.dense_blob = self.dense_blob()
             touched_rows.update(rows.tolist())
+        self._remember_transitions(pos, touched_rows)
         meta["step"] += 1
         if self.asm is not None and meta["step"] % max(1, self.cfg.adaptive_resort_steps) == 0:
             moved = resort_by_frequency(self.asm, self.opt, cat)
@@ -494,8 +501,10 @@ class OnlineLearner:
         cand: torch.Tensor,
         labels: torch.Tensor,
         targets: torch.Tensor,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample loss [B] for the configured objective."""
+        """Per-sample loss [B] for the configured objective (``extra`` [B, C]: scores added
+        to the dot products, the transition memory's)."""
         if self.cfg.loss == "adaptive_softmax":
             assert self.asm is not None
             classes = torch.from_numpy(self.catalog.asm_class[targets.cpu().numpy()])
@@ -503,6 +512,8 @@ class OnlineLearner:
             lp = self.asm.log_prob(user).gather(1, classes.clamp(min=0).unsqueeze(1)).squeeze(1)
             return -lp * (classes >= 0).to(lp.dtype)  # -1: past the class capacity, not learned
         scores = user @ cand_vecs.t()  # [B, C]
+        if extra is not None:
+            scores = scores + extra
         if self.cfg.loss == "bpr":
             pos = scores.gather(1, labels.unsqueeze(1))  # [B, 1]
             neg_mask = torch.ones_like(scores).scatter(1, labels.unsqueeze(1), 0.0)
@@ -514,7 +525,7 @@ class OnlineLearner:
         counts = torch.from_numpy(cat.count[cand.cpu().numpy()]).to(self.device, torch.float32)
         total = float(cat.count[: cat.size].sum())
         log_q = torch.log((counts + 1.0) / (total + len(cat)))
-        logits = scores / self.cfg.temperature - log_q.unsqueeze(0)
+        logits = scores / self.cfg.temperature - self.cfg.logq * log_q.unsqueeze(0)
         return F.cross_entropy(logits, labels, reduction="none")
 
     def score_all(self, user: torch.Tensor) -> torch.Tensor:
@@ -538,6 +549,9 @@ class OnlineLearner:
             hist, mask = self._history_batch(samples)
             user = self.model.user_vectors(self.item_vectors(hist), mask.float())
             scores = self.score_all(user)
+            trans = self.transition_scores(hist, mask)
+            if trans is not None:
+                scores = scores + trans
             scores.scatter_(1, hist, -math.inf)
             scores[:, 0] = -math.inf
         return scores
@@ -574,6 +588,65 @@ class OnlineLearner:
             k = min(10, len(self.catalog))
             top = torch.topk(scores, k, dim=1).indices
             return float((top == targets.unsqueeze(1)).any(dim=1).float().mean().item())
+
+    # ------------------------------------------------------------ transition memory
+    def successors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transition memory per catalogue index: successor indices [size, M] (0 = empty
+        slot) and their counts [size, M]; items without an id row have none."""
+        cat, m, off = self.catalog, self.trans_m, self.trans_off
+        rows = torch.from_numpy(cat.row_of[: cat.size]).to(self.device)
+        block = self.table.data[rows, off : off + 2 * m]
+        return block[:, :m].long(), block[:, m:]
+
+    def transition_scores(
+        self, hist: torch.Tensor, mask: torch.Tensor, model: TwoTower | None = None
+    ) -> torch.Tensor | None:
+        """Transition-memory scores [B, size] of every catalogue index for histories
+        [B, H] (None when the memory is off)."""
+        weight = (model or self.model).transition_weight
+        if weight is None or self.trans_m == 0:
+            return None
+        idx, cnt = self.successors()
+        return transition_scores(weight, idx, cnt, hist, mask, self.catalog.size)
+
+    def _transition_negatives(self, hist: torch.Tensor) -> torch.Tensor:
+        """The most frequent remembered successors of each sample's newest history item
+        (``trainer.transition_negatives`` per sample): catalogue indices, live items only."""
+        k = min(self.cfg.transition_negatives, self.trans_m)
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        if k == 0:
+            return empty
+        cat, m, off = self.catalog, self.trans_m, self.trans_off
+        rows = torch.from_numpy(cat.row_of[hist[:, 0].cpu().numpy()]).to(self.device)
+        block = self.table.data[rows, off : off + 2 * m]
+        top = torch.topk(block[:, m:], k, dim=1)
+        idx = block[:, :m].gather(1, top.indices).long()[top.values > 0].unique()
+        live = torch.tensor([bool(cat.ids[i]) for i in idx.tolist()], dtype=torch.bool)
+        return idx[live.to(self.device)] if len(idx) else empty
+
+    def _remember_transitions(self, pos: list[Sample], touched_rows: set[int]) -> None:
+        """Count "newest history item -> target" for each positive in the newest item's
+        row; a new successor replaces the least frequent one when all M slots are used."""
+        m, off, cat, data = self.trans_m, self.trans_off, self.catalog, self.table.data
+        if m == 0:
+            return
+        with torch.no_grad():
+            for s in pos:
+                h = cat.index.get(s.history[-1]) if s.history else None
+                r = int(cat.row_of[h]) if h is not None else 0
+                t = cat.index.get(s.target)
+                if r == 0 or t is None:
+                    continue
+                idx = data[r, off : off + m]
+                cnt = data[r, off + m : off + 2 * m]
+                hit = torch.nonzero(idx == float(t))
+                if hit.shape[0] > 0:
+                    cnt[int(hit[0, 0])] += 1.0
+                else:
+                    j = int(torch.argmin(cnt))
+                    idx[j] = float(t)
+                    cnt[j] = 1.0
+                touched_rows.add(r)
 
     def _sparse_update(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Apply the configured optimizer to the touched id rows only ([R, D] grads)."""

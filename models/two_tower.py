@@ -88,6 +88,55 @@ class UserTower(nn.Module):
         return out
 
 
+class SequenceTower(nn.Module):
+    """history item vectors [B, H, D] + mask [B, H] (newest first) -> user vector [B, D].
+
+    Sequence-aware user tower: the newest item queries the history (one attention head over
+    the position-tagged items: what the last item says about which past items matter), the
+    ``transition_items`` newest items each go through a learned D x D transition map (an
+    item-to-item "what comes next" term, FPMC-like), and an MLP with a residual mixes them.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, h = cfg.dim, cfg.history_length
+        self.dim = d
+        self.n_trans = max(1, min(cfg.transition_items, h))
+        self.position = nn.Parameter(torch.zeros(h, d))
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.transition = nn.Parameter(torch.zeros(self.n_trans, d, d))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.mlp1 = nn.Linear(3 * d, cfg.hidden)
+        self.mlp2 = nn.Linear(cfg.hidden, d)
+        self.cold = nn.Parameter(torch.zeros(d))
+        nn.init.normal_(self.position, std=0.02)
+        nn.init.zeros_(self.mlp2.weight)
+        nn.init.zeros_(self.mlp2.bias)
+
+    def forward(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        maskf = mask.to(hist.dtype)  # [B, H]
+        x = hist + self.position.unsqueeze(0)  # [B, H, D]
+        newest = hist[:, 0, :]  # [B, D] (zero row when empty)
+        q = self.q(x[:, 0, :])  # [B, D]
+        logits = (self.k(x) @ q.unsqueeze(-1)).squeeze(-1) / float(self.dim) ** 0.5  # [B, H]
+        logits = logits.masked_fill(maskf == 0, -1e9)
+        weights = torch.softmax(logits, dim=1) * maskf  # [B, H]
+        context = (weights.unsqueeze(-1) * self.v(x)).sum(dim=1)  # [B, D]
+        t = self.n_trans
+        recent = hist[:, :t, :] * maskf[:, :t].unsqueeze(-1)  # [B, t, D]
+        trans = torch.einsum("btd,tde->be", recent, self.transition)  # [B, D]
+        hidden = self.dropout(torch.relu(self.mlp1(torch.cat([context, newest, trans], dim=1))))
+        user = newest + context + trans + self.mlp2(hidden)  # [B, D]
+        has_any = (maskf.sum(dim=1, keepdim=True) > 0).to(hist.dtype)  # [B, 1]
+        out: torch.Tensor = has_any * user + (1.0 - has_any) * self.cold.unsqueeze(0)
+        return out
+
+
+USER_TOWERS = ("attention", "sequence")
+
+
 class TwoTower(nn.Module):
     """Dense part of the model; the item id rows are passed in (they live in sparse state)."""
 
@@ -96,12 +145,48 @@ class TwoTower(nn.Module):
         self.cfg = cfg
         self.text_dim = text_dim
         self.item_tower = ItemTower(cfg, text_dim)
-        self.user_tower = UserTower(cfg)
+        if cfg.user_tower not in USER_TOWERS:
+            raise ValueError(
+                f"model.user_tower must be one of {', '.join(USER_TOWERS)}; got {cfg.user_tower!r}"
+            )
+        self.user_tower: UserTower | SequenceTower = (
+            SequenceTower(cfg) if cfg.user_tower == "sequence" else UserTower(cfg)
+        )
+        # Weights of the transition memory per history position (newest first).
+        self.transition_weight: nn.Parameter | None = None
+        if cfg.transition_slots > 0:
+            p = max(1, min(cfg.transition_window, cfg.history_length))
+            self.transition_weight = nn.Parameter(torch.tensor([1.0 / (i + 1) for i in range(p)]))
 
     def user_vectors(self, hist_items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hist_items [B, H, D] item vectors of the history, newest first; mask [B, H] -> [B, D]."""
         out: torch.Tensor = self.user_tower(hist_items, mask)
         return out
+
+
+def transition_scores(
+    weight: torch.Tensor,
+    succ_idx: torch.Tensor,
+    succ_cnt: torch.Tensor,
+    history_ids: torch.Tensor,
+    mask: torch.Tensor,
+    n_items: int,
+) -> torch.Tensor:
+    """Transition-memory scores [B, n_items]: sum over the P newest history items h_p of
+    ``weight[p] * log(1 + count(h_p -> j))`` for each remembered successor j of h_p.
+
+    succ_idx [N, M] int64 successor indices (0 = empty slot), succ_cnt [N, M] their counts,
+    history_ids [B, H] indices (newest first, 0 = padding), mask [B, H], weight [P].
+    """
+    p = weight.shape[0]
+    hist = history_ids[:, :p]  # [B, P]
+    idx = succ_idx[hist]  # [B, P, M]
+    w = torch.log1p(succ_cnt[hist]) * (
+        weight.view(1, p, 1) * mask[:, :p].to(weight.dtype).unsqueeze(-1)
+    )  # [B, P, M]
+    b = history_ids.shape[0]
+    out = torch.zeros(b, n_items, dtype=w.dtype, device=w.device)
+    return out.scatter_add(1, idx.reshape(b, -1), w.reshape(b, -1))
 
 
 class TopKModel(nn.Module):
@@ -113,12 +198,23 @@ class TopKModel(nn.Module):
     top_scores float32 [B, K]. Padding and items already in the history are excluded.
     """
 
-    def __init__(self, dense: TwoTower, item_vectors: torch.Tensor, k: int) -> None:
+    def __init__(
+        self,
+        dense: TwoTower,
+        item_vectors: torch.Tensor,
+        k: int,
+        successors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.dense = dense
         # [V + 1, D] final item vectors (item tower applied), row 0 = padding (zeros)
         self.register_buffer("item_rows", item_vectors)
         self.k = min(k, item_vectors.shape[0] - 1)
+        # Transition memory: [V + 1, M] successor indices (0 = none) and their counts.
+        self.transitions = successors is not None and dense.transition_weight is not None
+        if successors is not None:
+            self.register_buffer("succ_idx", successors[0])
+            self.register_buffer("succ_cnt", successors[1])
 
     def forward(
         self, history_ids: torch.Tensor, history_mask: torch.Tensor
@@ -128,6 +224,14 @@ class TopKModel(nn.Module):
         hist = rows[history_ids]  # [B, H, D]
         user = self.dense.user_vectors(hist, history_mask.to(torch.float32))  # [B, D]
         scores = user @ rows.t()  # [B, V + 1]
+        if self.transitions:
+            weight = self.dense.transition_weight
+            succ_idx, succ_cnt = self.succ_idx, self.succ_cnt
+            assert isinstance(weight, torch.Tensor) and isinstance(succ_idx, torch.Tensor)
+            assert isinstance(succ_cnt, torch.Tensor)
+            scores = scores + transition_scores(
+                weight, succ_idx, succ_cnt, history_ids, history_mask, rows.shape[0]
+            )
         seen = torch.zeros_like(scores).scatter(1, history_ids, 1.0)
         seen[:, 0] = 1.0
         scores = scores - seen * 1e9

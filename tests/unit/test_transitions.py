@@ -1,0 +1,89 @@
+"""Sequence user tower + transition memory: learning, exact restore, ONNX equality."""
+
+import copy
+
+import numpy as np
+import torch
+
+from models.config import ModelConfig, TrainerConfig
+from models.export import build_version
+from models.history import Sample
+from models.registry import publish
+from models.serving import OnnxRecommender
+from models.trainer import OnlineLearner, new_meta
+from tests.unit.helpers import topic_samples
+from tests.unit.test_trainer import StateStore, run
+
+MC = ModelConfig(dim=16, history_length=8, hidden=32, user_tower="sequence", transition_slots=4)
+CPU = torch.device("cpu")
+
+
+def chain(n: int, length: int = 30, users: int = 50) -> list[Sample]:
+    """Every user walks the same item chain c0 -> c1 -> ... (a pure transition signal)."""
+    out = []
+    for i in range(n):
+        u, step = i % users, i // users
+        hist = tuple(f"c{j % length}" for j in range(max(0, step - 8), step))
+        out.append(Sample("m", f"u{u}", hist, f"c{step % length}", 1, 1.0, i, f"e{i}"))
+    return out
+
+
+def test_memory_counts_transitions_and_evicts_least_frequent():
+    learner = OnlineLearner(
+        ModelConfig(dim=8, history_length=4, hidden=8, transition_slots=2),
+        TrainerConfig(num_negatives=2),
+        CPU,
+    )
+    meta = new_meta("m")
+    s = lambda h, t, i: Sample("m", "u", h, t, 1, 1.0, i, f"e{i}")  # noqa: E731
+    learner.learn([s((), "a", 0), s((), "b", 1), s((), "c", 2), s((), "d", 3)], meta)
+    learner.learn([s(("a",), "b", 4), s(("a",), "b", 5), s(("a",), "c", 6)], meta)
+    idx, cnt = learner.successors()
+    a, b, c, d = (learner.catalog.index[x] for x in "abcd")
+    row = dict(zip(idx[a].tolist(), cnt[a].tolist(), strict=True))
+    assert row == {b: 2.0, c: 1.0}
+    learner.learn([s(("a",), "d", 7)], meta)  # full: d replaces the least frequent (c)
+    idx, cnt = learner.successors()
+    assert dict(zip(idx[a].tolist(), cnt[a].tolist(), strict=True)) == {b: 2.0, d: 1.0}
+
+
+def test_transition_memory_learns_a_chain():
+    learner = OnlineLearner(MC, TrainerConfig(batch_size=32, transition_negatives=2), CPU)
+    run(learner, StateStore(), chain(3000))
+    ranks = learner.rank_targets(chain(3300)[3000:])
+    assert sum(r <= 3 for r in ranks) / len(ranks) > 0.9, ranks
+
+
+def test_restore_from_state_is_exact():
+    cfg = TrainerConfig(batch_size=32, transition_negatives=2)
+    data = topic_samples(1200)
+    a, store_a = OnlineLearner(MC, cfg, CPU), StateStore()
+    run(a, store_a, data[:600])
+    store_b = StateStore()
+    store_b.rows, store_b.items = dict(store_a.rows), dict(store_a.items)
+    store_b.dense, store_b.meta = store_a.dense, copy.deepcopy(store_a.meta)
+    b = OnlineLearner(MC, cfg, CPU)
+    run(a, store_a, data[600:])
+    run(b, store_b, data[600:])
+    assert store_a.rows == store_b.rows and store_a.items == store_b.items
+    assert store_a.meta == store_b.meta and store_a.dense == store_b.dense
+
+
+def test_onnx_matches_learner_scores(tmp_path):
+    learner = OnlineLearner(MC, TrainerConfig(batch_size=64), CPU)
+    meta = new_meta("m")
+    data = topic_samples(2000) + chain(600, length=20)
+    for i in range(0, len(data), 64):
+        learner.learn(data[i : i + 64], meta)
+    assert learner.model.transition_weight is not None
+    rec = OnnxRecommender(publish(tmp_path, build_version(learner, meta, 20, {})) / "model.onnx")
+    histories = [["c1", "c2", "c3"], ["t2_5"], ["t1_1", "c4"], ["c5"] * 3, []]
+    ids, mask = rec.encode(histories)
+    o_ids, o_scores = rec.raw(ids, mask)
+    samples = [Sample("m", "u", tuple(h), "c0", 1, 1.0, 0, "e") for h in histories]
+    scores = learner.score_histories(samples)
+    t_scores, t_idx = torch.topk(scores, 20, dim=1)
+    np.testing.assert_allclose(o_scores, t_scores.numpy(), atol=1e-4, rtol=0)
+    for o_row, t_row, s_row in zip(o_ids, t_idx.numpy(), t_scores.numpy(), strict=True):
+        if np.all(np.diff(s_row) < -1e-4):
+            assert [rec.item_ids[i - 1] for i in o_row] == [learner.catalog.ids[i] for i in t_row]
