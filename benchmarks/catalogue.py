@@ -73,6 +73,8 @@ def make_items(n_items: int) -> list:
 def bench_size(
     n_items: int, samples: int, exports: int, encoder: str, batch_size: int
 ) -> dict[str, Any]:
+    import torch
+
     from models.config import ModelConfig, TrainerConfig
     from models.export import build_version
     from models.online import train_and_maybe_export
@@ -120,6 +122,7 @@ def bench_size(
         "version_mb": size / 1e6,
         "ingest_items_per_s": n_items / ingest_s,
         "device": str(learner.device),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -135,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         default="random384",
         help="item text vectors: fixed random 384-dim (MiniLM's width) or id-only items",
     )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.samples, args.exports = "1000,5000,20000", 1000, 1
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    C.log(f"torch intra-op threads: {torch.get_num_threads()}")
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     for n in sizes:

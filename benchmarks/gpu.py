@@ -81,7 +81,13 @@ def encoder_rate(device, spec: str, texts: int) -> dict[str, Any]:
 
 def measure(device, args) -> dict[str, Any]:
     C.log(f"{device}: trainer, {args.samples} samples over {args.items} items")
-    r = {"device": str(device), **trainer_rate(device, args.items, args.samples, args.batch_size)}
+    import torch
+
+    r = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        **trainer_rate(device, args.items, args.samples, args.batch_size),
+    }
     C.log(f"{device}: text encoder {args.encoder}, {args.texts} texts")
     r.update(encoder_rate(device, args.encoder, args.texts))
     return r
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", type=int, default=4096, help="timed encoder texts")
     p.add_argument("--encoder", default="minilm", help="model.text_encoder ('none' skips it)")
     p.add_argument("--no-cpu-baseline", action="store_true", help="skip the CPU baseline")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = p.parse_args(argv)
     if args.quick:
         args.items, args.samples, args.texts = 2000, 640, 256
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.device import pick_device
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(

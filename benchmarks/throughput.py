@@ -6,10 +6,11 @@ work); every run reads it from the beginning as a bounded source.
 
 - job: the real job (``build_job`` via ``run_local`` on a local mini-cluster: parse +
   validate + DLQ, user windows, trainer, registry + transactional ``models`` topic),
-  checkpoints every ``--checkpoint-ms`` (10 s). Steady state = between the first and
-  the last published model version: (events_seen(last) - events_seen(first)) /
-  (publish time(last) - publish time(first)), publish time = manifest.json mtime. JVM,
-  Python-worker and model start-up come before the first version and are excluded.
+  checkpoints every ``--checkpoint-ms`` (10 s). Steady state = between the end of the
+  trainer's first firing and the end of its last one, from its own counters:
+  (events_seen(last) - events_seen(first)) / (wall(last) - wall(first)), logged by a
+  subclass of the job's trainer that the benchmark swaps in (the graph is unchanged).
+  JVM, Python-worker and model start-up come before the first firing and are excluded.
 - baseline pass-through: the same Kafka source builder (``flink_job.job._kafka_bytes``),
   then key_by(record hash ~ user) -> keyed ValueState counter -> key_by(model key) ->
   keyed ValueState counter, all no-op Python functions, same parallelism and
@@ -24,6 +25,7 @@ Printed per (parallelism, text encoder): job events/s, job/pass-through, job/com
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -119,37 +121,81 @@ def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> 
 
 
 # -------------------------------------------------------------------------- the real job
-def run_job(cfg, bootstrap: str, timeout_s: float) -> dict[str, Any]:
+def timed_trainer(log_dir: str):
+    """The job's OnlineTrainer, logging (wall time, events_seen) after every firing.
+
+    A registry version's publish time lags the trainer by up to a Python bundle (the
+    first version leaves the trainer with the bundle it was made in), so the trainer's
+    own clock is used. The job graph itself is unchanged: ``flink_job.job`` is given this
+    subclass for the duration of the run (a benchmark-side hook; no change to the job).
+    """
+    from udfs.trainer import OnlineTrainer
+
+    class TimedTrainer(OnlineTrainer):
+        def _fire(self, key, *args, **kwargs):
+            yield from super()._fire(key, *args, **kwargs)
+            seen = self._meta(key)["events_seen"]
+            with open(Path(log_dir) / f"trainer-{os.getpid()}.log", "a") as fh:
+                fh.write(f"{time.time()} {seen}\n")
+            threads = Path(log_dir) / "torch-threads"
+            if not threads.exists():
+                import torch
+
+                threads.write_text(str(torch.get_num_threads()))
+
+    return TimedTrainer
+
+
+def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, Any]:
+    import flink_job.job as job
     from flink_job.runner import run_local
 
-    res = run_local(cfg, bootstrap, progress_every_s=10.0, timeout_s=timeout_s)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    original = job.OnlineTrainer
+    job.OnlineTrainer = timed_trainer(str(log_dir))
+    try:
+        res = run_local(cfg, bootstrap, progress_every_s=10.0, timeout_s=timeout_s)
+    finally:
+        job.OnlineTrainer = original
     if res.status != "FINISHED":
         raise RuntimeError(f"job ended {res.status}")
     versions = C.manifests_by_mtime(Path(cfg.export.registry_dir), cfg.job.model_key)
-    if len(versions) < 2:
-        raise RuntimeError(
-            f"only {len(versions)} model version(s): too few events to measure a steady state"
-        )
-    (t_a, m_a), (t_b, m_b) = versions[0], versions[-1]
+    firings = sorted(
+        (float(t), int(n))
+        for f in log_dir.glob("trainer-*.log")
+        for t, n in (line.split() for line in f.read_text().splitlines() if line.strip())
+    )
+    # From the end of the first firing that learned something to the end of the last one.
+    firings = [f for f in firings if f[1] > 0]
+    if len(firings) < 2:
+        raise RuntimeError(f"{len(firings)} trainer firing(s): too few events to measure")
+    (t_a, n_a), (t_b, n_b) = firings[0], max(firings, key=lambda f: (f[1], -f[0]))
+    threads = log_dir / "torch-threads"
     return {
-        "events_seen": m_b["events_seen"],
+        "trainer_torch_threads": int(threads.read_text()) if threads.exists() else None,
+        "events_seen": n_b,
         "versions": len(versions),
+        "firings": len(firings),
         "steady_s": t_b - t_a,
-        "events_per_s": (m_b["events_seen"] - m_a["events_seen"]) / (t_b - t_a),
+        "events_per_s": (n_b - n_a) / (t_b - t_a),
         "elapsed_s": res.elapsed_s,
         "first_version_s": res.first_version_s,
-        "overall_events_per_s": m_b["events_seen"] / res.elapsed_s,
+        "overall_events_per_s": n_b / res.elapsed_s,
     }
 
 
 # ------------------------------------------------------------------------- compute only
-def run_compute_only(cfg) -> dict[str, Any]:
+def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
+    import torch
+
     from flink_job.datasets import records
     from flink_job.offline import batches, to_stream
     from models.online import train_and_maybe_export
     from models.text_encoder import load_encoder
     from models.trainer import OnlineLearner, new_meta
 
+    if threads:  # as many intra-op threads as the job's trainer worker had
+        torch.set_num_threads(threads)
     encoder = load_encoder(cfg.model.text_encoder, cfg.model.text_max_length)
     stream = list(to_stream(records(cfg.replay), cfg))  # parse + user stage, not timed
     learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=encoder.dim if encoder else 0)
@@ -176,6 +222,7 @@ def run_compute_only(cfg) -> dict[str, Any]:
     t_a, n_a = first or (t0, 0)
     return {
         "samples": n,
+        "torch_threads": torch.get_num_threads(),
         "versions": versions,
         "elapsed_s": end - t0,
         "events_per_s": (n - n_a) / (end - t_a),
@@ -195,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         help="model.text_encoder values: minilm (default config) and/or none (id-only)",
     )
     p.add_argument("--checkpoint-ms", type=int, default=10_000)
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads of the compute-only loop (0 = as the job's trainer worker)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per Flink run")
     p.add_argument("--workdir", default="", help="scratch directory (default: a temp dir)")
     args = p.parse_args(argv)
@@ -226,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for enc in args.encoders.split(","):
                 cfg0 = C.config([*base, f"model.text_encoder='{enc}'"])
-                C.log(f"compute-only ({enc}): {stats.events} events without Flink")
-                comp = run_compute_only(cfg0)
+                enc_rows = []
                 for par in [int(x) for x in args.parallelism.split(",")]:
                     tag = f"p{par}-{enc}"
                     cfg = C.config([
@@ -241,7 +293,14 @@ def main(argv: list[str] | None = None) -> int:
                     C.log(f"pass-through ({tag})")
                     pt = run_passthrough(cfg, bootstrap, work / tag / "passthrough", args.timeout)
                     C.log(f"job ({tag})")
-                    job = run_job(cfg, bootstrap, args.timeout)
+                    job = run_job(cfg, bootstrap, args.timeout, work / tag / "trainer-log")
+                    enc_rows.append((par, pt, job))
+                # Same intra-op thread count as the job's trainer (a Python worker process):
+                # on a busy machine it changes the learn loop's speed several times over.
+                threads = args.torch_threads or enc_rows[0][2]["trainer_torch_threads"]
+                C.log(f"compute-only ({enc}, {threads} torch thread(s)): without Flink")
+                comp = run_compute_only(cfg0, threads)
+                for par, pt, job in enc_rows:
                     rows.append({
                         "parallelism": par,
                         "encoder": enc,
