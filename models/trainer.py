@@ -620,7 +620,7 @@ class OnlineLearner:
         rows = torch.from_numpy(cat.row_of[hist[:, 0].cpu().numpy()]).to(self.device)
         block = self.table.data[rows, off : off + 2 * m]
         top = torch.topk(block[:, m:], k, dim=1)
-        idx = block[:, :m].gather(1, top.indices).long()[top.values > 0].unique()
+        idx = torch.unique(block[:, :m].gather(1, top.indices).long()[top.values > 0])
         live = torch.tensor([bool(cat.ids[i]) for i in idx.tolist()], dtype=torch.bool)
         return idx[live.to(self.device)] if len(idx) else empty
 
