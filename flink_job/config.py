@@ -34,6 +34,8 @@ class KafkaConfig:
     items_topic: str = "items"
     dlq_topic: str = "events.dlq"
     models_topic: str = "models"
+    # Prequential metrics, one JSON record per trainer firing ("" = not published).
+    metrics_topic: str = "metrics"
     group_id: str = "rtrec"
     partitions: int = 2
     # "earliest" | "latest" | "committed": where the job starts when it has no checkpoint.
@@ -90,6 +92,8 @@ class ExportConfig:
     # "exactly_once" (transactional, visible to read_committed consumers at checkpoints)
     # or "at_least_once".
     kafka_delivery: str = "exactly_once"
+    # TensorBoard event files of the prequential metrics, <dir>/<model key> ("" = off).
+    tensorboard_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from flink_job.offline_train import Bucket, PrequentialResult, split_stream
 from models.baselines import Baseline, default_baselines, positives
 from models.events import Item
 from models.history import Sample
+from models.metrics import prequential_step, summary
 from models.text_encoder import load_encoder
 from models.trainer import OnlineLearner, new_meta
 
@@ -87,11 +88,14 @@ def run_eval(
     n_buckets: int = 10,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    baselines: list[Baseline] | None = None,
 ) -> dict[str, Any]:
-    """Prequential comparison of the online learner, its frozen copy and the baselines.
+    """Prequential comparison of the online learner, its frozen copy and the baselines
+    (``baselines`` None = :func:`~models.baselines.default_baselines`).
 
     Returns (and with ``out_dir`` writes as ``results.json``, ``results.md`` and two PNG
-    plots) the metrics per model, overall and per time bucket.
+    plots) the metrics per model, overall and per time bucket, and the online learner's
+    drift detections (``drift``: event time, step, and test positives seen before each).
     """
     data = list(stream)
     warm, test = split_stream(data, warmup)
@@ -102,7 +106,17 @@ def run_eval(
 
     online = OnlineLearner(cfg.model, cfg.trainer, text_dim=text_dim)
     meta = new_meta(cfg.job.model_key)
-    baselines: list[Baseline] = default_baselines()
+    baselines = default_baselines() if baselines is None else baselines
+    detections: list[dict[str, Any]] = []
+
+    def online_step(samples: list[Sample], test_seen: int | None) -> list[int]:
+        out = prequential_step(online, meta, samples)
+        if out.drift_detected:
+            detections.append(
+                {"step": meta["step"], "event_time_ms": meta["hwm_ts"], "test_positive": test_seen}
+            )
+        return out.ranks
+
     names = [*LEARNERS, *(b.name for b in baselines)]
     trackers = {n: _Tracker(k, n_buckets) for n in names}
 
@@ -112,8 +126,8 @@ def run_eval(
     for items, samples in bar:
         if items:
             online.ingest_items(items, meta, encoder)
-        if samples:
-            online.learn(samples, meta)
+        if samples:  # test-then-train like the job (its meta metrics and drift state too)
+            online_step(samples, None)
         for b in baselines:
             b.ingest_items(items)
             b.learn(samples)
@@ -146,10 +160,13 @@ def run_eval(
                 learner, m = (online, meta) if name == "online" else (frozen, frozen_meta)
                 if items:
                     learner.ingest_items(items, m, encoder)
-                ranks = learner.rank_targets(pos)
                 tops = learner_top_k(learner, cov_samples, k)
                 if name == "online" and samples:
-                    learner.learn(samples, m)
+                    # The job's own test-then-train step (ranks with the current weights,
+                    # then learns): the stream's metrics and these come from one function.
+                    ranks = online_step(samples, seen)
+                else:
+                    ranks = learner.rank_targets(pos)
             else:
                 b = next(x for x in baselines if x.name == name)
                 b.ingest_items(items)
@@ -179,7 +196,7 @@ def run_eval(
         models[name] = {"overall": overall, "per_bucket": per, "seconds": round(tr.seconds, 2)}
     base_names = [b.name for b in baselines]
     ratios: dict[str, Any] = {}
-    for metric in (f"recall@{k}", f"ndcg@{k}", "mrr"):
+    for metric in (f"recall@{k}", f"ndcg@{k}", "mrr") if base_names else ():
         best = max(base_names, key=lambda n: models[n]["overall"][metric])
         ratios[metric] = {
             "best_baseline": best,
@@ -209,6 +226,7 @@ def run_eval(
         ],
         "models": models,
         "online_vs_best_baseline": ratios,
+        "drift": {"detections": detections, "online": summary(meta).get("drift")},
     }
     if out_dir is not None:
         write_report(result, Path(out_dir))
@@ -251,7 +269,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         )
     lines.append("")
     for metric in (f"recall@{k}", f"ndcg@{k}", "mrr"):
-        r = res["online_vs_best_baseline"][metric]
+        r = res["online_vs_best_baseline"].get(metric)
+        if r is None:
+            continue
         lines.append(
             f"- online / best baseline ({r['best_baseline']}) on {metric}: "
             f"**{_fmt_ratio(r['overall'])}**"
@@ -268,10 +288,11 @@ def render_markdown(res: dict[str, Any]) -> str:
         for name, m in models.items():
             vals = " | ".join(f"{b[metric]:.4f}" for b in m["per_bucket"])
             lines.append(f"| {name} | {vals} |")
-        ratios = " | ".join(
-            _fmt_ratio(x) for x in res["online_vs_best_baseline"][metric]["per_bucket"]
-        )
-        lines.append(f"| online / best baseline | {ratios} |")
+        if metric in res["online_vs_best_baseline"]:
+            ratios = " | ".join(
+                _fmt_ratio(x) for x in res["online_vs_best_baseline"][metric]["per_bucket"]
+            )
+            lines.append(f"| online / best baseline | {ratios} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from pyflink.common import Configuration, Duration, Time, Types, WatermarkStrategy
 from pyflink.common.serialization import ByteArraySchema, SimpleStringSchema
@@ -33,7 +34,7 @@ from flink_job.jars import kafka_connector_jar
 from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
 from udfs.publish import PublishToRegistry, to_kafka_record
 from udfs.records import EVENT_TYPE, ITEM_TYPE, SAMPLE_TYPE, VERSION_TYPE, PicklableOutputTag
-from udfs.trainer import OnlineTrainer
+from udfs.trainer import METRICS_TAG, OnlineTrainer
 from udfs.user_window import UserWindowFunction
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
     raw = _kafka_bytes(env, cfg, bootstrap, k.events_topic)
     raw_items = _kafka_bytes(env, cfg, bootstrap, k.items_topic) if k.items_topic else None
 
-    versions, dead = build_pipeline(raw, cfg, raw_items)
+    versions, dead, metrics = build_graph(raw, cfg, raw_items)
     registry_sink(versions, cfg).print("model-version").uid("registry-log").name("registry-log")
 
     if cfg.export.publish_kafka:
@@ -194,6 +195,20 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
         "dlq-sink"
     ).name("dlq-sink")
 
+    if k.metrics_topic:  # prequential metrics, one JSON record per trainer firing
+        metrics.sink_to(
+            _sink(cfg, bootstrap, k.metrics_topic, exactly_once=False, tx_prefix="")
+        ).uid("metrics-sink").name("metrics-sink")
+
+
+class Pipeline(NamedTuple):
+    """The job's output streams: model versions (VERSION_TYPE rows), dead letters (JSON)
+    and prequential metrics records (JSON, models.metrics.metrics_record)."""
+
+    versions: object
+    dead: object
+    metrics: object
+
 
 def build_pipeline(raw, cfg: AppConfig, raw_items=None):
     """raw event bytes -> (model-version stream, dead-letter JSON stream).
@@ -202,6 +217,12 @@ def build_pipeline(raw, cfg: AppConfig, raw_items=None):
     timestamps and watermarks (the Kafka sources do).
     Source-agnostic so tests can feed a collection instead of Kafka.
     """
+    p = build_graph(raw, cfg, raw_items)
+    return p.versions, p.dead
+
+
+def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
+    """Like :func:`build_pipeline`, with the trainer's metrics side output too."""
     k = cfg.kafka
     parsed = (
         raw.process(ParseEvents(k.events_topic, cfg.job.hmac_key), output_type=EVENT_TYPE)
@@ -239,23 +260,32 @@ def build_pipeline(raw, cfg: AppConfig, raw_items=None):
         dead = dead.union(items.get_side_output(DLQ_TAG))
     else:  # no catalogue topic: an empty, immediately finished second input
         items = raw.get_execution_environment().from_collection([], type_info=ITEM_TYPE)
-    versions = (
+    trainer = (
         samples.connect(items)
         .key_by(lambda r: r[0], lambda r: r[0], key_type=Types.STRING())
         .process(
-            OnlineTrainer(cfg.model, cfg.trainer, cfg.export.top_k, _public_config(cfg)),
+            OnlineTrainer(
+                cfg.model,
+                cfg.trainer,
+                cfg.export.top_k,
+                _public_config(cfg),
+                cfg.export.tensorboard_dir,
+            ),
             output_type=VERSION_TYPE,
         )
         .uid("trainer")
         .name("trainer")
-        .assign_timestamps_and_watermarks(
+    )
+    metrics = trainer.get_side_output(METRICS_TAG)
+    versions = (
+        trainer.assign_timestamps_and_watermarks(
             WatermarkStrategy.no_watermarks().with_timestamp_assigner(VersionTime())
         )
         .uid("version-time")
         .name("version-time")
     )
 
-    return versions, dead.union(late)
+    return Pipeline(versions, dead.union(late), metrics)
 
 
 def registry_sink(versions, cfg: AppConfig):

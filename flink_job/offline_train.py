@@ -24,6 +24,7 @@ from flink_job.config import AppConfig
 from flink_job.offline import batches
 from models.events import Item
 from models.history import Sample
+from models.metrics import RankSums, positives, prequential_step
 from models.online import save_initial_state
 from models.text_encoder import TextEncoder, load_encoder
 from models.trainer import OnlineLearner, new_meta
@@ -104,8 +105,8 @@ def pretrain(
                 texts[it.item_id] = f"{it.title}. {it.text}".strip(". ") if it.text else it.title
             if items:
                 learner.ingest_items(items, meta, enc)
-            if samples:
-                learner.learn(samples, meta)
+            if samples:  # test-then-train, so the summary's recall10_ema is prequential
+                prequential_step(learner, meta, samples)
                 if lm_opt is not None:
                     lm_opt.step()
                     lm_opt.zero_grad(set_to_none=True)
@@ -135,30 +136,9 @@ def pretrain(
     return summary
 
 
-@dataclass
-class Bucket:
-    """Prequential sums over a stretch of the stream."""
-
-    n: int = 0
-    hits: float = 0.0
-    ndcg: float = 0.0
-    rr: float = 0.0
-
-    def add(self, rank: int, k: int) -> None:
-        self.n += 1
-        if rank <= k:
-            self.hits += 1.0
-            self.ndcg += 1.0 / math.log2(rank + 1)
-        self.rr += 1.0 / rank
-
-    def as_dict(self, k: int) -> dict[str, float]:
-        n = max(self.n, 1)
-        return {
-            "n": self.n,
-            f"recall@{k}": self.hits / n,
-            f"ndcg@{k}": self.ndcg / n,
-            "mrr": self.rr / n,
-        }
+# Prequential sums over a stretch of the stream: the trainer's own (models/metrics.py), so
+# `rtrec eval` and the streaming job turn ranks into metrics with the same code.
+Bucket = RankSums
 
 
 @dataclass
@@ -169,10 +149,7 @@ class PrequentialResult:
     def span(self, start: int, stop: int) -> dict[str, float]:
         b = Bucket()
         for x in self.buckets[start:stop]:
-            b.n += x.n
-            b.hits += x.hits
-            b.ndcg += x.ndcg
-            b.rr += x.rr
+            b.merge(x)
         return b.as_dict(self.k)
 
 
@@ -202,13 +179,14 @@ def prequential(
     for items, samples in batches(stream, learner.cfg.batch_size):
         if items:
             learner.ingest_items(items, meta, encoder)
-        pos = [s for s in samples if s.label == 1 and s.weight > 0]
-        for rank in learner.rank_targets(pos):
+        if learn and samples:  # the job's test-then-train step
+            ranks = prequential_step(learner, meta, samples).ranks
+        else:
+            ranks = learner.rank_targets(positives(samples))
+        for rank in ranks:
             result.buckets[min(seen // per_bucket, n_buckets - 1)].add(rank, k)
             seen += 1
-        if learn and samples:
-            learner.learn(samples, meta)
-        bar.update(len(pos))
+        bar.update(len(ranks))
     bar.close()
     return result
 

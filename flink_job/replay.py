@@ -21,7 +21,13 @@ def replay(cfg: AppConfig, bootstrap: str, rate: float = 0.0, progress: bool = T
     k = cfg.kafka
     create_topics(
         bootstrap,
-        [k.events_topic, k.items_topic, k.dlq_topic, k.models_topic],
+        [
+            k.events_topic,
+            k.items_topic,
+            k.dlq_topic,
+            k.models_topic,
+            *([k.metrics_topic] if k.metrics_topic else []),
+        ],
         k.partitions,
         k.properties,
     )

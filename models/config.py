@@ -89,6 +89,19 @@ class TrainerConfig:
     deterministic: bool = False
     # A `rtrec pretrain` output: every new model key starts from it ("" = random init).
     initial_state: str = ""
+    # Prequential metrics (test-then-train, models/metrics.py): Recall@K / NDCG@K at this K.
+    metrics_k: int = 10
+    # Page-Hinkley drift detection on the prequential loss (one observation per step):
+    # tolerance per step, alarm threshold, steps before it may fire, running-mean window.
+    drift_enabled: bool = True
+    drift_delta: float = 0.01
+    drift_threshold: float = 1.5
+    drift_min_samples: int = 30
+    drift_memory: int = 200
+    # On a detection, multiply the learning rate by drift_lr_boost for drift_boost_steps
+    # steps (1.0 = no boost).
+    drift_lr_boost: float = 1.0
+    drift_boost_steps: int = 20
 
 
 @dataclass(frozen=True)

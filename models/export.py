@@ -25,6 +25,7 @@ import onnx
 import torch
 from torch import nn
 
+from models.metrics import summary
 from models.trainer import OnlineLearner
 from models.two_tower import TopKModel, TwoTower
 
@@ -228,6 +229,9 @@ def build_version(
             "expired_rows": meta.get("expired_rows", 0),
             "targets_without_text": meta.get("targets_without_text", 0),
             "items_ingested": meta.get("items_ingested", 0),
+            # Test-then-train Recall@K / NDCG@K / MRR / loss: cumulative and recent (EMA),
+            # and the drift detector's detections (models/metrics.py).
+            "prequential": summary(meta),
         },
         "files": sorted(["model.onnx", *extras]),
         "config": config,

@@ -20,6 +20,7 @@ import torch
 from models.events import Item
 from models.export import ModelVersion, NonFiniteModelError, build_version
 from models.history import Sample
+from models.metrics import metrics_record, prequential_step
 from models.text_encoder import TextEncoder
 from models.trainer import OnlineLearner, StepResult
 
@@ -31,6 +32,10 @@ INITIAL_STATE_FORMAT = 1
 class Firing:
     result: StepResult
     version: ModelVersion | None
+    # The firing's prequential metrics record (models.metrics.metrics_record): the batch's
+    # Recall@K / NDCG@K / MRR / loss measured before learning from it, and the running
+    # aggregates; None when the firing had no samples.
+    metrics: dict[str, Any] | None = None
 
 
 def save_initial_state(learner: OnlineLearner, meta: dict[str, Any], path: str | Path) -> None:
@@ -91,7 +96,8 @@ def train_and_maybe_export(
     new_items: list[Item] | None = None,
     encoder: TextEncoder | None = None,
 ) -> Firing:
-    """Ingest ``new_items``, learn from ``samples`` (either may be empty), export when due.
+    """Ingest ``new_items``, test-then-train on ``samples`` (either may be empty), export
+    when due.
 
     ``meta`` is updated in place (step, counters, version); the caller persists it
     together with the result's touched/removed rows and catalogue entries and dense blob.
@@ -103,7 +109,13 @@ def train_and_maybe_export(
             initial = load_initial_state(learner, meta, learner.cfg.initial_state)
     learner.ensure_loaded(meta, dense_blob, rows, items_state)
     ingested = learner.ingest_items(new_items, meta, encoder) if new_items else {}
-    result = learner.learn(samples, meta) if samples else StepResult()
+    record = None
+    if samples:  # test-then-train: rank with the current weights, then learn
+        batch = prequential_step(learner, meta, samples)
+        result = batch.result
+        record = metrics_record(meta, batch)
+    else:
+        result = StepResult()
     result.touched_rows = {**initial.touched_rows, **result.touched_rows}
     result.touched_items = {**initial.touched_items, **ingested, **result.touched_items}
     for gone in result.removed_items:
@@ -126,4 +138,4 @@ def train_and_maybe_export(
             meta["last_export_step"] = meta["step"]
             meta["last_export_wall"] = time.time()
             meta["samples_since_export"] = 0
-    return Firing(result, version)
+    return Firing(result, version, record)

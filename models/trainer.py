@@ -109,6 +109,9 @@ class OnlineLearner:
         # Set by `rtrec pretrain --unfreeze-top N`: catalogue indices [N] -> differentiable
         # text embeddings [N, T] from the language model being fine-tuned.
         self.text_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Learning-rate multiplier of the next step (models/metrics.py sets it while a
+        # drift boost is on; it is derived from meta state, never stored here).
+        self.lr_scale = 1.0
         self._fresh()
 
     # ----------------------------------------------------------------- state <-> cache
@@ -362,10 +365,11 @@ class OnlineLearner:
                 result.touched_items.pop(item_id, None)
 
     def learn(self, samples: list[Sample], meta: dict[str, Any]) -> StepResult:
-        """Test-then-train on one micro-batch; updates ``meta`` in place.
+        """One gradient step on a micro-batch; updates ``meta`` in place.
 
-        Scores the batch with the current model first (prequential recall@10 and loss),
-        then takes one gradient step with the configured loss.
+        ``result.loss`` is the batch's loss before the step (the prequential loss). The
+        ranking half of test-then-train is :func:`models.metrics.prequential_step`, which
+        scores the batch with :meth:`rank_targets` and then calls this.
         """
         meta["events_seen"] += len(samples)
         meta["samples_since_export"] += len(samples)
@@ -438,9 +442,6 @@ class OnlineLearner:
         if self.cfg.l2 > 0:
             loss = loss + self.cfg.l2 * (sub.pow(2).sum() / len(pos))
 
-        # Prequential score of this batch before learning from it: recall@10 over the catalogue.
-        hits = self._recall_at_10(user.detach(), hist, targets)
-
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         grads = [p.grad for p in self._dense_params() if p.grad is not None]
@@ -461,6 +462,8 @@ class OnlineLearner:
         else:
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([*self._dense_params(), sub], self.cfg.grad_clip)
+            for group in self.opt.param_groups:
+                group["lr"] = self.cfg.lr * self.lr_scale
             self.opt.step()
             if sub.grad is not None:
                 self._sparse_update(rows, sub.grad)
@@ -469,9 +472,6 @@ class OnlineLearner:
             lv = float(loss.item())
             meta["loss_ema"] = (
                 lv if meta["loss_ema"] is None else 0.98 * meta["loss_ema"] + 0.02 * lv
-            )
-            meta["recall10_ema"] = (
-                hits if meta["recall10_ema"] is None else 0.98 * meta["recall10_ema"] + 0.02 * hits
             )
             result.loss = lv
             result.dense_blob = self.dense_blob()
@@ -580,15 +580,6 @@ class OnlineLearner:
                 ranks[id(s)] = int(v)
         return [ranks.get(id(s), miss) for s in samples]
 
-    def _recall_at_10(self, user: torch.Tensor, hist: torch.Tensor, targets: torch.Tensor) -> float:
-        with torch.no_grad():
-            scores = self.score_all(user)
-            scores.scatter_(1, hist, -math.inf)  # exclude what the user already saw
-            scores[:, 0] = -math.inf
-            k = min(10, len(self.catalog))
-            top = torch.topk(scores, k, dim=1).indices
-            return float((top == targets.unsqueeze(1)).any(dim=1).float().mean().item())
-
     # ------------------------------------------------------------ transition memory
     def successors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Transition memory per catalogue index: successor indices [size, M] (0 = empty
@@ -650,7 +641,7 @@ class OnlineLearner:
 
     def _sparse_update(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Apply the configured optimizer to the touched id rows only ([R, D] grads)."""
-        d, lr, data = self.dim, self.cfg.lr, self.table.data
+        d, lr, data = self.dim, self.cfg.lr * self.lr_scale, self.table.data
         with torch.no_grad():
             if self.cfg.optimizer == "adagrad":
                 acc = data[rows, d] + grad.pow(2).mean(dim=1)  # row-wise accumulator

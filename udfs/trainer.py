@@ -7,7 +7,12 @@ State per model key (see DESIGN.md "State rules"):
 - ``dense`` the dense parameters + optimizer state blob;
 - ``rows`` MapState item id -> packed id-embedding row (only touched rows are written);
 - ``items`` MapState item id -> packed catalogue entry (text embedding, categories, counts);
-- ``meta`` counters (step, version, events seen, high-water mark...).
+- ``meta`` counters (step, version, events seen, high-water mark...), the prequential
+  metrics aggregates and the drift detector (models/metrics.py).
+
+Besides model versions (main output) every firing that trained emits its prequential
+metrics record as JSON on the ``METRICS_TAG`` side output, updates the operator's Flink
+metrics (group ``prequential``) and, with ``export.tensorboard_dir``, TensorBoard scalars.
 """
 
 from __future__ import annotations
@@ -16,26 +21,37 @@ import json
 import pickle
 
 from pyflink.common import Types
-from pyflink.datastream import KeyedCoProcessFunction, TimeDomain
+from pyflink.datastream import KeyedCoProcessFunction, OutputTag, TimeDomain
 from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor
 
 from models.config import ModelConfig, TrainerConfig
+from models.metrics import TensorBoardLog
 from models.online import train_and_maybe_export
 from models.text_encoder import load_encoder
 from models.trainer import OnlineLearner, new_meta
 from udfs.records import ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
 
 END_OF_INPUT_TS = 2**63 - 2  # fires when a bounded input ends (watermark = Long.MAX_VALUE)
+# One JSON metrics record (models.metrics.metrics_record) per firing that trained.
+METRICS_TAG = OutputTag("prequential-metrics", Types.STRING())
+# Flink gauges are integers: ratios and losses are reported in millionths.
+GAUGE_SCALE = 1_000_000
 
 
 class OnlineTrainer(KeyedCoProcessFunction):
     def __init__(
-        self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, top_k: int, config: dict
+        self,
+        model_cfg: ModelConfig,
+        trainer_cfg: TrainerConfig,
+        top_k: int,
+        config: dict,
+        tensorboard_dir: str = "",
     ):
         self.model_cfg = model_cfg
         self.cfg = trainer_cfg
         self.top_k = top_k
         self.config = config
+        self.tensorboard_dir = tensorboard_dir
         self.learners: dict[str, OnlineLearner] = {}
 
     def open(self, runtime_context):
@@ -58,6 +74,48 @@ class OnlineTrainer(KeyedCoProcessFunction):
             ListStateDescriptor("ordered", Types.TUPLE([Types.LONG(), SAMPLE_TYPE]))
         )
         self.encoder = load_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
+        self._open_metrics(rc.get_metrics_group().add_group("prequential"))
+        self.tensorboard = TensorBoardLog(self.tensorboard_dir) if self.tensorboard_dir else None
+
+    def _open_metrics(self, group) -> None:
+        """Counters (this subtask's work since it started) and gauges (the latest record's
+        values, of the model key that fired last; x1e6 where fractional)."""
+        self.last_record: dict = {}
+        self.c_batches = group.counter("batches")
+        self.c_ranked = group.counter("positives_ranked")
+        self.c_hits = group.counter("hits_at_k")
+        self.c_drift = group.counter("drift_detections")
+        k = self.cfg.metrics_k
+
+        def gauge(section: str, name: str):
+            def value() -> int:
+                v = self.last_record.get(section, {}).get(name)
+                return round(v * GAUGE_SCALE) if isinstance(v, int | float) else 0
+
+            return value
+
+        for section in ("recent", "cumulative"):
+            for name, label in ((f"recall@{k}", "recall"), (f"ndcg@{k}", "ndcg"), ("mrr", "mrr")):
+                group.gauge(f"{label}_{section}_e6", gauge(section, name))
+            group.gauge(f"loss_{section}_e6", gauge(section, "loss"))
+        group.gauge("step", lambda: int(self.last_record.get("step", 0)))
+
+    def close(self):
+        if getattr(self, "tensorboard", None) is not None:
+            self.tensorboard.close()
+
+    def _report(self, record: dict) -> str:
+        """Flink metrics + TensorBoard for one metrics record; returns its JSON."""
+        self.last_record = record
+        b = record["batch"]
+        self.c_batches.inc()
+        self.c_ranked.inc(b["n"])
+        self.c_hits.inc(b["hits"])
+        if b["drift_detected"]:
+            self.c_drift.inc()
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+        return json.dumps(record, sort_keys=True)
 
     def _meta(self, key: str) -> dict:
         raw = self.meta.value()
@@ -180,6 +238,8 @@ class OnlineTrainer(KeyedCoProcessFunction):
         if r.dense_blob is not None:
             self.dense.update(r.dense_blob)
         self.meta.update(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
+        if firing.metrics is not None:
+            yield METRICS_TAG, self._report(firing.metrics)
         if firing.version is not None:
             v = firing.version
             extras = pickle.dumps(v.extras, protocol=pickle.HIGHEST_PROTOCOL)

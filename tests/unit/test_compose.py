@@ -185,7 +185,7 @@ def test_topics_service_creates_exactly_the_configured_topics(services):
     script = " ".join(_command(services["topics"]))
     created = re.findall(r"--topic\s+(\S+)", script)
     k = KafkaConfig()
-    expected = {k.events_topic, k.items_topic, k.dlq_topic, k.models_topic}
+    expected = {k.events_topic, k.items_topic, k.dlq_topic, k.models_topic, k.metrics_topic}
     assert set(created) == expected
     assert len(created) == len(expected), f"a topic is created twice: {created}"
     assert script.count("--create") == len(expected)

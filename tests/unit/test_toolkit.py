@@ -7,6 +7,7 @@ import torch
 from models.config import ModelConfig, TrainerConfig
 from models.export import build_version
 from models.history import Sample
+from models.metrics import prequential_step
 from models.registry import publish
 from models.serving import OnnxRecommender
 from models.trainer import OnlineLearner, new_meta
@@ -19,7 +20,7 @@ CPU = torch.device("cpu")
 def train(learner, data, batch=32):
     meta = new_meta("m")
     for i in range(0, len(data), batch):
-        learner.learn(data[i : i + batch], meta)
+        prequential_step(learner, meta, data[i : i + batch])
     return meta
 
 
