@@ -476,7 +476,7 @@ class OnlineLearner:
             result.loss = lv
             result.dense_blob = self.dense_blob()
             touched_rows.update(rows.tolist())
-        self._remember_transitions(pos, touched_rows)
+            self._remember_transitions(pos, touched_rows)
         meta["step"] += 1
         if self.asm is not None and meta["step"] % max(1, self.cfg.adaptive_resort_steps) == 0:
             moved = resort_by_frequency(self.asm, self.opt, cat)
