@@ -7,11 +7,17 @@ Flink functions call (parse, per-user history, learner), event by event.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from flink_job.config import AppConfig
 from flink_job.datasets import Record
-from models.events import InvalidRecord, Item, parse_event, parse_item
+from models.events import Event, InvalidRecord, Item, parse_event, parse_item, pseudonymise
+from models.export import ModelVersion
 from models.history import Sample, UserState, advance_user
+from models.online import train_and_maybe_export
+from models.text_encoder import TextEncoder
+from models.trainer import OnlineLearner, new_meta
 
 
 def to_stream(records: Iterable[Record], cfg: AppConfig) -> Iterator[Item | Sample]:
@@ -47,3 +53,117 @@ def batches(
             items, samples = [], []
     if items or samples:
         yield items, samples
+
+
+def job_firings(
+    records: Iterable[Record], cfg: AppConfig
+) -> Iterator[tuple[list[Item], list[Sample], bool]]:
+    """The trainer firings of the Flink job in deterministic mode (``trainer.deterministic``),
+    without Flink: ``(catalogue items, samples, final)`` per call of the learner.
+
+    Mirrors the job graph for input in event-time order (no late events): user ids are
+    pseudonymised as ParseEvents does; each user's events are grouped into tumbling
+    windows of ``job.window_ms`` and applied with :func:`advance_user`; a sample's time is
+    its window's last millisecond (the window output's record timestamp). The trainer
+    (udfs/trainer.py ``_drain``) then runs one event-time timer per distinct sample and
+    catalogue time, in order: at time T the catalogue records with ts <= T are ingested
+    (with the first firing at T) and the samples with time <= T, sorted by (time, ts, user,
+    event id), are cut into batches of exactly ``trainer.batch_size`` (a partial batch
+    waits; a timer with no full batch still fires, to ingest items). At the end of the
+    input, everything left is one final firing.
+    """
+    key = cfg.job.hmac_key.encode() if cfg.job.hmac_key else b""
+    w = cfg.job.window_ms
+    h, mk = cfg.model.history_length, cfg.job.model_key
+    items: list[Item] = []
+    windows: dict[tuple[str, int], list[Event]] = {}
+    for rec in records:
+        try:
+            if rec.topic == "items":
+                items.append(parse_item(rec.value))
+                continue
+            e = parse_event(rec.value)
+        except InvalidRecord:
+            continue
+        if key:
+            e = Event(e.event_id, pseudonymise(e.user_id, key), e.item_id, e.type, e.ts, e.value)
+        windows.setdefault((e.user_id, e.ts - e.ts % w), []).append(e)
+    users: dict[str, UserState] = {}
+    timed: list[tuple[int, Sample]] = []
+    for (user, start), events in sorted(windows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        st, samples = advance_user(users.get(user), events, cfg.user, h, mk)
+        users[user] = st
+        timed += [(start + w - 1, s) for s in samples]
+    timed.sort(key=lambda e: (e[0], e[1].ts, e[1].user_id, e[1].event_id))
+    items.sort(key=lambda it: (it.ts, it.item_id))  # the trainer's order of due items
+    bs = cfg.trainer.batch_size
+    next_item = next_sample = cut = 0  # samples[cut:next_sample] wait for a full batch
+    for t in sorted({ts for ts, _ in timed} | {it.ts for it in items}):
+        start_item = next_item
+        while next_item < len(items) and items[next_item].ts <= t:
+            next_item += 1
+        due = items[start_item:next_item]
+        while next_sample < len(timed) and timed[next_sample][0] <= t:
+            next_sample += 1
+        full = cut + (next_sample - cut) // bs * bs
+        if full == cut:
+            yield due, [], False
+        for i, b in enumerate(range(cut, full, bs)):
+            yield (due if i == 0 else []), [s for _, s in timed[b : b + bs]], False
+        cut = full
+    yield items[next_item:], [s for _, s in timed[cut:]], True
+
+
+@dataclass
+class JobReplay:
+    """What :func:`replay_job` produced: the trainer's final meta state, one metrics
+    record per firing that trained (the job's ``metrics`` topic) and the model versions."""
+
+    meta: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    versions: list[ModelVersion] = field(default_factory=list)
+
+
+def replay_job(
+    records: Iterable[Record], cfg: AppConfig, encoder: TextEncoder | None = None
+) -> JobReplay:
+    """Run the trainer of a deterministic-mode job over ``records`` without Flink: the
+    firings of :func:`job_firings`, each through :func:`models.online.train_and_maybe_export`
+    (what udfs/trainer.py calls), with the trainer's state kept in dicts."""
+    from flink_job.config import to_dict
+
+    learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=encoder.dim if encoder else 0)
+    meta = new_meta(cfg.job.model_key)
+    rows: dict[str, bytes] = {}
+    cat: dict[str, bytes] = {}
+    dense: list[bytes | None] = [None]
+    out = JobReplay(meta)
+    config = to_dict(cfg)
+    for items, samples, final in job_firings(records, cfg):
+        firing = train_and_maybe_export(
+            learner,
+            meta,
+            samples,
+            lambda: dense[0],
+            rows.items,
+            cfg.export.top_k,
+            config,
+            force_export=final,
+            items_state=cat.items,
+            new_items=items,
+            encoder=encoder,
+        )
+        r = firing.result
+        rows.update(r.touched_rows)
+        for gone in r.removed_rows:
+            rows.pop(gone, None)
+        cat.update(r.touched_items)
+        for gone in r.removed_items:
+            cat.pop(gone, None)
+        if r.dense_blob is not None:
+            dense[0] = r.dense_blob
+        if firing.metrics is not None:
+            out.metrics.append(firing.metrics)
+        if firing.version is not None:
+            out.versions.append(firing.version)
+    return out
