@@ -70,7 +70,15 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         cfg = _cfg(args)
         k = cfg.kafka
         create_topics(
-            bootstrap, [k.events_topic, k.items_topic, k.dlq_topic, k.models_topic], k.partitions
+            bootstrap,
+            [
+                k.events_topic,
+                k.items_topic,
+                k.dlq_topic,
+                k.models_topic,
+                *([k.metrics_topic] if k.metrics_topic else []),
+            ],
+            k.partitions,
         )
         print(bootstrap)
         return 0

@@ -107,6 +107,8 @@ class ReplayConfig:
     new_items_midstream: int = 40
     malformed_fraction: float = 0.01
     drift_every_events: int = 2000
+    drift_fraction: float = 0.2  # share of the users whose taste moves at each drift
+    drift_reshuffle: bool = False  # at each drift also reshuffle every topic's item order
     seed: int = 7
     max_events: int = 0  # 0 = all (MovieLens)
 

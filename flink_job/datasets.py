@@ -141,7 +141,9 @@ def synthetic(cfg: ReplayConfig, stats: ReplayStats | None = None) -> Iterator[R
 
     Items belong to topics; their titles/text use topic words (so a text encoder can tell
     topics apart). Each user prefers one topic (sometimes two) and, every
-    ``drift_every_events`` events, a fifth of the users move to another topic. Within a
+    ``drift_every_events`` events, a share ``drift_fraction`` of the users (a fifth by
+    default) move to another topic; with ``drift_reshuffle`` each topic's items are also
+    reshuffled then (other items become popular and follow each other). Within a
     topic, the next item is usually close to the previous one (sequential signal); a
     Zipf law sets popularity. ``new_items_midstream`` items first appear in the catalogue
     halfway through and are then interacted with.
@@ -182,8 +184,12 @@ def synthetic(cfg: ReplayConfig, stats: ReplayStats | None = None) -> Iterator[R
             yield make_item(next_new, ts)
             next_new += 1
         if cfg.drift_every_events and e and e % cfg.drift_every_events == 0:
-            for u in rng.sample(range(cfg.num_users), max(1, cfg.num_users // 5)):
+            movers = max(1, int(cfg.num_users * cfg.drift_fraction))
+            for u in rng.sample(range(cfg.num_users), min(movers, cfg.num_users)):
                 taste[u] = rng.randrange(len(topics))
+            if cfg.drift_reshuffle:  # item-level drift: new popular items and sequences
+                for pool in items_by_topic.values():
+                    rng.shuffle(pool)
         if malformed_every and e % malformed_every == malformed_every // 2:
             st.malformed += 1
             yield Record("events", b"bad", hostile[st.malformed % len(hostile)], ts, valid=False)
