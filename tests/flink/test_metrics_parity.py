@@ -38,6 +38,7 @@ def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path):
     registry = tmp_path / "registry"
     cfg = make_cfg(
         f"export.registry_dir='{registry}'",
+        f"export.tensorboard_dir='{tmp_path / 'tb'}'",
         "trainer.deterministic=true",
         "job.parallelism=2",
         "model.text_encoder='none'",
@@ -93,3 +94,11 @@ def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path):
     assert_same(
         manifest["metrics"]["prequential"], offline.versions[-1].manifest["metrics"]["prequential"]
     )
+    # The trainer also wrote the records as TensorBoard scalars (flushed when it closed).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "default"))
+    acc.Reload()
+    cum = acc.Scalars("cumulative/recall@10")
+    assert [e.step for e in cum] == [r["step"] for r in job_metrics]
+    assert math.isclose(cum[-1].value, last["cumulative"]["recall@10"], rel_tol=1e-6)
