@@ -13,7 +13,8 @@ from models.trainer import OnlineLearner, new_meta
 from models.two_tower import TopKModel
 from tests.unit.helpers import topic_samples
 
-MC = ModelConfig(dim=16, history_length=8, hidden=32)
+# The dot-product path (the transition memory's graph is tested in test_transitions.py).
+MC = ModelConfig(dim=16, history_length=8, hidden=32, transition_slots=0)
 
 
 @pytest.fixture(scope="module")
