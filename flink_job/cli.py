@@ -365,7 +365,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for ov in [*extra, *args.overrides]:
         cmd += ["--set", ov]
     log.info("running %s", " ".join(cmd))
-    return subprocess.call(cmd, env={**os.environ, "PYFLINK_CLIENT_EXECUTABLE": sys.executable})
+    # The client process that builds the job graph must import the same tree that
+    # --pyFiles ships to the workers (not whatever copy happens to be installed).
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYFLINK_CLIENT_EXECUTABLE": sys.executable, "PYTHONPATH": path}
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_savepoint(args: argparse.Namespace) -> int:

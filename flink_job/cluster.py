@@ -55,6 +55,9 @@ class StandaloneCluster:
             "heartbeat.timeout": "8000",
             "heartbeat.interval": "1000",
             "parallelism.default": "1",
+            # Keep about a second of data in flight instead of full network buffers, so a
+            # checkpoint or stop-with-savepoint barrier is not queued behind the backlog.
+            "taskmanager.network.memory.buffer-debloat.enabled": "true",
         }
 
     def _env(self) -> dict[str, str]:
@@ -139,6 +142,29 @@ class StandaloneCluster:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=10)
         return p.pid
+
+    def python_workers(self) -> list[int]:
+        """PIDs of the Python worker processes (Beam SDK harnesses) of the TaskManagers."""
+        groups = {p.pid for p in self.tms if p.poll() is None}
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+                if b"fn_execution" in cmd and os.getpgid(int(d.name)) in groups:
+                    pids.append(int(d.name))
+            except (OSError, ProcessLookupError):
+                continue  # exited while we looked
+        return sorted(pids)
+
+    def kill_python_worker(self) -> int:
+        """kill -9 one Python worker process (the TaskManager JVM stays up)."""
+        pids = self.python_workers()
+        if not pids:
+            raise RuntimeError("no Python worker process is running on the TaskManagers")
+        os.kill(pids[0], signal.SIGKILL)
+        return pids[0]
 
     def restart_taskmanager(self, i: int = 0) -> None:
         self.tms[i] = self._spawn("taskmanager.sh", f"taskmanager-{i}-r")

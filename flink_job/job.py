@@ -28,6 +28,7 @@ from pyflink.datastream.connectors.kafka import (
 )
 from pyflink.datastream.externalized_checkpoint_retention import ExternalizedCheckpointRetention
 from pyflink.datastream.window import TumblingEventTimeWindows
+from pyflink.java_gateway import get_gateway
 
 from flink_job.config import AppConfig, to_dict
 from flink_job.jars import kafka_connector_jar
@@ -74,6 +75,10 @@ def make_env(
         "restart-strategy.fixed-delay.attempts": str(cfg.job.restart_attempts),
         "restart-strategy.fixed-delay.delay": f"{cfg.job.restart_delay_ms} ms",
         "pipeline.name": cfg.job.name,
+        # (Local mini-cluster; a real cluster takes it from its own config.) About a second
+        # of data in flight instead of full network buffers: checkpoint barriers are not
+        # queued behind the backlog the Kafka source reads ahead.
+        "taskmanager.network.memory.buffer-debloat.enabled": "true",
     }
     settings["state.backend.type"] = cfg.job.state_backend
     if cfg.job.checkpoint_interval_ms > 0:
@@ -117,15 +122,22 @@ def _starting_offsets(cfg: AppConfig) -> KafkaOffsetsInitializer:
 def _sink(
     cfg: AppConfig, bootstrap: str, topic: str, exactly_once: bool, tx_prefix: str
 ) -> KafkaSink:
+    records = (
+        KafkaRecordSerializationSchema.builder()
+        .set_topic(topic)
+        .set_value_serialization_schema(SimpleStringSchema())
+    )
+    # Each sink subtask writes to one partition (PyFlink has no wrapper for this): the
+    # records of one model key come from one trainer subtask, so a model's versions stay
+    # in order in one partition instead of being spread round-robin.
+    jvm = get_gateway().jvm
+    records._j_builder.setPartitioner(
+        jvm.org.apache.flink.streaming.connectors.kafka.partitioner.FlinkFixedPartitioner()
+    )
     b = (
         KafkaSink.builder()
         .set_bootstrap_servers(bootstrap)
-        .set_record_serializer(
-            KafkaRecordSerializationSchema.builder()
-            .set_topic(topic)
-            .set_value_serialization_schema(SimpleStringSchema())
-            .build()
-        )
+        .set_record_serializer(records.build())
         .set_property("max.request.size", str(32 * 1024 * 1024))
     )
     for k, v in cfg.kafka.properties.items():
@@ -164,7 +176,12 @@ def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str
         b = b.set_bounded(KafkaOffsetsInitializer.latest())
     watermarks = WatermarkStrategy.for_bounded_out_of_orderness(
         Duration.of_millis(cfg.job.out_of_orderness_ms)
-    ).with_idleness(Duration.of_millis(cfg.job.idleness_ms))
+    )
+    # Idleness lets the watermark move on without a partition that is silent for a while
+    # (processing time). Deterministic mode leaves it off: which events count as late would
+    # then depend on timing (a partition stalled by a restart or a slow machine).
+    if cfg.job.idleness_ms > 0 and not cfg.trainer.deterministic:
+        watermarks = watermarks.with_idleness(Duration.of_millis(cfg.job.idleness_ms))
     name = "kafka-events" if topic == k.events_topic else "kafka-items"
     return env.from_source(
         b.build(), watermarks, name, type_info=Types.PRIMITIVE_ARRAY(Types.BYTE())

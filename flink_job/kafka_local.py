@@ -151,23 +151,30 @@ class EmbeddedKafka:
             raise SetupError(
                 f"formatting Kafka storage in {self.workdir} failed:\n{fmt.stderr[-2000:]}"
             )
+        self._launch(detach)
+        return self._await_ready(timeout_s, detach)
+
+    def _launch(self, detach: bool = False) -> None:
         out = open(self.workdir / "stdout.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             [
-                java,
+                _java(),
                 f"-Xmx{self.heap_mb}m",
                 "-XX:+UseG1GC",
-                jvm_log,
+                f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
                 "-cp",
-                cp,
+                self._classpath(),
                 "kafka.Kafka",
-                str(cfg),
+                str(self.workdir / "server.properties"),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=detach,
         )
         self.bootstrap = f"127.0.0.1:{self.port}"
+
+    def _await_ready(self, timeout_s: float, detach: bool = False) -> str:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -193,6 +200,17 @@ class EmbeddedKafka:
             f"Kafka broker did not become ready within {timeout_s:.0f}s; logs kept in "
             f"{self.workdir}:\n{self.log_tail()}"
         )
+
+    def restart(self, down_s: float = 0.0, timeout_s: float = 60.0) -> str:
+        """kill -9 the broker, wait ``down_s``, start it again on the same ports and data
+        (a crash and recovery, as the fault tests need); returns the bootstrap address."""
+        if self.proc is None:
+            raise RuntimeError("restart() needs a broker started by this object")
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        time.sleep(down_s)
+        self._launch()
+        return self._await_ready(timeout_s)
 
     def _metadata_ready(self) -> bool:
         from kafka import KafkaAdminClient

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from models.config import UserStageConfig
 from models.events import Event
+from models.state_format import format_error
 
 USER_STATE_FORMAT = 1
 
@@ -68,10 +69,7 @@ def advance_user(
     """
     st = state if state is not None else UserState()
     if st.format != USER_STATE_FORMAT:
-        raise ValueError(
-            f"user state has format {st.format}, this release reads {USER_STATE_FORMAT}; "
-            "restore from a savepoint of a compatible release"
-        )
+        raise format_error("user history state", st.format, USER_STATE_FORMAT)
     seen = set(st.recent_event_ids)
     samples: list[Sample] = []
     for e in sorted(events, key=lambda x: (x.ts, x.event_id)):

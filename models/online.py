@@ -22,7 +22,7 @@ from models.export import ModelVersion, NonFiniteModelError, build_version
 from models.history import Sample
 from models.metrics import metrics_record, prequential_step
 from models.text_encoder import TextEncoder
-from models.trainer import OnlineLearner, StepResult
+from models.trainer import OnlineLearner, StepResult, restore_meta
 
 log = logging.getLogger(__name__)
 INITIAL_STATE_FORMAT = 1
@@ -102,6 +102,9 @@ def train_and_maybe_export(
     ``meta`` is updated in place (step, counters, version); the caller persists it
     together with the result's touched/removed rows and catalogue entries and dense blob.
     """
+    added = restore_meta(meta)
+    if added:
+        log.info("trainer state of %s predates %s: filled in defaults", meta["model_key"], added)
     initial = StepResult()
     if meta["step"] == 0 and not meta.get("initialised"):
         meta["initialised"] = True

@@ -8,7 +8,9 @@ Layout::
 
 A version directory is written under a temporary name and renamed into place, so a
 reader never sees a half-written version; LATEST is replaced atomically and only moves
-forward (a lower version number never overwrites a higher one).
+forward (a lower version number never replaces a higher one). Names carry a content hash,
+so a version re-made with other content after a failure (possible outside deterministic
+mode) gets a directory of its own and takes LATEST; nothing is ever rewritten in place.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def publish(root: str | Path, mv: ModelVersion) -> Path:
     key_dir = Path(root) / _safe_key(mv.model_key)
     key_dir.mkdir(parents=True, exist_ok=True)
     final = key_dir / mv.name
-    if not final.exists():
+    existed = final.exists()
+    if not existed:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{mv.name}-", dir=key_dir))
         try:
             (tmp / "model.onnx").write_bytes(mv.onnx_bytes)
@@ -71,18 +74,24 @@ def publish(root: str | Path, mv: ModelVersion) -> Path:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    _advance_latest(key_dir, mv.name)
+    _advance_latest(key_dir, mv.name, remade_ok=not existed)
     return final
 
 
-def _advance_latest(key_dir: Path, name: str) -> None:
+def _advance_latest(key_dir: Path, name: str, remade_ok: bool) -> None:
     latest = key_dir / "LATEST"
     try:
         current = latest.read_text().strip()
     except FileNotFoundError:
         current = ""
-    if current and version_number(current) >= version_number(name):
-        return
+    # Never back to a lower number. The same number with other content, written just now, is
+    # a version re-made after a failure (outside deterministic mode): the surviving run goes
+    # on from it. Re-publishing an existing directory (a replay, or a zombie task of the
+    # failed attempt) only moves LATEST to a higher number.
+    if current:
+        have, new = version_number(current), version_number(name)
+        if current == name or have > new or (have == new and not remade_ok):
+            return
     fd, tmp = tempfile.mkstemp(prefix=".LATEST-", dir=key_dir)
     with os.fdopen(fd, "w") as fh:
         fh.write(name + "\n")

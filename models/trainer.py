@@ -34,6 +34,7 @@ from models.device import pick_device
 from models.events import Item
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
+from models.state_format import format_error, migrate_meta
 from models.text_encoder import TextEncoder, text_hash
 from models.two_tower import TwoTower, transition_scores
 
@@ -69,6 +70,19 @@ def new_meta(model_key: str) -> dict[str, Any]:
         "loss_ema": None,
         "recall10_ema": None,
     }
+
+
+# Meta format n -> n + 1 upgrades, for savepoints of older releases (none needed yet:
+# keys added since format 1 are filled in from new_meta's defaults).
+META_MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {}
+
+
+def restore_meta(meta: dict[str, Any]) -> list[str]:
+    """Bring a meta restored from state up to this release's format (in place); raises
+    :class:`~models.state_format.StateFormatError` when it cannot. Returns keys filled in."""
+    return migrate_meta(
+        meta, META_FORMAT, new_meta(str(meta.get("model_key", ""))), META_MIGRATIONS
+    )
 
 
 @dataclass
@@ -202,10 +216,7 @@ class OnlineLearner:
     def load_dense(self, blob: bytes) -> None:
         obj = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=False)
         if obj.get("format") != DENSE_FORMAT:
-            raise ValueError(
-                f"dense trainer state has format {obj.get('format')}, this release reads "
-                f"{DENSE_FORMAT}; restore from a compatible savepoint or start a new model key"
-            )
+            raise format_error("dense trainer state", obj.get("format"), DENSE_FORMAT)
         for key, mine in (
             ("optimizer", self.cfg.optimizer),
             ("loss", self.cfg.loss),

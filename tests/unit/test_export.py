@@ -105,6 +105,39 @@ def test_registry_versions_are_immutable_and_latest_moves_forward(trained, tmp_p
     assert manifest["content_hash"] == v2.manifest["content_hash"]
 
 
+def test_registry_never_shows_a_half_written_version(trained, tmp_path, monkeypatch):
+    learner, meta = trained
+    v1 = build_version(learner, dict(meta), 10, {})
+    publish(tmp_path, v1)
+    meta2 = {**meta, "version": 1}
+    v2 = build_version(learner, meta2, 10, {})
+
+    def crash(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("models.registry.os.rename", crash)
+    with pytest.raises(OSError, match="disk full"):
+        publish(tmp_path, v2)
+    # The reader's view is unchanged: no v2 directory, LATEST still v1, no debris listed.
+    assert list_versions(tmp_path, "m") == [v1.name]
+    assert read_latest(tmp_path, "m") == v1.name
+    assert not [p for p in os.listdir(tmp_path / "m") if p.startswith(".tmp")]
+
+
+def test_a_version_remade_after_a_failure_gets_its_own_directory(trained, tmp_path):
+    learner, meta = trained
+    first = build_version(learner, {**meta, "version": 4}, 10, {})
+    remade = build_version(learner, {**meta, "version": 4}, 5, {})  # other content
+    assert first.version == remade.version and first.name != remade.name
+    publish(tmp_path, first)
+    first_bytes = (tmp_path / "m" / first.name / "manifest.json").read_bytes()
+    publish(tmp_path, remade)
+    assert read_latest(tmp_path, "m") == remade.name
+    assert (tmp_path / "m" / first.name / "manifest.json").read_bytes() == first_bytes
+    publish(tmp_path, first)  # a zombie writer of the old attempt cannot take LATEST back
+    assert read_latest(tmp_path, "m") == remade.name
+
+
 def test_hot_swap_follows_latest(trained, tmp_path):
     learner, meta = trained
     meta = dict(meta)

@@ -1,0 +1,74 @@
+"""Restoring state written by another release: additive changes migrate, the rest fails at
+the first use with a message that names the state, the format and what to do."""
+
+import io
+import pickle
+
+import pytest
+import torch
+
+from models.config import ModelConfig, TrainerConfig, UserStageConfig
+from models.history import UserState, advance_user
+from models.online import train_and_maybe_export
+from models.state_format import StateFormatError
+from models.trainer import META_FORMAT, OnlineLearner, new_meta
+from tests.unit.helpers import topic_samples
+
+MC = ModelConfig(dim=8, history_length=4, hidden=16)
+TC = TrainerConfig(batch_size=16, export_every_steps=1000)
+
+
+def learner() -> OnlineLearner:
+    return OnlineLearner(MC, TC, torch.device("cpu"))
+
+
+def fire(lr: OnlineLearner, meta: dict, dense: bytes | None = None, samples=None):
+    return train_and_maybe_export(
+        lr, meta, samples or topic_samples(16), lambda: dense, lambda: (), 10, {}
+    )
+
+
+def test_meta_of_an_older_release_gets_new_keys_and_trains_on():
+    old = new_meta("m")
+    dropped = {k: old.pop(k) for k in ("recall10_ema", "targets_without_text", "oov")}
+    # As the Flink state holds it: pickled by the older release.
+    meta = pickle.loads(pickle.dumps(old))
+    firing = fire(learner(), meta)
+    assert meta["format"] == META_FORMAT
+    assert set(dropped) <= set(meta)
+    assert meta["step"] == 1 and firing.result.dense_blob is not None
+
+
+@pytest.mark.parametrize("found", [0, None, META_FORMAT + 1])
+def test_meta_format_without_migration_fails_with_what_to_do(found):
+    meta = new_meta("shop-eu")
+    if found is None:
+        del meta["format"]
+    else:
+        meta["format"] = found
+    with pytest.raises(StateFormatError) as e:
+        fire(learner(), meta)
+    msg = str(e.value)
+    assert f"state format {found!r}" in msg and f"reads format {META_FORMAT}" in msg
+    assert "'shop-eu'" in msg
+    assert ("newer release" in msg) == (found == META_FORMAT + 1)
+    assert "savepoint" in msg
+
+
+def test_dense_blob_of_another_format_fails_clearly():
+    lr = learner()
+    meta = new_meta("m")
+    blob = fire(lr, meta).result.dense_blob
+    obj = torch.load(io.BytesIO(blob), weights_only=False)
+    obj["format"] = 1
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with pytest.raises(StateFormatError, match=r"dense trainer state has state format 1"):
+        fire(learner(), meta, dense=buf.getvalue())
+
+
+def test_user_state_of_another_format_fails_clearly():
+    st = UserState()
+    st.format = 0
+    with pytest.raises(StateFormatError, match=r"user history state has state format 0.*savepoint"):
+        advance_user(st, [], UserStageConfig(), 4, "m")
