@@ -21,6 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from models.state_format import StateFormatError
+
 ROW_HEADER = struct.Struct("<qqq")  # index, count, last_seen_ts
 
 
@@ -135,9 +137,11 @@ class ItemTable:
             idx, count, last = ROW_HEADER.unpack_from(blob)
             vec = np.frombuffer(blob, dtype=np.float32, offset=ROW_HEADER.size)
             if vec.shape[0] != width:
-                raise ValueError(
+                raise StateFormatError(
                     f"row for item {item_id!r} has width {vec.shape[0]}, the model expects {width} "
-                    "(model.dim or trainer.optimizer changed?); restore with the original config"
+                    "(model.dim, model.transition_slots or trainer.optimizer changed, or state "
+                    "of an older release); restore with the original config and release, or "
+                    "start a new model key"
                 )
             loaded.append((idx, item_id, count, last, vec))
         n = max((r[0] for r in loaded), default=0)

@@ -39,7 +39,7 @@ from models.text_encoder import TextEncoder, text_hash
 from models.two_tower import TwoTower, transition_scores
 
 log = logging.getLogger(__name__)
-DENSE_FORMAT = 2
+DENSE_FORMAT = 3  # 3: + transition-memory weights
 META_FORMAT = 1
 ADAGRAD_EPS = 1e-10
 ADAGRAD_INIT = 0.1
