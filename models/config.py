@@ -97,7 +97,7 @@ class TrainerConfig:
     drift_delta: float = 0.01
     drift_threshold: float = 1.5
     drift_min_samples: int = 30
-    drift_memory: int = 200
+    drift_memory: int = 20  # short: the mean must forget the loss of the first, untrained steps
     # On a detection, multiply the learning rate by drift_lr_boost for drift_boost_steps
     # steps (1.0 = no boost).
     drift_lr_boost: float = 1.0
