@@ -69,17 +69,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         bootstrap = kafka.start(detach=True)
         cfg = _cfg(args)
         k = cfg.kafka
-        create_topics(
-            bootstrap,
-            [
-                k.events_topic,
-                k.items_topic,
-                k.dlq_topic,
-                k.models_topic,
-                *([k.metrics_topic] if k.metrics_topic else []),
-            ],
-            k.partitions,
-        )
+        create_topics(bootstrap, k.topics(), k.partitions)
         print(bootstrap)
         return 0
     if args.action == "down":

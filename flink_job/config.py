@@ -45,6 +45,11 @@ class KafkaConfig:
     # Passed verbatim to every Kafka client (source, sinks, admin, replay producer).
     properties: dict[str, str] = field(default_factory=dict)
 
+    def topics(self) -> list[str]:
+        """Every topic the job reads or writes (what `kafka up` and replay create)."""
+        named = [self.events_topic, self.items_topic, self.dlq_topic, self.models_topic]
+        return [t for t in [*named, self.metrics_topic] if t]
+
 
 @dataclass(frozen=True)
 class JobConfig:

@@ -19,18 +19,7 @@ def replay(cfg: AppConfig, bootstrap: str, rate: float = 0.0, progress: bool = T
     from kafka import KafkaProducer
 
     k = cfg.kafka
-    create_topics(
-        bootstrap,
-        [
-            k.events_topic,
-            k.items_topic,
-            k.dlq_topic,
-            k.models_topic,
-            *([k.metrics_topic] if k.metrics_topic else []),
-        ],
-        k.partitions,
-        k.properties,
-    )
+    create_topics(bootstrap, k.topics(), k.partitions, k.properties)
     kw = admin_properties(bootstrap, k.properties)
     producer = KafkaProducer(
         **kw,
