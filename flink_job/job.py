@@ -44,15 +44,20 @@ LATE_TAG = PicklableOutputTag("late-events", EVENT_TYPE)
 TRANSACTION_TIMEOUT_MS = 600_000
 
 
-class VersionTime(TimestampAssigner):
-    """A model version's timestamp = the event-time high-water mark it has learned up to.
+class HighWaterMarkTime(TimestampAssigner):
+    """A record's timestamp = the event-time high-water mark its model has learned up to.
 
-    Versions published by the end-of-input timer would otherwise carry Long.MAX_VALUE - 1,
-    which Kafka rejects as a record timestamp.
+    Records emitted by the trainer's end-of-input timer would otherwise carry
+    Long.MAX_VALUE - 1, which Kafka rejects as a record timestamp. ``field`` is the index of
+    the JSON manifest in a version row; None for a metrics record (a JSON string).
     """
 
+    def __init__(self, field: int | None) -> None:
+        self.field = field
+
     def extract_timestamp(self, value, record_timestamp):
-        return int(json.loads(value[2])["event_time_hwm_ms"])
+        doc = value if self.field is None else value[self.field]
+        return int(json.loads(doc)["event_time_hwm_ms"])
 
 
 def make_env(
@@ -293,10 +298,17 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
         .uid("trainer")
         .name("trainer")
     )
-    metrics = trainer.get_side_output(METRICS_TAG)
+    metrics = (
+        trainer.get_side_output(METRICS_TAG)
+        .assign_timestamps_and_watermarks(
+            WatermarkStrategy.no_watermarks().with_timestamp_assigner(HighWaterMarkTime(None))
+        )
+        .uid("metrics-time")
+        .name("metrics-time")
+    )
     versions = (
         trainer.assign_timestamps_and_watermarks(
-            WatermarkStrategy.no_watermarks().with_timestamp_assigner(VersionTime())
+            WatermarkStrategy.no_watermarks().with_timestamp_assigner(HighWaterMarkTime(2))
         )
         .uid("version-time")
         .name("version-time")

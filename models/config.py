@@ -41,7 +41,7 @@ class ModelConfig:
     # ``transition_slots`` most frequent next items (catalogue index + count; 0 = off), and
     # the score of item j adds sum_p w_p * log(1 + count(h_p -> j)) over the
     # ``transition_window`` newest history items h_p, with w learned by the loss.
-    transition_slots: int = 64
+    transition_slots: int = 0  # off by default: it crowds out catalogue-only (cold-start) items
     transition_window: int = 5
     # Probability of hiding an item's id embedding in training, so the text/category part
     # must rank items on its own (what a brand-new item has) - DropoutNet-style cold start.
