@@ -282,6 +282,17 @@ def validate(cfg: AppConfig) -> None:
             "export.kafka_delivery must be exactly_once or at_least_once; "
             f"got {cfg.export.kafka_delivery!r}"
         )
+    if cfg.kafka.bounded and cfg.job.from_savepoint:
+        # flink-sql-connector-kafka 5.0.0: a restored enumerator that finds no new partitions
+        # never tells its readers that no splits are left (FLINK-31006), so the job would
+        # read to the end and then wait forever.
+        raise ConfigError(
+            "kafka.bounded=true cannot restore from a savepoint (job.from_savepoint / "
+            "--from-savepoint): the Kafka connector never ends a restored bounded source "
+            "(FLINK-31006), so the job would hang at the end of the input. Restore with "
+            "kafka.bounded=false and stop the job with `rtrec stop JOB --savepoint` once it "
+            "has caught up"
+        )
     for name, v in (
         ("trainer.batch_size", cfg.trainer.batch_size),
         ("model.dim", cfg.model.dim),

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 from tqdm import tqdm
 
 from flink_job.config import AppConfig
-from flink_job.datasets import ReplayStats, records
+from flink_job.datasets import Record, ReplayStats, records
 from flink_job.kafka_local import MAX_MESSAGE_BYTES, admin_properties, create_topics
 
 log = logging.getLogger(__name__)
 
 
-def replay(cfg: AppConfig, bootstrap: str, rate: float = 0.0, progress: bool = True) -> ReplayStats:
-    """Produce the configured dataset; ``rate`` > 0 throttles to that many records/s."""
+def replay(
+    cfg: AppConfig,
+    bootstrap: str,
+    rate: float = 0.0,
+    progress: bool = True,
+    source: Iterable[Record] | None = None,
+) -> ReplayStats:
+    """Produce the configured dataset (or the records of ``source``, e.g. a slice of it);
+    ``rate`` > 0 throttles to that many records/s. Catalogue records are dropped when the
+    job has no catalogue topic (``kafka.items_topic = ''``)."""
     from kafka import KafkaProducer
 
     k = cfg.kafka
@@ -35,7 +44,10 @@ def replay(cfg: AppConfig, bootstrap: str, rate: float = 0.0, progress: bool = T
         desc=f"replay -> {k.events_topic}", unit="rec", disable=not progress, mininterval=0.5
     )
     try:
-        for n, rec in enumerate(records(cfg.replay, stats), 1):
+        recs = records(cfg.replay, stats) if source is None else _counted(source, stats)
+        for n, rec in enumerate(recs, 1):
+            if not topic_of[rec.topic]:
+                continue
             # The record timestamp is the event time: the job's watermarks are per partition,
             # computed in the Kafka source from record timestamps.
             producer.send(topic_of[rec.topic], key=rec.key, value=rec.value, timestamp_ms=rec.ts)
@@ -56,3 +68,14 @@ def replay(cfg: AppConfig, bootstrap: str, rate: float = 0.0, progress: bool = T
         time.monotonic() - t0,
     )
     return stats
+
+
+def _counted(source: Iterable[Record], stats: ReplayStats) -> Iterable[Record]:
+    for rec in source:
+        if rec.topic == "items":
+            stats.items += 1
+        elif rec.valid:
+            stats.events += 1
+        else:
+            stats.malformed += 1
+        yield rec

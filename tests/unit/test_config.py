@@ -47,6 +47,12 @@ def test_bad_config_is_a_clear_error(override, message):
         load_config(None, [override])
 
 
+def test_bounded_restore_is_refused_with_the_way_out():
+    with pytest.raises(ConfigError, match=r"kafka.bounded=true cannot restore.*rtrec stop"):
+        load_config(None, ["kafka.bounded=true", "job.from_savepoint='/tmp/sp'"])
+    assert load_config(None, ["job.from_savepoint='/tmp/sp'"]).job.from_savepoint == "/tmp/sp"
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
