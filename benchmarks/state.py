@@ -14,6 +14,11 @@ operators.
 Baseline measured in the same run: the smallest size; printed: state / smallest next
 to size / smallest, and a least-squares line state = a + b * users (with R^2) to show
 linear growth.
+
+``--demo`` measures the demo workload instead (what ``rtrec demo`` trains on: the default
+synthetic dataset and model, as a bounded job on the same cluster): size and end-to-end
+duration of every checkpoint completed during the run (min / median / max), while the
+job is under load.
 """
 
 from __future__ import annotations
@@ -181,6 +186,59 @@ def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: i
     }
 
 
+def run_demo(cluster_addr: str, bootstrap: str, work: Path, args) -> dict[str, Any]:
+    """The demo workload as a bounded job; every completed checkpoint's size and duration."""
+    from flink_job.replay import replay
+
+    tag = "state-demo"
+    ov = [
+        *C.topic_overrides(tag),
+        "kafka.bounded=true",
+        f"job.checkpoint_interval_ms={args.checkpoint_ms}",
+        f"job.checkpoint_dir='{work / tag / 'checkpoints'}'",
+        "job.retain_checkpoints=false",
+        f"job.state_backend='{args.backend}'",
+        f"export.registry_dir='{work / tag / 'registry'}'",
+    ]
+    cfg = C.config(ov)
+    stats = replay(cfg, bootstrap, progress=False)
+    C.log(f"{tag}: replayed {stats.events} events, {stats.items} items; submitting")
+    jid = C.submit_to_cluster(cluster_addr, bootstrap, ov)
+    t0 = time.monotonic()
+    while (state := C.rest_json(cluster_addr, f"/jobs/{jid}")["state"]) not in (
+        "FINISHED",
+        "FAILED",
+        "CANCELED",
+    ):
+        if time.monotonic() - t0 > args.timeout:
+            C.cancel_job(cluster_addr, jid)
+            raise TimeoutError(f"{tag}: job {jid} not finished after {args.timeout:.0f}s")
+        time.sleep(1)
+    if state != "FINISHED":
+        raise RuntimeError(f"{tag}: job {jid} {state}; see the cluster logs")
+    hist = [
+        h
+        for h in C.rest_json(cluster_addr, f"/jobs/{jid}/checkpoints").get("history", [])
+        if h.get("status") == "COMPLETED"
+    ]
+    if not hist:
+        raise RuntimeError(f"{tag}: no checkpoint completed; lower --checkpoint-ms")
+    sizes = sorted(int(h.get("checkpointed_size") or h.get("state_size") or 0) for h in hist)
+    durations = sorted(int(h["end_to_end_duration"]) for h in hist)
+    return {
+        "events": stats.events,
+        "items": stats.items,
+        "job_s": round(time.monotonic() - t0, 1),
+        "checkpoints": len(hist),
+        "state_mb_min": sizes[0] / 1e6,
+        "state_mb_median": sizes[len(sizes) // 2] / 1e6,
+        "state_mb_max": sizes[-1] / 1e6,
+        "duration_ms_min": durations[0],
+        "duration_ms_median": durations[len(durations) // 2],
+        "duration_ms_max": durations[-1],
+    }
+
+
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
@@ -203,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-ms", type=int, default=10_000)
     p.add_argument("--timeout", type=float, default=1800.0, help="s per size")
     p.add_argument("--workdir", default="")
+    p.add_argument("--demo", action="store_true", help="the demo workload's checkpoints instead")
     args = p.parse_args(argv)
+    if args.demo:
+        return main_demo(args)
     if args.quick:
         args.sizes, args.encoder, args.checkpoint_ms = "100x100,200x200,400x400", "none", 2000
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
@@ -248,6 +309,29 @@ def main(argv: list[str] | None = None) -> int:
             "headline": headline,
         },
     )
+    return 0
+
+
+def main_demo(args) -> int:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rtrec-bench-state-"))
+    try:
+        with C.embedded_kafka(work) as bootstrap:
+            cluster = C.standalone_cluster(work / "cluster", taskmanagers=1, slots=2)
+            try:
+                row = run_demo(cluster.start(), bootstrap, work, args)
+            finally:
+                cluster.stop()
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(C.table([row]))
+    headline = (
+        f"demo workload: {row['checkpoints']} checkpoints, "
+        f"{row['state_mb_min']:.2f}-{row['state_mb_max']:.2f} MB, "
+        f"median {row['duration_ms_median']} ms (max {row['duration_ms_max']} ms)"
+    )
+    print(headline)
+    C.write_result(args.out, "state_demo", args, {"row": row, "headline": headline})
     return 0
 
 
