@@ -61,11 +61,19 @@ class JobConfig:
     # Key of the HMAC that pseudonymises user ids before anything is stored; "" disables it.
     # Change it per deployment (and keep it stable: user state is keyed by the result).
     hmac_key: str = "rtrec-change-me"
-    # "process" (one Python worker process per task) or "thread" (embedded, shares one GIL).
+    # "process" (Python worker processes). "thread" (embedded, one GIL) is refused: the
+    # trainer hangs in it with PyFlink 2.2 (see validate()).
     python_mode: str = "process"
     window_ms: int = 1000
     out_of_orderness_ms: int = 5000
-    idleness_ms: int = 5000
+    # Source idleness (processing time): a partition silent this long stops holding the
+    # watermark back. Off (0) for events: while the job catches up on a backlog, a partition
+    # read behind the others counts as idle and its events arrive "late" (a 10k-event replay
+    # lost 46% of them to the dead-letter topic with 5 s); turn it on only if some event
+    # partitions stay empty. The catalogue topic is often silent for long, and its records
+    # are never late-dropped, so it has idleness on.
+    idleness_ms: int = 0
+    items_idleness_ms: int = 5000
     checkpoint_interval_ms: int = 10_000  # 0 disables checkpointing
     checkpoint_mode: str = "exactly_once"  # or "at_least_once"
     checkpoint_timeout_ms: int = 600_000
@@ -81,6 +89,13 @@ class JobConfig:
     restart_delay_ms: int = 1000
     bundle_size: int = 1000
     bundle_time_ms: int = 200
+    # Entries (keys, or map entries) of keyed state each Python worker keeps cached
+    # (python.state.cache-size and the map-state read/write caches). A read that misses is
+    # a round trip to the JVM; more users or items than this per worker thrash it.
+    state_cache_size: int = 100_000
+    # Any other Flink option, with its dotted name (applied last, on the local mini-cluster
+    # and in the submitted job's configuration).
+    flink: dict[str, str] = field(default_factory=dict)
     # Directory holding the connector jar on the machine that builds the job graph ("" = cache).
     jars_dir: str = ""
     # Python interpreter of the workers ("" = the interpreter running rtrec).
@@ -253,6 +268,14 @@ def validate(cfg: AppConfig) -> None:
     if cfg.job.python_mode not in ("process", "thread"):
         raise ConfigError(
             f"job.python_mode must be 'process' or 'thread', got {cfg.job.python_mode!r}"
+        )
+    if cfg.job.python_mode == "thread":
+        # Measured with PyFlink 2.2.1: in the embedded interpreter (PEMJA) the trainer's
+        # first torch call never returns, and state TTL tries to start a py4j gateway.
+        raise ConfigError(
+            "job.python_mode='thread' hangs this job: in PyFlink 2.2's embedded Python "
+            "(PEMJA) the trainer's first torch call never returns and state TTL tries to "
+            "start a py4j gateway; use job.python_mode='process'"
         )
     if cfg.job.checkpoint_mode not in ("exactly_once", "at_least_once"):
         raise ConfigError(

@@ -60,13 +60,11 @@ class HighWaterMarkTime(TimestampAssigner):
         return int(json.loads(doc)["event_time_hwm_ms"])
 
 
-def make_env(
-    cfg: AppConfig, extra_conf: dict[str, str] | None = None
-) -> StreamExecutionEnvironment:
-    """A StreamExecutionEnvironment from ``cfg`` (a local mini-cluster unless submitted)."""
-    jars_dir = cfg.job.jars_dir
-    jar = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
-    conf = Configuration()
+def flink_settings(
+    cfg: AppConfig, jar_uri: str, extra_conf: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The Flink configuration of the job: options derived from ``cfg``, then
+    ``job.flink`` verbatim, then ``extra_conf``."""
     settings = {
         # Without these the Python workers may run another interpreter than the client.
         "python.executable": cfg.job.python_executable or sys.executable,
@@ -74,7 +72,10 @@ def make_env(
         "python.execution-mode": cfg.job.python_mode,
         "python.fn-execution.bundle.size": str(cfg.job.bundle_size),
         "python.fn-execution.bundle.time": str(cfg.job.bundle_time_ms),
-        "pipeline.jars": jar.resolve().as_uri(),
+        "python.state.cache-size": str(cfg.job.state_cache_size),
+        "python.map-state.read-cache-size": str(cfg.job.state_cache_size),
+        "python.map-state.write-cache-size": str(cfg.job.state_cache_size),
+        "pipeline.jars": jar_uri,
         # Explicit restart strategy: with checkpointing on, the default retries forever.
         "restart-strategy.type": "fixed-delay",
         "restart-strategy.fixed-delay.attempts": str(cfg.job.restart_attempts),
@@ -93,8 +94,19 @@ def make_env(
         )
     if cfg.job.from_savepoint:
         settings["execution.savepoint.path"] = cfg.job.from_savepoint
+    settings.update(cfg.job.flink)
     settings.update(extra_conf or {})
-    for k, v in settings.items():
+    return settings
+
+
+def make_env(
+    cfg: AppConfig, extra_conf: dict[str, str] | None = None
+) -> StreamExecutionEnvironment:
+    """A StreamExecutionEnvironment from ``cfg`` (a local mini-cluster unless submitted)."""
+    jars_dir = cfg.job.jars_dir
+    jar = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
+    conf = Configuration()
+    for k, v in flink_settings(cfg, jar.resolve().as_uri(), extra_conf).items():
         conf.set_string(k, v)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_parallelism(cfg.job.parallelism)
@@ -185,9 +197,10 @@ def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str
     # Idleness lets the watermark move on without a partition that is silent for a while
     # (processing time). Deterministic mode leaves it off: which events count as late would
     # then depend on timing (a partition stalled by a restart or a slow machine).
-    if cfg.job.idleness_ms > 0 and not cfg.trainer.deterministic:
-        watermarks = watermarks.with_idleness(Duration.of_millis(cfg.job.idleness_ms))
     name = "kafka-events" if topic == k.events_topic else "kafka-items"
+    idle_ms = cfg.job.idleness_ms if name == "kafka-events" else cfg.job.items_idleness_ms
+    if idle_ms > 0 and not cfg.trainer.deterministic:
+        watermarks = watermarks.with_idleness(Duration.of_millis(idle_ms))
     return env.from_source(
         b.build(), watermarks, name, type_info=Types.PRIMITIVE_ARRAY(Types.BYTE())
     ).uid(name)

@@ -39,12 +39,33 @@ def test_int_accepted_for_float():
         ("trainer.optimizer='rmsprop'", "trainer.optimizer must be one of"),
         ("trainer.batch_size=0", "trainer.batch_size must be > 0"),
         ("job.python_mode='fork'", "job.python_mode"),
+        ("job.python_mode='thread'", "hangs this job"),
         ("noequals", "must look like section.key=value"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+def test_flink_options_pass_through_after_the_derived_ones():
+    from flink_job.job import flink_settings
+
+    cfg = load_config(
+        None,
+        [
+            'job.flink={"python.fn-execution.arrow.batch.size"="77", '
+            '"python.state.cache-size"="9"}',
+            "job.state_cache_size=5",
+            "job.bundle_size=321",
+        ],
+    )
+    got = flink_settings(cfg, "file:///x.jar")
+    assert got["python.fn-execution.arrow.batch.size"] == "77"
+    assert got["python.state.cache-size"] == "9"  # job.flink wins over the derived option
+    assert got["python.map-state.read-cache-size"] == "5"
+    assert got["python.fn-execution.bundle.size"] == "321"
+    assert got["pipeline.jars"] == "file:///x.jar"
 
 
 def test_bounded_restore_is_refused_with_the_way_out():
