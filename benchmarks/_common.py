@@ -35,7 +35,37 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, ~1-2 min)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for <name>.json")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the job (e.g. job.bundle_size=5000), repeatable",
+    )
+    p.add_argument("--tag", default="", help="written as <name>-<tag>.json (variants of a run)")
+    p.add_argument(
+        "--config",
+        action=_ConfigFile,
+        dest="set",
+        metavar="TOML",
+        help="a config file's keys as overrides (e.g. configs/low-latency.toml)",
+    )
     return p
+
+
+class _ConfigFile(argparse.Action):
+    """``--config F``: every key of TOML file F becomes a ``--set`` override, in place."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import tomllib
+
+        with open(str(values), "rb") as fh:
+            doc = tomllib.load(fh)
+        sets = list(getattr(namespace, self.dest) or [])
+        for section, keys in doc.items():
+            for key, value in keys.items():
+                sets.append(f"{section}.{key}={json.dumps(value)}")
+        setattr(namespace, self.dest, sets)
 
 
 def machine() -> dict[str, Any]:
@@ -75,6 +105,8 @@ def write_result(out_dir: str | Path, name: str, args: argparse.Namespace, resul
     """``<out>/<name>.json`` with the parameters, the machine and the figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "tag", ""):
+        name = f"{name}-{args.tag}"
     doc = {
         "benchmark": name,
         "quick": bool(getattr(args, "quick", False)),

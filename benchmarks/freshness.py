@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         f"job.checkpoint_dir='{work / 'checkpoints'}'",
         f"export.registry_dir='{work / 'registry'}'",
         "export.kafka_delivery='exactly_once'",
+        *args.set,
     ])  # fmt: skip
     result: dict[str, Any] = {}
     try:

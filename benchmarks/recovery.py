@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "job.retain_checkpoints=false",
         "job.restart_attempts=5",
         f"export.registry_dir='{registry}'",
+        *args.set,
     ]
     cfg = C.config(ov)
     res: dict[str, Any] = {}

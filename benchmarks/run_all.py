@@ -16,7 +16,25 @@ from pathlib import Path
 import _common as C
 
 # Cheapest first, so a broken environment fails fast.
-BENCHMARKS = ["catalogue", "gpu", "throughput", "freshness", "recovery", "state"]
+BENCHMARKS = [
+    "catalogue",
+    "gpu",
+    "throughput",
+    "freshness",
+    "freshness-low-latency",
+    "recovery",
+    "state",
+]
+# Variants: another script's run with extra arguments (written as <script>-<tag>.json).
+VARIANTS = {
+    "freshness-low-latency": [
+        "freshness",
+        "--config",
+        "configs/low-latency.toml",
+        "--tag",
+        "low-latency",
+    ],
+}
 HERE = Path(__file__).resolve().parent
 
 
@@ -33,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     status: dict[str, tuple[int, float]] = {}
     for name in names:
-        cmd = [sys.executable, str(HERE / f"{name}.py"), "--out", args.out]
+        script, *variant = VARIANTS.get(name, [name])
+        cmd = [sys.executable, str(HERE / f"{script}.py"), "--out", args.out, *variant]
         cmd += ["--quick"] if args.quick else []
         cmd += extra if len(names) == 1 else []  # extra flags only make sense for one script
         C.log(f"=== {name}: {' '.join(cmd[1:])}")

@@ -147,6 +147,7 @@ def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: i
         "job.retain_checkpoints=false",
         f"job.state_backend='{args.backend}'",
         f"export.registry_dir='{registry}'",
+        *args.set,
     ]
     cfg = C.config(ov)
     C.create_all_topics(cfg, bootstrap)
@@ -199,6 +200,7 @@ def run_demo(cluster_addr: str, bootstrap: str, work: Path, args) -> dict[str, A
         "job.retain_checkpoints=false",
         f"job.state_backend='{args.backend}'",
         f"export.registry_dir='{work / tag / 'registry'}'",
+        *args.set,
     ]
     cfg = C.config(ov)
     stats = replay(cfg, bootstrap, progress=False)

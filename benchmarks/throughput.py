@@ -250,13 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per Flink run")
     p.add_argument("--workdir", default="", help="scratch directory (default: a temp dir)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every run (e.g. job.bundle_size=5000), repeatable",
-    )
     args = p.parse_args(argv)
     if args.quick:
         args.events, args.users, args.items = 2000, 300, 400

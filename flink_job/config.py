@@ -87,8 +87,12 @@ class JobConfig:
     from_savepoint: str = ""
     restart_attempts: int = 3
     restart_delay_ms: int = 1000
-    bundle_size: int = 1000
-    bundle_time_ms: int = 200
+    # Python bundles: elements (or ms, whichever first) per round trip to a Python worker.
+    # 5000 / 1000 ms doubled the job's events/s over 1000 / 200 ms (benchmarks/throughput.py,
+    # README); a checkpoint waits for the bundle in flight, and a slow stream waits up to
+    # bundle_time_ms per Python stage (configs/low-latency.toml uses 50 ms).
+    bundle_size: int = 5000
+    bundle_time_ms: int = 1000
     # Entries (keys, or map entries) of keyed state each Python worker keeps cached
     # (python.state.cache-size and the map-state read/write caches). A read that misses is
     # a round trip to the JVM; more users or items than this per worker thrash it.

@@ -87,6 +87,10 @@ class TrainerConfig:
     export_every_seconds: float = 10.0
     flush_after_seconds: float = 5.0
     deterministic: bool = False
+    # Intra-op CPU threads of each trainer (torch.set_num_threads; 0 = torch's default, one
+    # per core). One per trainer: a Flink slot is a core, and on a busy 2-core machine two
+    # threads made the learn loop up to 30x slower (spinning threads fight the JVM).
+    torch_threads: int = 1
     # A `rtrec pretrain` output: every new model key starts from it ("" = random init).
     initial_state: str = ""
     # Prequential metrics (test-then-train, models/metrics.py): Recall@K / NDCG@K at this K.

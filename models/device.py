@@ -12,3 +12,9 @@ def pick_device() -> torch.device:
     if forced:
         return torch.device(forced)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_cpu_threads(n: int) -> None:
+    """Use ``n`` intra-op CPU threads in this process (kernels on CUDA are unaffected)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
