@@ -89,7 +89,8 @@ class TrainerConfig:
     deterministic: bool = False
     # Intra-op CPU threads of each trainer (torch.set_num_threads; 0 = torch's default, one
     # per core). One per trainer: a Flink slot is a core, and on a busy 2-core machine two
-    # threads made the learn loop up to 30x slower (spinning threads fight the JVM).
+    # threads made the learn loop up to 30x slower (spinning threads fight the JVM). Runs
+    # agree bit for bit only with the same thread count (float reduction order).
     torch_threads: int = 1
     # A `rtrec pretrain` output: every new model key starts from it ("" = random init).
     initial_state: str = ""

@@ -30,7 +30,7 @@ from torch import nn
 from models.adaptive import assign_new_classes, resort_by_frequency
 from models.catalog import Catalog, category_bucket
 from models.config import ModelConfig, TrainerConfig
-from models.device import pick_device
+from models.device import pick_device, set_cpu_threads
 from models.events import Item
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
@@ -113,6 +113,10 @@ class OnlineLearner:
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.device = device or pick_device()
+        # Process-wide: the thread count changes float reduction order, so the job, its
+        # offline replay and `rtrec eval` must all use the same one to agree bit for bit.
+        if cfg.torch_threads > 0:
+            set_cpu_threads(cfg.torch_threads)
         self.dim = model_cfg.dim
         self.text_dim = text_dim
         # Id rows: [embedding D | optimizer slots | transition memory: M indices, M counts].

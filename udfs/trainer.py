@@ -25,7 +25,6 @@ from pyflink.datastream import KeyedCoProcessFunction, OutputTag, TimeDomain
 from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor
 
 from models.config import ModelConfig, TrainerConfig
-from models.device import set_cpu_threads
 from models.metrics import TensorBoardLog
 from models.online import train_and_maybe_export
 from models.text_encoder import load_encoder
@@ -74,8 +73,6 @@ class OnlineTrainer(KeyedCoProcessFunction):
         self.ordered = rc.get_list_state(
             ListStateDescriptor("ordered", Types.TUPLE([Types.LONG(), SAMPLE_TYPE]))
         )
-        if self.cfg.torch_threads > 0:
-            set_cpu_threads(self.cfg.torch_threads)
         self.encoder = load_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
         self._open_metrics(rc.get_metrics_group().add_group("prequential"))
         self.tensorboard = TensorBoardLog(self.tensorboard_dir) if self.tensorboard_dir else None
