@@ -38,11 +38,16 @@ class ModelConfig:
     # Recent items that feed the transition map of the "sequence" tower.
     transition_items: int = 3
     # Item-to-item transition memory learned online: each id row keeps its
-    # ``transition_slots`` most frequent next items (catalogue index + count; 0 = off), and
+    # ``transition_slots`` strongest neighbours (catalogue index + count; 0 = off), and
     # the score of item j adds sum_p w_p * log(1 + count(h_p -> j)) over the
     # ``transition_window`` newest history items h_p, with w learned by the loss.
-    transition_slots: int = 0  # off by default: it crowds out catalogue-only (cold-start) items
-    transition_window: int = 5
+    transition_slots: int = 64
+    transition_window: int = 10
+    # Each positive counts "h_d -> target" for its ``transition_pairs`` newest history items
+    # h_d (d = 0 newest) with weight 1 / (d + 1), and with ``transition_symmetric`` also
+    # "target -> h_d" (co-occurrence within a short span is evidence in both directions).
+    transition_pairs: int = 3
+    transition_symmetric: bool = True
     # Probability of hiding an item's id embedding in training, so the text/category part
     # must rank items on its own (what a brand-new item has) - DropoutNet-style cold start.
     id_dropout: float = 0.25
@@ -80,6 +85,10 @@ class TrainerConfig:
     # Hard negatives from the transition memory: per sample, this many of the newest
     # history item's most frequent successors join the candidates (0 = none).
     transition_negatives: int = 0
+    # With the transition memory on, the blend weights (dot-product scale, transition and
+    # popularity weights) learn from a softmax over each sample's `blend_head` best-scored
+    # items + its target (0 = over the whole catalogue).
+    blend_head: int = 100
     l2: float = 0.0
     grad_clip: float = 10.0
     seed: int = 1234

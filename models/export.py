@@ -197,7 +197,11 @@ def build_version(
         classes = torch.cat([torch.zeros(1, dtype=torch.long), cls])
         top = AsmTopKModel(cpu_dense, item_matrix, asm.eval(), classes, top_k)
     else:
-        top = TopKModel(cpu_dense, item_matrix, top_k, _successors(learner, live))
+        cold = None
+        if learner.blending:  # [V + 1] 1 = never interacted with (row 0 = padding)
+            never = torch.from_numpy(cat.count[live] == 0).to(torch.float32)
+            cold = torch.cat([torch.zeros(1), never])
+        top = TopKModel(cpu_dense, item_matrix, top_k, _successors(learner, live), cold)
     onnx_bytes = export_onnx(top, item_ids, h)
     buf = io.BytesIO()
     np.save(buf, item_matrix.numpy())

@@ -36,10 +36,10 @@ from models.history import Sample
 from models.item_table import ItemTable, stable_seed
 from models.state_format import format_error, migrate_meta
 from models.text_encoder import TextEncoder, text_hash
-from models.two_tower import TwoTower, transition_scores
+from models.two_tower import TwoTower, blend_scores, transition_scores
 
 log = logging.getLogger(__name__)
-DENSE_FORMAT = 3  # 3: + transition-memory weights
+DENSE_FORMAT = 4  # 3: + transition-memory weights; 4: + blend weights
 META_FORMAT = 1
 ADAGRAD_EPS = 1e-10
 ADAGRAD_INIT = 0.1
@@ -451,9 +451,22 @@ class OnlineLearner:
         user = self.model.user_vectors(hist_vecs, mask.float())  # [B, D]
         cand_vecs = self.item_vectors(cand, cand_ids, trainable_text=True)  # [C, D]
         trans = self.transition_scores(hist, mask)  # [B, size] (memory before this batch)
-        extra = trans[:, cand] if trans is not None else None
-        loss_vec = self._loss(user, cand_vecs, cand, labels, targets, extra)
+        if self.blending and trans is not None:
+            # The towers learn from the sampled softmax alone; the blend of their dot
+            # products with the transition evidence is learned against the catalogue's best
+            # items (the evidence is sparse: sampled negatives rarely have any).
+            loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
+            blend_vec = self._blend_loss(user.detach(), hist, trans, targets)
+        else:
+            extra = trans[:, cand] if trans is not None else None
+            loss_vec = self._loss(user, cand_vecs, cand, labels, targets, extra)
+            blend_vec = None
         loss = (loss_vec * weights).sum() / weights.sum()
+        # The reported (prequential, drift-watched) loss is the towers' loss alone: the
+        # blend's head-restricted loss is 0 for samples outside the head and too jumpy.
+        reported = loss.detach()
+        if blend_vec is not None:
+            loss = loss + (blend_vec * weights).sum() / weights.sum()
         if self.cfg.l2 > 0:
             loss = loss + self.cfg.l2 * (sub.pow(2).sum() / len(pos))
 
@@ -484,7 +497,7 @@ class OnlineLearner:
                 self._sparse_update(rows, sub.grad)
             self._update_ema()
             meta["positives_trained"] += len(pos)
-            lv = float(loss.item())
+            lv = float(reported.item())
             meta["loss_ema"] = (
                 lv if meta["loss_ema"] is None else 0.98 * meta["loss_ema"] + 0.02 * lv
             )
@@ -543,6 +556,61 @@ class OnlineLearner:
         logits = scores / self.cfg.temperature - self.cfg.logq * log_q.unsqueeze(0)
         return F.cross_entropy(logits, labels, reduction="none")
 
+    def _blend_loss(
+        self,
+        user: torch.Tensor,
+        hist: torch.Tensor,
+        trans: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample softmax loss [B] of the blended score over the whole catalogue, as it
+        is ranked (dead items and the history excluded; the target always competes).
+
+        user [B, D] (detached: only the blend and transition weights learn here), hist
+        [B, H], trans [B, size] transition scores, targets [B].
+        """
+        cat = self.catalog
+        with torch.no_grad():
+            all_vecs = self.item_vectors(torch.arange(cat.size, device=self.device))
+        dot = user @ all_vecs.t()  # [B, size]
+        excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
+        excluded[:, 0] = True
+        excluded |= self._dead().unsqueeze(0)
+        logits = blend_scores(self.model, dot, trans, self._cold(), excluded)
+        logits = logits / self.cfg.temperature
+        excluded.scatter_(1, targets.unsqueeze(1), False)
+        logits = logits.masked_fill(excluded, -1e9)
+        head = self.cfg.blend_head
+        if head <= 0:
+            return F.cross_entropy(logits, targets, reduction="none")
+        # Only the ranking near the top matters (Recall@K, NDCG@K): each sample's softmax
+        # runs over the current `head` best items + its target, and only samples whose
+        # target is already among them count. Over the whole catalogue the likelihood of
+        # the many targets without transition evidence drags the memory's weight down.
+        with torch.no_grad():
+            t_logit = logits.gather(1, targets.unsqueeze(1))
+            in_head = ((logits > t_logit).sum(dim=1) < head).to(logits.dtype)  # [B]
+            top = torch.topk(logits, min(head, logits.shape[1]), dim=1).indices
+            keep = torch.zeros_like(excluded).scatter(1, top, True)
+            keep.scatter_(1, targets.unsqueeze(1), True)
+        ce = F.cross_entropy(logits.masked_fill(~keep, -1e9), targets, reduction="none")
+        return ce * in_head
+
+    @property
+    def blending(self) -> bool:
+        """Whether scores blend dot products and the transition memory (learned scale)."""
+        return self.trans_m > 0 and self.model.blend_weight is not None
+
+    def _cold(self) -> torch.Tensor:
+        """[size] float: 1 for catalogue items never learned as a positive (no evidence)."""
+        cat = self.catalog
+        return torch.from_numpy(cat.count[: cat.size] == 0).to(self.device, torch.float32)
+
+    def _dead(self) -> torch.Tensor:
+        """[size] bool: padding and holes of the catalogue (no item)."""
+        cat = self.catalog
+        return torch.from_numpy(np.array([not i for i in cat.ids], dtype=bool)).to(self.device)
+
     def score_all(self, user: torch.Tensor) -> torch.Tensor:
         """Scores [B, size] of every catalogue index (padding and holes = -inf)."""
         cat = self.catalog
@@ -563,10 +631,21 @@ class OnlineLearner:
         with torch.no_grad():
             hist, mask = self._history_batch(samples)
             user = self.model.user_vectors(self.item_vectors(hist), mask.float())
-            scores = self.score_all(user)
             trans = self.transition_scores(hist, mask)
-            if trans is not None:
-                scores = scores + trans
+            if self.blending:
+                dot = (
+                    user
+                    @ self.item_vectors(torch.arange(self.catalog.size, device=self.device)).t()
+                )
+                excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
+                excluded[:, 0] = True
+                excluded |= self._dead().unsqueeze(0)
+                scores = blend_scores(self.model, dot, trans, self._cold(), excluded)
+                scores = scores.masked_fill(self._dead().unsqueeze(0), -math.inf)
+            else:
+                scores = self.score_all(user)
+                if trans is not None:
+                    scores = scores + trans
             scores.scatter_(1, hist, -math.inf)
             scores[:, 0] = -math.inf
         return scores
@@ -631,28 +710,44 @@ class OnlineLearner:
         return idx[live.to(self.device)] if len(idx) else empty
 
     def _remember_transitions(self, pos: list[Sample], touched_rows: set[int]) -> None:
-        """Count "newest history item -> target" for each positive in the newest item's
-        row; a new successor replaces the least frequent one when all M slots are used."""
-        m, off, cat, data = self.trans_m, self.trans_off, self.catalog, self.table.data
+        """Count "h_d -> target" in the row of each of the ``model.transition_pairs`` newest
+        history items h_d of each positive (weight 1 / (d + 1): the nearer, the stronger),
+        and with ``model.transition_symmetric`` "target -> h_d" in the target's row too. A
+        new neighbour replaces the least counted one when all M slots are used."""
+        m, cat = self.trans_m, self.catalog
         if m == 0:
             return
+        pairs = max(1, self.model_cfg.transition_pairs)
         with torch.no_grad():
             for s in pos:
-                h = cat.index.get(s.history[-1]) if s.history else None
-                r = int(cat.row_of[h]) if h is not None else 0
                 t = cat.index.get(s.target)
-                if r == 0 or t is None:
+                if t is None:
                     continue
-                idx = data[r, off : off + m]
-                cnt = data[r, off + m : off + 2 * m]
-                hit = torch.nonzero(idx == float(t))
-                if hit.shape[0] > 0:
-                    cnt[int(hit[0, 0])] += 1.0
-                else:
-                    j = int(torch.argmin(cnt))
-                    idx[j] = float(t)
-                    cnt[j] = 1.0
-                touched_rows.add(r)
+                rt = int(cat.row_of[t])
+                for d, item in enumerate(reversed(s.history[-pairs:])):
+                    h = cat.index.get(item)
+                    if h is None or h == t:
+                        continue
+                    w = 1.0 / (d + 1)
+                    self._count(int(cat.row_of[h]), t, w, touched_rows)
+                    if self.model_cfg.transition_symmetric:
+                        self._count(rt, h, w, touched_rows)
+
+    def _count(self, r: int, j: int, w: float, touched_rows: set[int]) -> None:
+        """Add ``w`` to neighbour ``j`` (catalogue index) in id row ``r`` (0 = no row: skip)."""
+        if r == 0:
+            return
+        m, off, data = self.trans_m, self.trans_off, self.table.data
+        idx = data[r, off : off + m]
+        cnt = data[r, off + m : off + 2 * m]
+        hit = torch.nonzero(idx == float(j))
+        if hit.shape[0] > 0:
+            cnt[int(hit[0, 0])] += w
+        else:
+            k = int(torch.argmin(cnt))
+            idx[k] = float(j)
+            cnt[k] = w
+        touched_rows.add(r)
 
     def _sparse_update(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Apply the configured optimizer to the touched id rows only ([R, D] grads)."""

@@ -154,9 +154,15 @@ class TwoTower(nn.Module):
         )
         # Weights of the transition memory per history position (newest first).
         self.transition_weight: nn.Parameter | None = None
+        # With the memory on, the final score blends the dot product, the transition scores
+        # and, for items never interacted with, an imputed transition score, with learned
+        # weights ``blend_weight`` = [dot-product scale a, imputation weight g]
+        # (see :func:`blend_scores`).
+        self.blend_weight: nn.Parameter | None = None
         if cfg.transition_slots > 0:
             p = max(1, min(cfg.transition_window, cfg.history_length))
             self.transition_weight = nn.Parameter(torch.tensor([1.0 / (i + 1) for i in range(p)]))
+            self.blend_weight = nn.Parameter(torch.tensor([1.0, 1.0]))
 
     def user_vectors(self, hist_items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hist_items [B, H, D] item vectors of the history, newest first; mask [B, H] -> [B, D]."""
@@ -189,6 +195,45 @@ def transition_scores(
     return out.scatter_add(1, idx.reshape(b, -1), w.reshape(b, -1))
 
 
+# Content neighbours per user whose transition scores a never-interacted item borrows.
+COLD_NEIGHBOURS = 10
+
+
+def blend_scores(
+    dense: TwoTower,
+    dot: torch.Tensor,
+    trans: torch.Tensor | None,
+    cold: torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final scores [B, N] from dot products [B, N] and transition scores [B, N].
+
+    Without memory: ``dot``. With it: ``a * dot + trans + g * cold * imputed`` where
+    ``cold`` [N] is 1 for items never interacted with (no transition evidence can exist
+    for them: a zero count is no evidence against them) and ``imputed`` [B, 1] is the mean
+    transition score of the user's COLD_NEIGHBOURS best items by dot product among the
+    other, non-``excluded`` ([B, N] bool: history, padding, holes) items. So a
+    catalogue-only item competes on its content score as if it had the transition
+    evidence typical of the items its user's taste points to; g (learned from the stream's
+    first interactions with items) says how much that benefit of the doubt is worth.
+    """
+    if trans is None:
+        return dot
+    w = dense.blend_weight
+    if w is None:
+        return dot + trans
+    out = w[0] * dot + trans
+    if cold is not None and excluded is not None:
+        k = min(COLD_NEIGHBOURS, dot.shape[1])
+        warm_dot = dot.masked_fill(excluded | (cold > 0).unsqueeze(0), -1e9)
+        top = torch.topk(warm_dot, k, dim=1)
+        valid = (top.values > -1e8).to(dot.dtype)  # [B, k]: fewer warm items than k
+        borrowed = (trans.gather(1, top.indices) * valid).sum(dim=1, keepdim=True)
+        imputed = borrowed / valid.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
+        out = out + w[1] * imputed * cold.unsqueeze(0)
+    return out
+
+
 class TopKModel(nn.Module):
     """What is exported to ONNX: history (indices into the exported item matrix) -> top-k.
 
@@ -204,6 +249,7 @@ class TopKModel(nn.Module):
         item_vectors: torch.Tensor,
         k: int,
         successors: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cold: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.dense = dense
@@ -215,6 +261,10 @@ class TopKModel(nn.Module):
         if successors is not None:
             self.register_buffer("succ_idx", successors[0])
             self.register_buffer("succ_cnt", successors[1])
+        # [V + 1] float: 1 for items never interacted with (blend_scores), row 0 = padding.
+        self.has_cold = cold is not None and self.transitions
+        if cold is not None:
+            self.register_buffer("cold", cold)
 
     def forward(
         self, history_ids: torch.Tensor, history_mask: torch.Tensor
@@ -224,16 +274,23 @@ class TopKModel(nn.Module):
         hist = rows[history_ids]  # [B, H, D]
         user = self.dense.user_vectors(hist, history_mask.to(torch.float32))  # [B, D]
         scores = user @ rows.t()  # [B, V + 1]
+        trans: torch.Tensor | None = None
         if self.transitions:
             weight = self.dense.transition_weight
             succ_idx, succ_cnt = self.succ_idx, self.succ_cnt
             assert isinstance(weight, torch.Tensor) and isinstance(succ_idx, torch.Tensor)
             assert isinstance(succ_cnt, torch.Tensor)
-            scores = scores + transition_scores(
+            trans = transition_scores(
                 weight, succ_idx, succ_cnt, history_ids, history_mask, rows.shape[0]
             )
         seen = torch.zeros_like(scores).scatter(1, history_ids, 1.0)
         seen[:, 0] = 1.0
+        cold: torch.Tensor | None = None
+        if self.has_cold:
+            buf = self.cold
+            assert isinstance(buf, torch.Tensor)
+            cold = buf
+        scores = blend_scores(self.dense, scores, trans, cold, seen > 0)
         scores = scores - seen * 1e9
         top_scores, top_ids = torch.topk(scores, self.k, dim=1)
         return top_ids, top_scores

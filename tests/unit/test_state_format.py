@@ -67,6 +67,21 @@ def test_dense_blob_of_another_format_fails_clearly():
         fire(learner(), meta, dense=buf.getvalue())
 
 
+def test_dense_blob_of_format_3_fails_clearly():
+    """Format 3 (before the blend weights) has no migration: a clear StateFormatError."""
+    lr = learner()
+    meta = new_meta("m")
+    blob = fire(lr, meta).result.dense_blob
+    obj = torch.load(io.BytesIO(blob), weights_only=False)
+    assert obj["format"] == 4
+    obj["format"] = 3
+    obj["model"].pop("blend_weight", None)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with pytest.raises(StateFormatError, match=r"state format 3, this release reads format 4"):
+        fire(learner(), meta, dense=buf.getvalue())
+
+
 def test_user_state_of_another_format_fails_clearly():
     st = UserState()
     st.format = 0
