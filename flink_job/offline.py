@@ -6,6 +6,7 @@ Flink functions call (parse, per-user history, learner), event by event.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,21 +126,35 @@ class JobReplay:
 
 
 def replay_job(
-    records: Iterable[Record], cfg: AppConfig, encoder: TextEncoder | None = None
+    records: Iterable[Record],
+    cfg: AppConfig,
+    encoder: TextEncoder | None = None,
+    restore_every: int = 0,
 ) -> JobReplay:
     """Run the trainer of a deterministic-mode job over ``records`` without Flink: the
     firings of :func:`job_firings`, each through :func:`models.online.train_and_maybe_export`
-    (what udfs/trainer.py calls), with the trainer's state kept in dicts."""
+    (what udfs/trainer.py calls), with the trainer's state kept in dicts.
+
+    ``restore_every`` > 0 drops the in-memory learner every that many firings and starts a
+    fresh one, which then rebuilds itself from the state dicts, as after a Flink restore:
+    the versions must not change (everything the model needs is in state)."""
     from flink_job.config import to_dict
 
-    learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=encoder.dim if encoder else 0)
+    def fresh() -> OnlineLearner:
+        return OnlineLearner(cfg.model, cfg.trainer, text_dim=encoder.dim if encoder else 0)
+
+    learner = fresh()
     meta = new_meta(cfg.job.model_key)
     rows: dict[str, bytes] = {}
     cat: dict[str, bytes] = {}
     dense: list[bytes | None] = [None]
     out = JobReplay(meta)
     config = to_dict(cfg)
-    for items, samples, final in job_firings(records, cfg):
+    for n, (items, samples, final) in enumerate(job_firings(records, cfg), 1):
+        if restore_every and n % restore_every == 0:
+            learner = fresh()
+            meta = pickle.loads(pickle.dumps(meta))  # as the job's meta state would be
+            out.meta = meta
         firing = train_and_maybe_export(
             learner,
             meta,

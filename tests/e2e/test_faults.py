@@ -230,7 +230,17 @@ def test_fault_gives_the_same_model(cluster, kafka, tmp_path, reference, fault):
 
 
 def stop_with_savepoint(cluster: StandaloneCluster, jid: str, directory: Path) -> str:
-    """`rtrec stop JOB --savepoint`; returns the savepoint's location."""
+    """`rtrec stop JOB --savepoint` once a checkpoint has completed (every task is running:
+    a savepoint triggered while a task is still starting or finishing - the empty catalogue
+    source - fails, and Flink then fails the job over); returns the savepoint's location."""
+    deadline = time.monotonic() + 120
+    while any(
+        v["status"] != "FINISHED" and "Collection Source" in v["name"]
+        for v in cluster.rest(f"/jobs/{jid}")["vertices"]
+    ):
+        assert time.monotonic() < deadline, "the empty catalogue source never finished"
+        time.sleep(0.2)
+    await_resumed(cluster, jid, time.monotonic())
     env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
     cmd = [sys.executable, "-m", "flink_job.cli", "stop", jid, "--savepoint"]
     cmd += ["--jobmanager", cluster.address, "--dir", str(directory)]
