@@ -405,14 +405,9 @@ def submit_to_cluster(address: str, bootstrap: str, overrides: list[str]) -> str
 
 
 def cancel_job(address: str, jid: str) -> None:
-    import urllib.request
+    """Best effort (benchmark clean-up): cancel and wait, never raise."""
+    from flink_job.savepoints import SavepointError
+    from flink_job.savepoints import cancel_job as cancel
 
-    req = urllib.request.Request(f"http://{address}/jobs/{jid}?mode=cancel", method="PATCH")
-    with contextlib.suppress(OSError):
-        urllib.request.urlopen(req, timeout=10).read()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if rest_json(address, f"/jobs/{jid}")["state"] in ("CANCELED", "FAILED", "FINISHED"):
-                return
-        time.sleep(0.5)
+    with contextlib.suppress(SavepointError):
+        cancel(address, jid)

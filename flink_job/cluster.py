@@ -136,16 +136,6 @@ class StandaloneCluster:
     def overview(self) -> dict:
         return self.rest("/overview")
 
-    def cancel(self, job_id: str, timeout_s: float = 60.0) -> None:
-        """Cancel a job (REST ``PATCH /jobs/:id``) and wait until it is no longer running."""
-        req = urllib.request.Request(f"http://{self.address}/jobs/{job_id}", method="PATCH")
-        urllib.request.urlopen(req, timeout=10).close()
-        deadline = time.monotonic() + timeout_s
-        while self.rest(f"/jobs/{job_id}")["state"] not in ("CANCELED", "FAILED", "FINISHED"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} not cancelled after {timeout_s:.0f}s")
-            time.sleep(0.2)
-
     def kill_taskmanager(self, i: int = 0) -> int:
         """kill -9 TaskManager i (its whole process group, Python workers included)."""
         p = self.tms[i]

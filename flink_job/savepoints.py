@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+TERMINAL = ("CANCELED", "FAILED", "FINISHED")
+
 
 class SavepointError(RuntimeError):
     """A savepoint could not be taken; the message carries Flink's reason."""
@@ -86,3 +88,13 @@ def stop_with_savepoint(
         {"targetDirectory": _target(directory), "drain": drain, "formatType": fmt},
     )
     return _await(address, job_id, res["request-id"], timeout_s)
+
+
+def cancel_job(address: str, job_id: str, timeout_s: float = 60.0) -> None:
+    """Cancel a job (``PATCH /jobs/:id``) and wait until it has reached a terminal state."""
+    _call(address, "PATCH", f"/jobs/{job_id}?mode=cancel")
+    deadline = time.monotonic() + timeout_s
+    while _call(address, "GET", f"/jobs/{job_id}")["state"] not in TERMINAL:
+        if time.monotonic() > deadline:
+            raise SavepointError(f"job {job_id} not cancelled after {timeout_s:.0f}s")
+        time.sleep(0.2)

@@ -22,6 +22,7 @@ from flink_job.datasets import records
 from flink_job.kafka_local import read_topic
 from flink_job.offline import replay_job
 from flink_job.replay import replay
+from flink_job.savepoints import cancel_job
 from models.registry import list_versions, read_latest
 
 EVENTS = 4000
@@ -55,23 +56,19 @@ def overrides(registry: Path, topic: str) -> list[str]:
     ]
 
 
-def submit(cluster: StandaloneCluster, bootstrap: str, ov: list[str], *extra: str) -> str:
-    before = {j["jid"] for j in cluster.rest("/jobs/overview")["jobs"]}
+def rtrec(*args: str) -> str:
+    """Run the `rtrec` CLI (outside this process's PyFlink environment); its stdout."""
     env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
-    cmd = [
-        sys.executable,
-        "-m",
-        "flink_job.cli",
-        "submit",
-        "--jobmanager",
-        cluster.address,
-        "--bootstrap",
-        bootstrap,
-        *extra,
-        *[x for o in ov for x in ("--set", o)],
-    ]
+    cmd = [sys.executable, "-m", "flink_job.cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def submit(cluster: StandaloneCluster, bootstrap: str, ov: list[str], *extra: str) -> str:
+    before = {j["jid"] for j in cluster.rest("/jobs/overview")["jobs"]}
+    sets = [x for o in ov for x in ("--set", o)]
+    rtrec("submit", "--jobmanager", cluster.address, "--bootstrap", bootstrap, *extra, *sets)
     new = [j["jid"] for j in cluster.rest("/jobs/overview")["jobs"] if j["jid"] not in before]
     assert len(new) == 1
     return new[0]
@@ -179,12 +176,8 @@ def take_savepoint(directory: Path):
     def hook(cluster: StandaloneCluster, jid: str, registry: Path) -> None:
         """`rtrec savepoint JOB` once a version is out (the job keeps running)."""
         wait_for_version(registry)
-        env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
-        cmd = [sys.executable, "-m", "flink_job.cli", "savepoint", jid]
-        cmd += ["--jobmanager", cluster.address, "--dir", str(directory)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        location = Path(proc.stdout.strip().splitlines()[-1].removeprefix("file:"))
+        out = rtrec("savepoint", jid, "--jobmanager", cluster.address, "--dir", str(directory))
+        location = Path(out.strip().splitlines()[-1].removeprefix("file:"))
         assert (location / "_metadata").is_file(), location
 
     return hook
@@ -241,12 +234,9 @@ def stop_with_savepoint(cluster: StandaloneCluster, jid: str, directory: Path) -
         assert time.monotonic() < deadline, "the empty catalogue source never finished"
         time.sleep(0.2)
     await_resumed(cluster, jid, time.monotonic())
-    env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
-    cmd = [sys.executable, "-m", "flink_job.cli", "stop", jid, "--savepoint"]
-    cmd += ["--jobmanager", cluster.address, "--dir", str(directory)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    location = proc.stdout.strip().splitlines()[-1]
+    jm = ["--jobmanager", cluster.address]
+    out = rtrec("stop", jid, "--savepoint", *jm, "--dir", str(directory))
+    location = out.strip().splitlines()[-1]
     assert (Path(location.removeprefix("file:")) / "_metadata").is_file(), location
     assert wait_done(cluster, jid, 60) == "FINISHED"
     return location
@@ -300,7 +290,7 @@ def test_rescale_1_2_1_keeps_the_exact_model(cluster, kafka, tmp_path):
     try:
         wait_for_version(registry, len(expected) - 1, timeout_s=240)
     finally:
-        cluster.cancel(jid)
+        cancel_job(cluster.address, jid)
     got = published()
     print(f"rescale 1->2->1: versions {n1} at p1, {n2 - n1} at p2, {len(got) - n2} at p1 again")
     assert n2 > n1 >= 1 and len(got) > n2
