@@ -1,7 +1,7 @@
 """The rtrec job graph (see DESIGN.md "Data flow").
 
 Kafka events -> ParseEvents (-> DLQ) -> event-time watermarks -> key_by(user) -> tumbling
-window -> UserWindowFunction -> key_by(model key) -> OnlineTrainer -> model versions ->
+window (UserWindows) -> key_by(model key) -> OnlineTrainer -> model versions ->
 registry directory + Kafka ``models`` topic.
 """
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from pyflink.common import Configuration, Duration, Time, Types, WatermarkStrategy
+from pyflink.common import Configuration, Duration, Types, WatermarkStrategy
 from pyflink.common.serialization import ByteArraySchema, SimpleStringSchema
 from pyflink.common.watermark_strategy import TimestampAssigner
 from pyflink.datastream import CheckpointingMode, StreamExecutionEnvironment
@@ -27,7 +27,6 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSource,
 )
 from pyflink.datastream.externalized_checkpoint_retention import ExternalizedCheckpointRetention
-from pyflink.datastream.window import TumblingEventTimeWindows
 from pyflink.java_gateway import get_gateway
 
 from flink_job.config import AppConfig, to_dict
@@ -36,7 +35,7 @@ from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
 from udfs.publish import PublishToRegistry, to_kafka_record
 from udfs.records import EVENT_TYPE, ITEM_TYPE, SAMPLE_TYPE, VERSION_TYPE, PicklableOutputTag
 from udfs.trainer import METRICS_TAG, OnlineTrainer
-from udfs.user_window import UserWindowFunction
+from udfs.user_window import UserWindows
 
 log = logging.getLogger(__name__)
 LATE_TAG = PicklableOutputTag("late-events", EVENT_TYPE)
@@ -266,14 +265,12 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
     )
     dead = parsed.get_side_output(DLQ_TAG)
 
-    windowed = (
-        parsed.key_by(lambda r: r[1], key_type=Types.STRING())
-        .window(TumblingEventTimeWindows.of(Time.milliseconds(cfg.job.window_ms)))
-        .side_output_late_data(LATE_TAG)
-    )
     samples = (
-        windowed.process(
-            UserWindowFunction(cfg.user, cfg.model.history_length, cfg.job.model_key),
+        parsed.key_by(lambda r: r[1], key_type=Types.STRING())
+        .process(
+            UserWindows(
+                cfg.user, cfg.model.history_length, cfg.job.model_key, cfg.job.window_ms, LATE_TAG
+            ),
             output_type=SAMPLE_TYPE,
         )
         .uid("user-window")

@@ -2,7 +2,7 @@
 
 Two inputs, both keyed by model key: training samples (1) and catalogue items (2).
 State per model key (see DESIGN.md "State rules"):
-- ``buffer`` ListState of sample rows not yet learned from, ``buffered`` their count;
+- ``buffer`` ListState of sample rows not yet learned from;
 - ``pending_items`` ListState of catalogue rows not yet ingested;
 - ``dense`` the dense parameters + optimizer state blob;
 - ``rows`` MapState item id -> packed id-embedding row (only touched rows are written);
@@ -57,7 +57,6 @@ class OnlineTrainer(KeyedCoProcessFunction):
     def open(self, runtime_context):
         rc = runtime_context
         self.buffer = rc.get_list_state(ListStateDescriptor("buffer", SAMPLE_TYPE))
-        self.buffered = rc.get_state(ValueStateDescriptor("buffered", Types.INT()))
         self.pending_items = rc.get_list_state(ListStateDescriptor("pending_items", ITEM_TYPE))
         self.pending_count = rc.get_state(ValueStateDescriptor("pending_count", Types.INT()))
         self.dense = rc.get_state(ValueStateDescriptor("dense", Types.PICKLED_BYTE_ARRAY()))
@@ -73,6 +72,13 @@ class OnlineTrainer(KeyedCoProcessFunction):
         self.ordered = rc.get_list_state(
             ListStateDescriptor("ordered", Types.TUPLE([Types.LONG(), SAMPLE_TYPE]))
         )
+        # Mirrors of per-key state this instance has read or written (the hot path touches
+        # state once per sample instead of five times). Valid because every change of that
+        # state goes through this instance; a restart or rescale opens a new instance, which
+        # reads the state again on a key's first element.
+        self._buffered: dict[str, int] = {}  # len(buffer)
+        self._armed: set[str] = set()  # end-of-input timer registered (or meta exists)
+        self._flush_at: dict[str, int] = {}  # the pending flush timer
         self.encoder = load_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
         self._open_metrics(rc.get_metrics_group().add_group("prequential"))
         self.tensorboard = TensorBoardLog(self.tensorboard_dir) if self.tensorboard_dir else None
@@ -121,19 +127,30 @@ class OnlineTrainer(KeyedCoProcessFunction):
         raw = self.meta.value()
         return pickle.loads(raw) if raw is not None else new_meta(key)
 
-    def _arm_timers(self, ctx) -> None:
-        if self.meta.value() is None:  # (re-registering the same timer is a no-op)
-            ctx.timer_service().register_event_time_timer(END_OF_INPUT_TS)
-        if not self.cfg.deterministic and self.flush_timer.value() is None:
-            at = ctx.timer_service().current_processing_time() + int(
-                self.cfg.flush_after_seconds * 1000
-            )
-            ctx.timer_service().register_processing_time_timer(at)
-            self.flush_timer.update(at)
+    def _arm_timers(self, key: str, ctx) -> None:
+        if key not in self._armed:
+            if self.meta.value() is None:  # (re-registering the same timer is a no-op)
+                ctx.timer_service().register_event_time_timer(END_OF_INPUT_TS)
+            self._armed.add(key)
+        if not self.cfg.deterministic and key not in self._flush_at:
+            at = self.flush_timer.value()
+            if at is None:
+                at = ctx.timer_service().current_processing_time() + int(
+                    self.cfg.flush_after_seconds * 1000
+                )
+                ctx.timer_service().register_processing_time_timer(at)
+                self.flush_timer.update(at)
+            self._flush_at[key] = at
+
+    def _buffered_count(self, key: str) -> int:
+        n = self._buffered.get(key)
+        if n is None:  # first element of this key since the instance opened
+            n = self._buffered[key] = sum(1 for _ in self.buffer.get())
+        return n
 
     def process_element1(self, value, ctx):
         key = ctx.get_current_key()
-        self._arm_timers(ctx)
+        self._arm_timers(key, ctx)
         if self.cfg.deterministic:
             # Train in event-time order behind the watermark: a sample's record timestamp is
             # its window's end, so once the watermark passes it, every sample that sorts
@@ -141,17 +158,16 @@ class OnlineTrainer(KeyedCoProcessFunction):
             self.ordered.add((ctx.timestamp(), value))
             ctx.timer_service().register_event_time_timer(ctx.timestamp())
             return
+        n = self._buffered_count(key) + 1
         self.buffer.add(value)
-        n = (self.buffered.value() or 0) + 1
+        self._buffered[key] = n
         if n >= self.cfg.batch_size:
             yield from self._fire(key, ctx.timer_service().current_watermark())
-        else:
-            self.buffered.update(n)
 
     def process_element2(self, value, ctx):
         # Catalogue records take effect in event time: an item is ingested once the
         # watermark passes its ts, so models see the catalogue as it was at that instant.
-        self._arm_timers(ctx)
+        self._arm_timers(ctx.get_current_key(), ctx)
         self.pending_items.add(value)
         self.pending_count.update((self.pending_count.value() or 0) + 1)
         ctx.timer_service().register_event_time_timer(int(value[5]))
@@ -161,6 +177,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
         key = ctx.get_current_key()
         if ctx.time_domain() == TimeDomain.PROCESSING_TIME:
             self.flush_timer.clear()
+            self._flush_at.pop(key, None)
             yield from self._fire(key, ctx.timer_service().current_watermark())
         elif self.cfg.deterministic:
             yield from self._drain(key, timestamp, final=timestamp == END_OF_INPUT_TS)
@@ -208,9 +225,11 @@ class OnlineTrainer(KeyedCoProcessFunction):
                 self.model_cfg, self.cfg, text_dim=text_dim
             )
         if samples is None:
-            samples = [row_to_sample(r) for r in self.buffer.get()] if self.buffered.value() else []
-            self.buffer.clear()
-            self.buffered.clear()
+            n = self._buffered_count(key)
+            samples = [row_to_sample(r) for r in self.buffer.get()] if n else []
+            if n:
+                self.buffer.clear()
+            self._buffered[key] = 0
         items = self._due_items(watermark)
         firing = train_and_maybe_export(
             learner,

@@ -1,46 +1,100 @@
-"""key_by(user) -> window -> this function: per-user history in keyed state -> samples."""
+"""key_by(user) -> this function: tumbling event-time windows of a user's events -> per-user
+history in keyed state -> samples.
+
+Same semantics as ``.window(TumblingEventTimeWindows.of(window_ms))`` with a process window
+function, built on keyed state + one event-time timer per (user, window): PyFlink's window
+operator keeps each window's contents in a state namespace of its own, which the Python
+state cache never holds, so every window cost a blocking round trip to the JVM to read its
+contents (the job's largest Flink overhead, see README "Optimisations"). Here a user's
+not-yet-fired events live in one value that the cache keeps.
+
+- An event belongs to the window [start, start + window_ms) of its record timestamp.
+- It is late (-> ``late_tag``) when its window's last millisecond is <= the watermark,
+  exactly when Flink's window operator would drop it.
+- At the window's last millisecond (event time) the window's events are applied to the
+  user's history in one :func:`models.history.advance_user` call; the samples are emitted
+  with that timestamp, as a window's output is.
+"""
 
 from __future__ import annotations
 
 import pickle
 
 from pyflink.common import Time, Types
-from pyflink.datastream import ProcessWindowFunction
+from pyflink.datastream import KeyedProcessFunction, OutputTag
 from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
 
 from models.config import UserStageConfig
 from models.history import advance_user
 from udfs.records import row_to_event, sample_to_row
 
+_PICKLE = pickle.HIGHEST_PROTOCOL
 
-class UserWindowFunction(ProcessWindowFunction):
-    """Applies one window of a user's events to the user's state and emits one sample per event."""
 
-    def __init__(self, cfg: UserStageConfig, history_length: int, model_key: str) -> None:
+class UserWindows(KeyedProcessFunction):
+    """Per-user tumbling windows: buffers a user's events until the watermark passes the end
+    of their window, then applies them to the user's state and emits one sample per event."""
+
+    def __init__(
+        self,
+        cfg: UserStageConfig,
+        history_length: int,
+        model_key: str,
+        window_ms: int,
+        late_tag: OutputTag,
+    ) -> None:
         self.cfg = cfg
         self.history_length = history_length
         self.model_key = model_key
-        self.descriptor = None
+        self.window_ms = window_ms
+        self.late_tag = late_tag
 
     def open(self, runtime_context):
-        desc = ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY())
+        user = ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY())
         ttl_ms = int(self.cfg.state_ttl_hours * 3600 * 1000)
         if ttl_ms > 0:
-            desc.enable_time_to_live(
+            user.enable_time_to_live(
                 StateTtlConfig.new_builder(Time.milliseconds(ttl_ms))
                 .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
                 .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
                 .build()
             )
-        self.descriptor = desc
+        self.user = runtime_context.get_state(user)
+        # [(record timestamp, event row)] of windows not fired yet, in arrival order. No TTL:
+        # every entry is removed by its window's timer.
+        self.pending = runtime_context.get_state(
+            ValueStateDescriptor("pending", Types.PICKLED_BYTE_ARRAY())
+        )
 
-    def process(self, key, context, elements):
-        state = context.global_state().get_state(self.descriptor)
-        raw = state.value()
+    def process_element(self, value, ctx):
+        ts = ctx.timestamp()
+        last_ms = ts - ts % self.window_ms + self.window_ms - 1  # the window's last millisecond
+        if last_ms <= ctx.timer_service().current_watermark():
+            yield self.late_tag, value
+            return
+        raw = self.pending.value()
+        pending = pickle.loads(raw) if raw is not None else []
+        pending.append((ts, tuple(value)))
+        self.pending.update(pickle.dumps(pending, protocol=_PICKLE))
+        ctx.timer_service().register_event_time_timer(last_ms)
+
+    def on_timer(self, timestamp, ctx):
+        raw = self.pending.value()
+        pending = pickle.loads(raw) if raw is not None else []
+        # Earlier windows' timers fired before this one: what is due is this window's events.
+        due = [row for ts, row in pending if ts <= timestamp]
+        rest = [(ts, row) for ts, row in pending if ts > timestamp]
+        if rest:
+            self.pending.update(pickle.dumps(rest, protocol=_PICKLE))
+        else:
+            self.pending.clear()
+        if not due:
+            return
+        raw = self.user.value()
         user = pickle.loads(raw) if raw is not None else None
         user, samples = advance_user(
-            user, [row_to_event(r) for r in elements], self.cfg, self.history_length, self.model_key
+            user, [row_to_event(r) for r in due], self.cfg, self.history_length, self.model_key
         )
-        state.update(pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL))
+        self.user.update(pickle.dumps(user, protocol=_PICKLE))
         for s in samples:
             yield sample_to_row(s)

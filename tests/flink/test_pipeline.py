@@ -92,3 +92,62 @@ def test_pipeline_trains_exports_and_dead_letters(make_cfg, tmp_path):
     assert rec.refresh()
     top = [item for item, _ in rec.recommend([["t2_1", "t2_3", "t2_4"]], k=5)[0]]
     assert sum(t.startswith("t2_") for t in top) >= 3, top
+
+
+class StallBefore:
+    """Identity on latin-1 text, sleeping before the first record that contains ``marker``
+    (so the periodic watermark of everything before it reaches the user windows first)."""
+
+    def __init__(self, marker: str, seconds: float) -> None:
+        self.marker, self.seconds, self.done = marker, seconds, False
+
+    def __call__(self, s: str) -> bytes:
+        if not self.done and self.marker in s:
+            import time
+
+            time.sleep(self.seconds)
+            self.done = True
+        return s.encode("latin-1")
+
+
+def test_late_events_go_to_the_dead_letter_output(make_cfg):
+    """Events whose user window closed before they arrived are dead-lettered with the
+    reason (not trained on, not lost); the events in time are all trained on."""
+    cfg = make_cfg(
+        "model.text_encoder='none'",
+        "trainer.batch_size=16",
+        "trainer.export_every_steps=1000",
+        "trainer.export_every_seconds=3600.0",
+        "job.checkpoint_interval_ms=0",
+        "job.out_of_orderness_ms=0",
+        "job.bundle_size=1",  # every record leaves each Python stage at once
+        "model.dim=8",
+        "model.history_length=4",
+    )
+    valid = topic_events(300)
+    t0 = 1_700_000_000_000
+    late = [
+        json.dumps(
+            {"event_id": f"late{i}", "user_id": f"u{i}", "item_id": "t0_1", "type": "click",
+             "ts": t0 + i * 500}  # the windows of the first events, long closed
+        ).encode()
+        for i in range(5)
+    ]  # fmt: skip
+    env = make_env(cfg)
+    raw = (
+        env.from_collection([r.decode("latin-1") for r in valid + late], type_info=Types.STRING())
+        .map(StallBefore('"late0"', 2.0), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
+        .assign_timestamps_and_watermarks(
+            WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
+        )
+    )
+    versions, dead = build_pipeline(raw, cfg)
+    with registry_sink(versions, cfg).union(dead).execute_and_collect() as results:
+        out = [json.loads(r) for r in results]
+
+    dead_letters = [o for o in out if "reason" in o]
+    assert sorted(d["payload"].split()[0] for d in dead_letters) == [
+        f"event_id=late{i}" for i in range(5)
+    ]
+    assert all(d["reason"].startswith("late event") for d in dead_letters)
+    assert max(o["events_seen"] for o in out if "published" in o) == len(valid)
