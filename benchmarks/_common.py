@@ -64,8 +64,15 @@ class _ConfigFile(argparse.Action):
         sets = list(getattr(namespace, self.dest) or [])
         for section, keys in doc.items():
             for key, value in keys.items():
-                sets.append(f"{section}.{key}={json.dumps(value)}")
+                sets.append(f"{section}.{key}={_toml_value(value)}")
         setattr(namespace, self.dest, sets)
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal of a parsed TOML value (JSON's, except for tables)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 def machine() -> dict[str, Any]:

@@ -174,6 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         "events": len([1 for ts, _ in transport.lat if w0 * 1000 <= ts < w1 * 1000]),
     })  # fmt: skip
     eo_vs_reg = C.ratio(rows[1]["p50_s"], rows[0]["p50_s"])
+    # Where the registry path's time goes: how far behind its newest event a version is
+    # when it becomes visible, and the time between consecutive versions.
+    in_window = [(seen, m) for seen, m in reg.versions() if w0 <= seen < w1]
+    staleness = C.percentiles([seen - int(m["event_time_hwm_ms"]) / 1000 for seen, m in in_window])
+    seen_times = sorted(seen for seen, _ in in_window)
+    gaps = C.percentiles([b - a for a, b in zip(seen_times, seen_times[1:], strict=False)])
+    C.log(
+        "registry versions: staleness at visibility p50/p95 "
+        f"{staleness['p50'] or 0:.2f}/{staleness['p95'] or 0:.2f} s, gap between versions "
+        f"p50/p95 {gaps['p50'] or 0:.2f}/{gaps['p95'] or 0:.2f} s"
+    )
     cols = [
         "path",
         "p50_s",
@@ -194,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "rows": rows,
         "exactly_once_vs_registry_p50": eo_vs_reg,
+        "registry_version_staleness_s": staleness,
+        "registry_version_gap_s": gaps,
         "first_version_after_submit_s": t_first - t_submit,
         "produced_in_window": len(window),
         "headline": headline,

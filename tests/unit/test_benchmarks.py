@@ -56,3 +56,23 @@ def test_gpu_script_writes_json(tmp_path: Path) -> None:
     assert doc["device_name"] == "cpu"
     (row,) = doc["rows"]
     assert row["trainer_samples_per_s"] > 0 and row["trainer_vs_cpu"] == pytest.approx(1.0)
+
+
+def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
+    """``--config F`` turns every key of F into a ``--set`` override the config loader
+    accepts, nested tables (``[job.flink]``) included."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common as C
+    finally:
+        sys.path.remove(str(BENCH))
+    f = tmp_path / "profile.toml"
+    f.write_text(
+        '[job]\nwindow_ms = 100\n[job.flink]\n"pipeline.auto-watermark-interval" = "50 ms"\n'
+        "[trainer]\nflush_after_seconds = 0.25\n"
+    )
+    args = C.parser("x", "doc").parse_args(["--config", str(f), "--set", "job.window_ms=300"])
+    cfg = C.config(args.set)
+    assert cfg.job.flink == {"pipeline.auto-watermark-interval": "50 ms"}
+    assert cfg.trainer.flush_after_seconds == 0.25
+    assert cfg.job.window_ms == 300  # a later --set wins
