@@ -71,7 +71,8 @@ class _ConfigFile(argparse.Action):
 def _toml_value(value: Any) -> str:
     """A TOML literal of a parsed TOML value (JSON's, except for tables)."""
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        pairs = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
     return json.dumps(value)
 
 

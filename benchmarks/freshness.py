@@ -21,6 +21,7 @@ exactly-once / registry.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 import threading
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     in_window = [(seen, m) for seen, m in reg.versions() if w0 <= seen < w1]
     staleness = C.percentiles([seen - int(m["event_time_hwm_ms"]) / 1000 for seen, m in in_window])
     seen_times = sorted(seen for seen, _ in in_window)
-    gaps = C.percentiles([b - a for a, b in zip(seen_times, seen_times[1:], strict=False)])
+    gaps = C.percentiles([b - a for a, b in itertools.pairwise(seen_times)])
     C.log(
         "registry versions: staleness at visibility p50/p95 "
         f"{staleness['p50'] or 0:.2f}/{staleness['p95'] or 0:.2f} s, gap between versions "

@@ -15,22 +15,31 @@ from pathlib import Path
 
 import _common as C
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Cheapest first, so a broken environment fails fast.
 BENCHMARKS = [
     "catalogue",
     "gpu",
     "throughput",
     "freshness",
+    "throughput-high-throughput",
     "freshness-low-latency",
     "recovery",
     "state",
 ]
 # Variants: another script's run with extra arguments (written as <script>-<tag>.json).
 VARIANTS = {
+    "throughput-high-throughput": [
+        "throughput",
+        "--config",
+        str(CONFIGS / "high-throughput.toml"),
+        "--tag",
+        "high-throughput",
+    ],
     "freshness-low-latency": [
         "freshness",
         "--config",
-        "configs/low-latency.toml",
+        str(CONFIGS / "low-latency.toml"),
         "--tag",
         "low-latency",
     ],

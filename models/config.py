@@ -129,6 +129,8 @@ class UserStageConfig:
     """
 
     dedup_size: int = 256
+    # Processing-time TTL of a user's history (0 = keep forever). Expired histories are
+    # dropped as state is accessed and from full snapshots; until then one can be read.
     state_ttl_hours: float = 24.0 * 30
     min_positive_rating: float = 3.5
     weights: dict[str, float] = field(

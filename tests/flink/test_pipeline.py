@@ -43,6 +43,27 @@ def topic_events(n: int, seed: int = 1) -> list[bytes]:
     return out
 
 
+def run_on_collection(cfg, records: list[bytes], to_bytes=None) -> list[dict]:
+    """The job graph on ``records`` (event time = their "ts", monotonous watermarks):
+    registry statuses and dead letters, as JSON objects."""
+    env = make_env(cfg)
+    # PyFlink cannot ship byte arrays in from_collection; carry them as latin-1 text instead.
+    raw = (
+        env.from_collection([r.decode("latin-1") for r in records], type_info=Types.STRING())
+        .map(
+            to_bytes or (lambda s: s.encode("latin-1")),
+            output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()),
+        )
+        # Like the Kafka source: record timestamps = event time, with watermarks.
+        .assign_timestamps_and_watermarks(
+            WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
+        )
+    )
+    versions, dead = build_pipeline(raw, cfg)
+    with registry_sink(versions, cfg).union(dead).execute_and_collect() as results:
+        return [json.loads(r) for r in results]
+
+
 def test_pipeline_trains_exports_and_dead_letters(make_cfg, tmp_path):
     cfg = make_cfg(
         "model.text_encoder='none'",
@@ -57,19 +78,7 @@ def test_pipeline_trains_exports_and_dead_letters(make_cfg, tmp_path):
     hostile = hostile_payloads(random.Random(5), 1_700_000_000_000)
     records = valid[:1000] + hostile + valid[1000:]
 
-    env = make_env(cfg)
-    # PyFlink cannot ship byte arrays in from_collection; carry them as latin-1 text instead.
-    raw = (
-        env.from_collection([r.decode("latin-1") for r in records], type_info=Types.STRING())
-        .map(lambda s: s.encode("latin-1"), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
-        # Like the Kafka source: record timestamps = event time, with watermarks.
-        .assign_timestamps_and_watermarks(
-            WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
-        )
-    )
-    versions, dead = build_pipeline(raw, cfg)
-    with registry_sink(versions, cfg).union(dead).execute_and_collect() as results:
-        out = [json.loads(r) for r in results]
+    out = run_on_collection(cfg, records)
 
     dead_letters = [o for o in out if "reason" in o]
     statuses = [o for o in out if "published" in o]
@@ -133,17 +142,7 @@ def test_late_events_go_to_the_dead_letter_output(make_cfg):
         ).encode()
         for i in range(5)
     ]  # fmt: skip
-    env = make_env(cfg)
-    raw = (
-        env.from_collection([r.decode("latin-1") for r in valid + late], type_info=Types.STRING())
-        .map(StallBefore('"late0"', 2.0), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
-        .assign_timestamps_and_watermarks(
-            WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
-        )
-    )
-    versions, dead = build_pipeline(raw, cfg)
-    with registry_sink(versions, cfg).union(dead).execute_and_collect() as results:
-        out = [json.loads(r) for r in results]
+    out = run_on_collection(cfg, valid + late, StallBefore('"late0"', 2.0))
 
     dead_letters = [o for o in out if "reason" in o]
     assert sorted(d["payload"].split()[0] for d in dead_letters) == [
