@@ -1,6 +1,7 @@
 """Restoring state written by another release: additive changes migrate, the rest fails at
 the first use with a message that names the state, the format and what to do."""
 
+import copy
 import io
 import pickle
 
@@ -11,7 +12,7 @@ from models.config import ModelConfig, TrainerConfig, UserStageConfig
 from models.history import UserState, advance_user
 from models.online import train_and_maybe_export
 from models.state_format import StateFormatError
-from models.trainer import META_FORMAT, OnlineLearner, new_meta
+from models.trainer import DENSE_FORMAT, META_FORMAT, OnlineLearner, _tensors_to, new_meta
 from tests.unit.helpers import topic_samples
 
 MC = ModelConfig(dim=8, history_length=4, hidden=16)
@@ -59,12 +60,19 @@ def test_dense_blob_of_another_format_fails_clearly():
     lr = learner()
     meta = new_meta("m")
     blob = fire(lr, meta).result.dense_blob
-    obj = torch.load(io.BytesIO(blob), weights_only=False)
+    obj = pickle.loads(blob)
     obj["format"] = 1
+    with pytest.raises(StateFormatError, match=r"dense trainer state has state format 1"):
+        fire(learner(), meta, dense=pickle.dumps(obj))
+
+
+def _as_torch_save(blob: bytes, fmt: int) -> bytes:
+    """A format-5 dense blob rewritten the way releases up to format 4 stored it."""
+    obj = _tensors_to(pickle.loads(blob), torch.from_numpy)
+    obj["format"] = fmt
     buf = io.BytesIO()
     torch.save(obj, buf)
-    with pytest.raises(StateFormatError, match=r"dense trainer state has state format 1"):
-        fire(learner(), meta, dense=buf.getvalue())
+    return buf.getvalue()
 
 
 def test_dense_blob_of_format_3_fails_clearly():
@@ -72,14 +80,19 @@ def test_dense_blob_of_format_3_fails_clearly():
     lr = learner()
     meta = new_meta("m")
     blob = fire(lr, meta).result.dense_blob
-    obj = torch.load(io.BytesIO(blob), weights_only=False)
-    assert obj["format"] == 4
-    obj["format"] = 3
-    obj["model"].pop("blend_weight", None)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with pytest.raises(StateFormatError, match=r"state format 3, this release reads format 4"):
-        fire(learner(), meta, dense=buf.getvalue())
+    assert pickle.loads(blob)["format"] == DENSE_FORMAT == 5
+    with pytest.raises(StateFormatError, match=r"state format 3, this release reads format 5"):
+        fire(learner(), meta, dense=_as_torch_save(blob, 3))
+
+
+def test_dense_blob_of_format_4_is_read_and_learns_the_same():
+    """Format 4 (torch.save of the same content) is still read: a learner restored from it
+    takes the same next step as one restored from the format-5 blob."""
+    meta = new_meta("m")
+    blob = fire(learner(), meta).result.dense_blob
+    old = fire(learner(), copy.deepcopy(meta), dense=_as_torch_save(blob, 4)).result.dense_blob
+    new = fire(learner(), copy.deepcopy(meta), dense=blob).result.dense_blob
+    assert old == new
 
 
 def test_user_state_of_another_format_fails_clearly():
