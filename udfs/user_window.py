@@ -6,7 +6,7 @@ function, built on keyed state + one event-time timer per (user, window): PyFlin
 operator keeps each window's contents in a state namespace of its own, which the Python
 state cache never holds, so every window cost a blocking round trip to the JVM to read its
 contents (the job's largest Flink overhead, see README "Optimisations"). Here a user's
-not-yet-fired events live in one value that the cache keeps.
+not-yet-fired events live in one list that the cache keeps.
 
 - An event belongs to the window [start, start + window_ms) of its record timestamp.
 - It is late (-> ``late_tag``) when its window's last millisecond is <= the watermark,
@@ -22,11 +22,11 @@ import pickle
 
 from pyflink.common import Time, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag
-from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
+from pyflink.datastream.state import ListStateDescriptor, StateTtlConfig, ValueStateDescriptor
 
 from models.config import UserStageConfig
 from models.history import advance_user
-from udfs.records import row_to_event, sample_to_row
+from udfs.records import EVENT_TYPE, row_to_event, sample_to_row
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
@@ -67,10 +67,11 @@ class UserWindows(KeyedProcessFunction):
                 .build()
             )
         self.user = runtime_context.get_state(user)
-        # [(record timestamp, event row)] of windows not fired yet, in arrival order. No TTL:
-        # every entry is removed by its window's timer.
-        self.pending = runtime_context.get_state(
-            ValueStateDescriptor("pending", Types.PICKLED_BYTE_ARRAY())
+        # (record timestamp, event row) of windows not fired yet, in arrival order: appended
+        # per event (no read), read once per window. No TTL: every entry is removed by its
+        # window's timer.
+        self.pending = runtime_context.get_list_state(
+            ListStateDescriptor("pending", Types.TUPLE([Types.LONG(), EVENT_TYPE]))
         )
 
     def process_element(self, value, ctx):
@@ -79,20 +80,16 @@ class UserWindows(KeyedProcessFunction):
         if last_ms <= ctx.timer_service().current_watermark():
             yield self.late_tag, value
             return
-        raw = self.pending.value()
-        pending = pickle.loads(raw) if raw is not None else []
-        pending.append((ts, tuple(value)))
-        self.pending.update(pickle.dumps(pending, protocol=_PICKLE))
+        self.pending.add((ts, value))
         ctx.timer_service().register_event_time_timer(last_ms)
 
     def on_timer(self, timestamp, ctx):
-        raw = self.pending.value()
-        pending = pickle.loads(raw) if raw is not None else []
+        pending = list(self.pending.get())
         # Earlier windows' timers fired before this one: what is due is this window's events.
         due = [row for ts, row in pending if ts <= timestamp]
         rest = [(ts, row) for ts, row in pending if ts > timestamp]
         if rest:
-            self.pending.update(pickle.dumps(rest, protocol=_PICKLE))
+            self.pending.update(rest)
         else:
             self.pending.clear()
         if not due:
