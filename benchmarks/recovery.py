@@ -1,6 +1,6 @@
 """Recovery: kill -9 a TaskManager of a standalone cluster -> processing resumed (seconds).
 
-A real standalone Flink cluster (JobManager + 2 TaskManagers with one slot each, from the
+A real standalone Flink cluster (JobManager + 2 TaskManagers with two slots each, from the
 pip package's scripts, ``flink_job.cluster.StandaloneCluster``) runs the job at
 parallelism 2 (so both TaskManagers hold tasks), checkpointing every 10 s, fed live by
 the synthetic stream (``--rate`` events/s, event time = wall clock) on the embedded broker.
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             C.create_all_topics(cfg, bootstrap)
             producer = C.LiveProducer(cfg, bootstrap, args.rate, limit_s=1e9)
             producer.start()
-            cluster = C.standalone_cluster(work / "cluster", taskmanagers=2, slots=1)
+            cluster = C.standalone_cluster(work / "cluster", taskmanagers=2, slots=2)
             t0 = time.monotonic()
             address = cluster.start()
             C.log(f"cluster up in {time.monotonic() - t0:.1f}s at {address}; submitting")

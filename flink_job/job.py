@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -85,6 +86,9 @@ def flink_settings(
         # queued behind the backlog the Kafka source reads ahead.
         "taskmanager.network.memory.buffer-debloat.enabled": "true",
     }
+    if cfg.job.trainer_slot_group:
+        # Sizes a local mini-cluster (one TaskManager); a cluster's own setting wins there.
+        settings["taskmanager.numberOfTaskSlots"] = str(2 * cfg.job.parallelism)
     settings["state.backend.type"] = cfg.job.state_backend
     if cfg.job.checkpoint_interval_ms > 0:
         ckpt_dir = cfg.job.checkpoint_dir or str(Path(".rtrec/checkpoints").resolve())
@@ -104,6 +108,11 @@ def make_env(
     """A StreamExecutionEnvironment from ``cfg`` (a local mini-cluster unless submitted)."""
     jars_dir = cfg.job.jars_dir
     jar = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
+    # PyFlink reads this when the job is submitted; unset, a local run uses loopback workers.
+    if cfg.job.local_python_workers == "process":
+        os.environ["_python_worker_execution_mode"] = "process"
+    else:
+        os.environ.pop("_python_worker_execution_mode", None)
     conf = Configuration()
     for k, v in flink_settings(cfg, jar.resolve().as_uri(), extra_conf).items():
         conf.set_string(k, v)
@@ -308,6 +317,8 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
         .uid("trainer")
         .name("trainer")
     )
+    if cfg.job.trainer_slot_group:
+        trainer = trainer.slot_sharing_group(cfg.job.trainer_slot_group)
     metrics = (
         trainer.get_side_output(METRICS_TAG)
         .assign_timestamps_and_watermarks(

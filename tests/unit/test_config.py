@@ -40,6 +40,7 @@ def test_int_accepted_for_float():
         ("trainer.batch_size=0", "trainer.batch_size must be > 0"),
         ("job.python_mode='fork'", "job.python_mode"),
         ("job.python_mode='thread'", "hangs this job"),
+        ("job.local_python_workers='threads'", "job.local_python_workers must be"),
         ("noequals", "must look like section.key=value"),
     ],
 )
@@ -110,3 +111,16 @@ def test_rtrec_config_command_rejects_unknown_key():
     )
     assert proc.returncode == 2
     assert "unknown key(s) trainer.nope" in proc.stderr
+
+
+def test_trainer_slot_group_sizes_the_local_mini_cluster():
+    """A separate slot-sharing group for the trainer needs 2 x parallelism slots; without
+    one the mini-cluster keeps Flink's own sizing (one slot per parallel subtask)."""
+    from flink_job.job import flink_settings
+
+    got = flink_settings(load_config(None, ["job.parallelism=3"]), "file:///x.jar")
+    assert got["taskmanager.numberOfTaskSlots"] == "6"
+    shared = load_config(None, ["job.parallelism=3", "job.trainer_slot_group=''"])
+    assert "taskmanager.numberOfTaskSlots" not in flink_settings(shared, "file:///x.jar")
+    mine = load_config(None, ['job.flink={"taskmanager.numberOfTaskSlots"="8"}'])
+    assert flink_settings(mine, "file:///x.jar")["taskmanager.numberOfTaskSlots"] == "8"
