@@ -109,10 +109,11 @@ def make_env(
     jars_dir = cfg.job.jars_dir
     jar = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
     # PyFlink reads this when the job is submitted; unset, a local run uses loopback workers.
+    mode_var = "_python_worker_execution_mode"  # PyFlink's own (lower-case) name
     if cfg.job.local_python_workers == "process":
-        os.environ["_python_worker_execution_mode"] = "process"
+        os.environ[mode_var] = "process"
     else:
-        os.environ.pop("_python_worker_execution_mode", None)
+        os.environ.pop(mode_var, None)
     conf = Configuration()
     for k, v in flink_settings(cfg, jar.resolve().as_uri(), extra_conf).items():
         conf.set_string(k, v)

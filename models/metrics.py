@@ -151,11 +151,12 @@ def prequential_step(
     cfg = learner.cfg
     k = cfg.metrics_k
     p = _prequential(meta, k)
-    ranks = learner.rank_targets(positives(samples))  # the test: current weights, no update
     boosting = p["boost_steps_left"] > 0
     learner.lr_scale = cfg.drift_lr_boost if boosting else 1.0
     try:
-        result = learner.learn(samples, meta)
+        with learner.shared_catalogue_vectors():  # both score the catalogue before the step
+            ranks = learner.rank_targets(positives(samples))  # the test: no update
+            result = learner.learn(samples, meta)
     finally:
         learner.lr_scale = 1.0
     sums = rank_sums(ranks, k)

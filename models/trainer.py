@@ -19,7 +19,8 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +128,15 @@ class StepResult:
     skipped_non_finite: bool = False
 
 
+@dataclass
+class _SharedVectors:
+    """Whole-catalogue item vectors [size, D] and the row_of / ids they were computed for."""
+
+    vectors: torch.Tensor | None = None
+    row_of: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    ids: list[str] = field(default_factory=list)
+
+
 class OnlineLearner:
     """Cache of one model key's trainer state with the gradient step on top."""
 
@@ -159,6 +169,9 @@ class OnlineLearner:
         # Learning-rate multiplier of the next step (models/metrics.py sets it while a
         # drift boost is on; it is derived from meta state, never stored here).
         self.lr_scale = 1.0
+        # Whole-catalogue item vectors shared by the ranking and the blend loss of one step
+        # (see shared_catalogue_vectors); None = not sharing.
+        self._shared: _SharedVectors | None = None
         self._fresh()
 
     # ----------------------------------------------------------------- state <-> cache
@@ -344,6 +357,49 @@ class OnlineLearner:
         out: torch.Tensor = tower(ids, text, cats)
         out = out * (flat > 0).to(out.dtype).unsqueeze(1)
         return out.reshape(*cat_idx.shape, self.dim)
+
+    @contextmanager
+    def shared_catalogue_vectors(self) -> Iterator[None]:
+        """Within this block the whole catalogue's item vectors are computed once and reused.
+
+        A test-then-train step scores the whole catalogue twice with the same weights:
+        ranking the batch (:meth:`rank_targets`) and the blend loss inside :meth:`learn`
+        (before its gradient step). Between the two only catalogue entries added and id
+        rows admitted by ``learn`` change; their vectors are recomputed. The block must
+        not span a gradient step or a catalogue ingestion.
+        """
+        self._shared = _SharedVectors()
+        try:
+            yield
+        finally:
+            self._shared = None
+
+    def catalogue_vectors(self) -> torch.Tensor:
+        """Item vectors [size, D] of every catalogue index (no grad; see
+        :meth:`shared_catalogue_vectors`)."""
+        cat = self.catalog
+        size = cat.size
+        shared = self._shared
+        with torch.no_grad():
+            if shared is None or shared.vectors is None:
+                vecs = self.item_vectors(torch.arange(size, device=self.device))
+            else:
+                old = shared.vectors
+                n = old.shape[0]
+                changed = cat.row_of[:n] != shared.row_of
+                if cat.ids[:n] != shared.ids:
+                    changed |= np.array(
+                        [a != b for a, b in zip(cat.ids[:n], shared.ids, strict=True)]
+                    )
+                redo = np.concatenate([np.flatnonzero(changed), np.arange(n, size)])
+                vecs = old
+                if len(redo):
+                    vecs = torch.cat([old, old.new_zeros(size - n, self.dim)])
+                    at = torch.from_numpy(redo).to(self.device)
+                    vecs[at] = self.item_vectors(at)
+        if shared is not None:
+            shared.vectors, shared.row_of, shared.ids = vecs, cat.row_of[:size].copy(), cat.ids[:]
+        return vecs
 
     def _ema_model(self) -> TwoTower:
         m = TwoTower(self.model_cfg, self.text_dim).to(self.device)
@@ -599,9 +655,8 @@ class OnlineLearner:
         user [B, D] (detached: only the blend and transition weights learn here), hist
         [B, H], trans [B, size] transition scores, targets [B].
         """
-        cat = self.catalog
         with torch.no_grad():
-            all_vecs = self.item_vectors(torch.arange(cat.size, device=self.device))
+            all_vecs = self.catalogue_vectors()
         dot = user @ all_vecs.t()  # [B, size]
         excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
         excluded[:, 0] = True
@@ -649,8 +704,7 @@ class OnlineLearner:
             scores = self.asm.log_prob(user)[:, cls.clamp(min=0)]
             scores = scores.masked_fill((cls < 0).unsqueeze(0), -math.inf)
         else:
-            all_idx = torch.arange(cat.size, device=self.device)
-            scores = user @ self.item_vectors(all_idx).t()
+            scores = user @ self.catalogue_vectors().t()
         dead = torch.from_numpy(np.array([not i for i in cat.ids], dtype=bool)).to(self.device)
         return scores.masked_fill(dead.unsqueeze(0), -math.inf)
 
@@ -663,10 +717,7 @@ class OnlineLearner:
             user = self.model.user_vectors(self.item_vectors(hist), mask.float())
             trans = self.transition_scores(hist, mask)
             if self.blending:
-                dot = (
-                    user
-                    @ self.item_vectors(torch.arange(self.catalog.size, device=self.device)).t()
-                )
+                dot = user @ self.catalogue_vectors().t()
                 excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
                 excluded[:, 0] = True
                 excluded |= self._dead().unsqueeze(0)
