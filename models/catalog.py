@@ -49,6 +49,7 @@ class Catalog:
         self.text_hash: dict[int, bytes] = {}
         # Derived, not stored: the id-embedding row of each entry (0 = no own id row).
         self.row_of = np.zeros(cap + 1, dtype=np.int64)
+        self.live = np.zeros(cap + 1, dtype=bool)  # index holds an item (not padding / hole)
         # Output class of each entry in the adaptive softmax (-1 = none yet).
         self.asm_class = np.full(cap + 1, -1, dtype=np.int64)
 
@@ -68,7 +69,7 @@ class Catalog:
         text = torch.zeros(new, self.text.shape[1], device=self.device)
         text[:cap] = self.text
         self.text = text
-        for name in ("cats", "count", "last_seen", "has_text", "row_of"):
+        for name in ("cats", "count", "last_seen", "has_text", "row_of", "live"):
             setattr(self, name, pad_rows(getattr(self, name), new - cap))
         self.asm_class = np.concatenate([self.asm_class, np.full(new - cap, -1, np.int64)])
 
@@ -85,6 +86,7 @@ class Catalog:
             self._grow(idx)
             self.ids.append(item_id)
         self.index[item_id] = idx
+        self.live[idx] = True
         self.count[idx] = 0
         self.last_seen[idx] = 0
         self.has_text[idx] = False
@@ -108,6 +110,7 @@ class Catalog:
     def remove(self, item_id: str) -> None:
         idx = self.index.pop(item_id)
         self.ids[idx] = ""
+        self.live[idx] = False
         self.text[idx] = 0.0
         self.cats[idx] = 0
         self.count[idx] = 0
@@ -163,6 +166,7 @@ class Catalog:
         for idx, item_id, count, last, asm_class, thash, cats, emb in parsed:
             self.ids[idx] = item_id
             self.index[item_id] = idx
+            self.live[idx] = True
             self.count[idx] = count
             self.last_seen[idx] = last
             self.asm_class[idx] = asm_class

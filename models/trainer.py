@@ -39,7 +39,7 @@ from models.history import Sample
 from models.item_table import ItemTable, stable_seed
 from models.state_format import format_error, migrate_meta
 from models.text_encoder import TextEncoder, text_hash
-from models.two_tower import TwoTower, blend_scores, transition_scores
+from models.two_tower import TwoTower, blend_scores, history_transition_scores
 
 log = logging.getLogger(__name__)
 # 3: + transition-memory weights; 4: + blend weights; 5: numpy pickle instead of torch.save
@@ -508,7 +508,7 @@ class OnlineLearner:
         step = meta["step"]
         gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, "neg", step))
         negs = torch.randint(1, cat.size, (self.cfg.num_negatives,), generator=gen).numpy()
-        live = np.array([bool(cat.ids[i]) for i in negs], dtype=bool)
+        live = cat.live[negs]
         negs_t = torch.from_numpy(negs[live]).to(self.device)
         hard = self._transition_negatives(hist)
         cand = torch.unique(torch.cat([targets, negs_t, hard]))  # sorted catalogue indices
@@ -694,7 +694,7 @@ class OnlineLearner:
     def _dead(self) -> torch.Tensor:
         """[size] bool: padding and holes of the catalogue (no item)."""
         cat = self.catalog
-        return torch.from_numpy(np.array([not i for i in cat.ids], dtype=bool)).to(self.device)
+        return torch.from_numpy(~cat.live[: cat.size]).to(self.device)
 
     def score_all(self, user: torch.Tensor) -> torch.Tensor:
         """Scores [B, size] of every catalogue index (padding and holes = -inf)."""
@@ -705,8 +705,7 @@ class OnlineLearner:
             scores = scores.masked_fill((cls < 0).unsqueeze(0), -math.inf)
         else:
             scores = user @ self.catalogue_vectors().t()
-        dead = torch.from_numpy(np.array([not i for i in cat.ids], dtype=bool)).to(self.device)
-        return scores.masked_fill(dead.unsqueeze(0), -math.inf)
+        return scores.masked_fill(self._dead().unsqueeze(0), -math.inf)
 
     def score_histories(self, samples: list[Sample]) -> torch.Tensor:
         """Eval-mode scores [B, size] of every catalogue index for each sample's history;
@@ -772,8 +771,13 @@ class OnlineLearner:
         weight = (model or self.model).transition_weight
         if weight is None or self.trans_m == 0:
             return None
-        idx, cnt = self.successors()
-        return transition_scores(weight, idx, cnt, hist, mask, self.catalog.size)
+        cat, m, off = self.catalog, self.trans_m, self.trans_off
+        newest = hist[:, : weight.shape[0]]  # [B, P]: only their memories are read
+        rows = torch.from_numpy(cat.row_of[newest.cpu().numpy()]).to(self.device)
+        block = self.table.data[rows, off : off + 2 * m]  # [B, P, 2M]
+        return history_transition_scores(
+            weight, block[..., :m].long(), block[..., m:], mask, cat.size
+        )
 
     def _transition_negatives(self, hist: torch.Tensor) -> torch.Tensor:
         """The most frequent remembered successors of each sample's newest history item
@@ -787,8 +791,8 @@ class OnlineLearner:
         block = self.table.data[rows, off : off + 2 * m]
         top = torch.topk(block[:, m:], k, dim=1)
         idx = torch.unique(block[:, :m].gather(1, top.indices).long()[top.values > 0])
-        live = torch.tensor([bool(cat.ids[i]) for i in idx.tolist()], dtype=torch.bool)
-        return idx[live.to(self.device)] if len(idx) else empty
+        live = torch.from_numpy(cat.live[idx.cpu().numpy()]).to(self.device)
+        return idx[live] if len(idx) else empty
 
     def _remember_transitions(self, pos: list[Sample], touched_rows: set[int]) -> None:
         """Count "h_d -> target" in the row of each of the ``model.transition_pairs`` newest

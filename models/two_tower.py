@@ -184,15 +184,28 @@ def transition_scores(
     succ_idx [N, M] int64 successor indices (0 = empty slot), succ_cnt [N, M] their counts,
     history_ids [B, H] indices (newest first, 0 = padding), mask [B, H], weight [P].
     """
+    hist = history_ids[:, : weight.shape[0]]  # [B, P]
+    return history_transition_scores(weight, succ_idx[hist], succ_cnt[hist], mask, n_items)
+
+
+def history_transition_scores(
+    weight: torch.Tensor,
+    hist_idx: torch.Tensor,
+    hist_cnt: torch.Tensor,
+    mask: torch.Tensor,
+    n_items: int,
+) -> torch.Tensor:
+    """:func:`transition_scores` from the memories of the P newest history items only:
+    hist_idx [B, P, M] successor indices, hist_cnt [B, P, M] counts, mask [B, H],
+    weight [P] -> [B, n_items] (the trainer gathers those B x P rows instead of the
+    whole catalogue's)."""
     p = weight.shape[0]
-    hist = history_ids[:, :p]  # [B, P]
-    idx = succ_idx[hist]  # [B, P, M]
-    w = torch.log1p(succ_cnt[hist]) * (
+    w = torch.log1p(hist_cnt) * (
         weight.view(1, p, 1) * mask[:, :p].to(weight.dtype).unsqueeze(-1)
     )  # [B, P, M]
-    b = history_ids.shape[0]
+    b = hist_idx.shape[0]
     out = torch.zeros(b, n_items, dtype=w.dtype, device=w.device)
-    return out.scatter_add(1, idx.reshape(b, -1), w.reshape(b, -1))
+    return out.scatter_add(1, hist_idx.reshape(b, -1), w.reshape(b, -1))
 
 
 # Content neighbours per user whose transition scores a never-interacted item borrows.
