@@ -234,7 +234,7 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = C.parser("throughput", __doc__)
-    p.add_argument("--events", type=int, default=20_000, help="events replayed")
+    p.add_argument("--events", type=int, default=40_000, help="events replayed")
     p.add_argument("--users", type=int, default=2_000)
     p.add_argument("--items", type=int, default=2_000)
     p.add_argument("--parallelism", default="1,2", help="job parallelism values")

@@ -98,10 +98,13 @@ class JobConfig:
     restart_attempts: int = 3
     restart_delay_ms: int = 1000
     # Python bundles: elements (or ms, whichever first) per round trip to a Python worker.
-    # 5000 / 1000 ms doubled the job's events/s over 1000 / 200 ms (benchmarks/throughput.py,
-    # README); a checkpoint waits for the bundle in flight, and a slow stream waits up to
-    # bundle_time_ms per Python stage (configs/low-latency.toml uses 50 ms).
-    bundle_size: int = 5000
+    # Each bundle ends in a blocking flush of its stage. Catching up on a backlog, the
+    # parse stage fills 5000 elements several times a second and the flushes starve the
+    # trainer: 20000 sustained ~1.6x the events/s of 5000 (README "Optimisations"). A live
+    # stream below capacity is flushed by bundle_time_ms long before the size is reached,
+    # so latency is unchanged; a checkpoint waits for the bundle in flight, and a slow
+    # stream waits up to bundle_time_ms per Python stage (configs/low-latency.toml: 20 ms).
+    bundle_size: int = 20_000
     bundle_time_ms: int = 1000
     # Entries (keys, or map entries) of keyed state each Python worker keeps cached
     # (python.state.cache-size and the map-state read/write caches). A read that misses is
