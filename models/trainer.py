@@ -526,14 +526,18 @@ class OnlineLearner:
             return torch.where(r > 0, torch.searchsorted(rows, r) + 1, torch.zeros_like(r))
 
         self.model.train()
-        hist_ids = sub_full[pos_of(hist_rows)]
+        # The item tower runs once per distinct history item (a batch's histories overlap
+        # a lot), then its vectors are gathered back into [B, H, D].
+        hist_u, hist_at = torch.unique(hist, return_inverse=True)  # [U], [B, H]
+        hist_u_rows = torch.from_numpy(cat.row_of[hist_u.cpu().numpy()]).to(self.device)
+        hist_ids = sub_full[pos_of(hist_u_rows)]  # [U, D]
         cand_ids = sub_full[pos_of(cand_rows)]
         p = self.model_cfg.id_dropout
         if p > 0:
             g = torch.Generator().manual_seed(stable_seed(self.cfg.seed, "id-dropout", step))
             keep_c = (torch.rand(cand_ids.shape[0], 1, generator=g) >= p).to(self.device)
             cand_ids = cand_ids * keep_c
-        hist_vecs = self.item_vectors(hist, hist_ids, trainable_text=True)  # [B, H, D]
+        hist_vecs = self.item_vectors(hist_u, hist_ids, trainable_text=True)[hist_at]  # [B,H,D]
         user = self.model.user_vectors(hist_vecs, mask.float())  # [B, D]
         cand_vecs = self.item_vectors(cand, cand_ids, trainable_text=True)  # [C, D]
         trans = self.transition_scores(hist, mask)  # [B, size] (memory before this batch)
@@ -713,7 +717,7 @@ class OnlineLearner:
         self.model.eval()
         with torch.no_grad():
             hist, mask = self._history_batch(samples)
-            user = self.model.user_vectors(self.item_vectors(hist), mask.float())
+            user = self.model.user_vectors(self.catalogue_vectors()[hist], mask.float())
             trans = self.transition_scores(hist, mask)
             if self.blending:
                 dot = user @ self.catalogue_vectors().t()
