@@ -7,15 +7,12 @@ work); every run reads it from the beginning as a bounded source.
 - job: the real job (``build_job`` via ``run_local`` on a local mini-cluster: parse +
   validate + DLQ, user windows, trainer, registry + transactional ``models`` topic),
   checkpoints every ``--checkpoint-ms`` (10 s). Steady state = between the end of the
-  first trainer firing that learned something once the initial catalogue is in and the
-  end of the last firing, from the trainer's own counters:
+  trainer's first firing and the end of its last one, from its own counters:
   (events_seen(last) - events_seen(first)) / (wall(last) - wall(first)), logged by a
   subclass of the job's trainer that the benchmark swaps in (the graph is unchanged).
-  JVM, Python-worker and model start-up and the catalogue's bootstrap (with a text
-  encoder: embedding its 2,000 texts, ~8 s of MiniLM on a CPU, spread over the first
-  firings as the records arrive) come before and are excluded, as in compute-only; items
-  added mid-stream are embedded inside the window. ``job_with_bootstrap_events_per_s``
-  is the rate from the first firing that learned something, bootstrap included.
+  JVM, Python-worker and model start-up come before the first firing and are excluded.
+  With a text encoder the window includes embedding the catalogue's text as its records
+  arrive (spread over the run), which compute-only does before its timed window.
 - baseline pass-through: the same Kafka source builder (``flink_job.job._kafka_bytes``),
   then key_by(record hash ~ user) -> keyed ValueState counter -> key_by(model key) ->
   keyed ValueState counter, all no-op Python functions, same parallelism and
@@ -139,9 +136,9 @@ def timed_trainer(log_dir: str):
     class TimedTrainer(OnlineTrainer):
         def _fire(self, key, *args, **kwargs):
             yield from super()._fire(key, *args, **kwargs)
-            meta = self._meta(key)
+            seen = self._meta(key)["events_seen"]
             with open(Path(log_dir) / f"trainer-{os.getpid()}.log", "a") as fh:
-                fh.write(f"{time.time()} {meta['events_seen']} {meta['items_ingested']}\n")
+                fh.write(f"{time.time()} {seen}\n")
             threads = Path(log_dir) / "torch-threads"
             if not threads.exists():
                 import torch
@@ -149,31 +146,6 @@ def timed_trainer(log_dir: str):
                 threads.write_text(str(torch.get_num_threads()))
 
     return TimedTrainer
-
-
-def steady_rate(
-    firings: list[tuple[float, int, int]], catalogue: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(wall time, events_seen, items_ingested) per trainer firing -> the steady window once
-    ``catalogue`` items are ingested, and the window from the first firing that learned
-    something (catalogue bootstrap included): each ``{"start", "steady_s",
-    "events_per_s"}``. The window ends at the first firing that reached the final count."""
-    learned = sorted(f for f in firings if f[1] > 0)
-    if len(learned) < 2:
-        raise RuntimeError(f"{len(learned)} trainer firing(s): too few events to measure")
-    last = max(learned, key=lambda f: (f[1], -f[0]))
-
-    def window(first: tuple[float, int, int]) -> dict[str, float]:
-        span = last[0] - first[0]
-        return {
-            "start": first[0],
-            "steady_s": span,
-            "events_per_s": (last[1] - first[1]) / span if span > 0 else float("nan"),
-        }
-
-    ready = [f for f in learned if f[2] >= catalogue and f[0] < last[0]]
-    with_bootstrap = window(learned[0])
-    return (window(ready[0]) if ready else with_bootstrap), with_bootstrap
 
 
 def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, Any]:
@@ -190,28 +162,27 @@ def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, A
     if res.status != "FINISHED":
         raise RuntimeError(f"job ended {res.status}")
     versions = C.manifests_by_mtime(Path(cfg.export.registry_dir), cfg.job.model_key)
-    firings = [
-        (float(t), int(n), int(i))
+    firings = sorted(
+        (float(t), int(n))
         for f in log_dir.glob("trainer-*.log")
-        for t, n, i in (line.split() for line in f.read_text().splitlines() if line.strip())
-    ]
-    catalogue = cfg.replay.num_items - min(cfg.replay.new_items_midstream, cfg.replay.num_items)
-    steady, with_bootstrap = steady_rate(firings, catalogue)
-    seen = max(f[1] for f in firings)
+        for t, n in (line.split() for line in f.read_text().splitlines() if line.strip())
+    )
+    # From the end of the first firing that learned something to the end of the last one.
+    firings = [f for f in firings if f[1] > 0]
+    if len(firings) < 2:
+        raise RuntimeError(f"{len(firings)} trainer firing(s): too few events to measure")
+    (t_a, n_a), (t_b, n_b) = firings[0], max(firings, key=lambda f: (f[1], -f[0]))
     threads = log_dir / "torch-threads"
     return {
         "trainer_torch_threads": int(threads.read_text()) if threads.exists() else None,
-        "events_seen": seen,
+        "events_seen": n_b,
         "versions": len(versions),
-        "firings": sum(f[1] > 0 for f in firings),
-        "steady_s": steady["steady_s"],
-        "events_per_s": steady["events_per_s"],
-        "catalogue_ready_s": steady["start"] - with_bootstrap["start"],
-        "with_bootstrap_steady_s": with_bootstrap["steady_s"],
-        "with_bootstrap_events_per_s": with_bootstrap["events_per_s"],
+        "firings": len(firings),
+        "steady_s": t_b - t_a,
+        "events_per_s": (n_b - n_a) / (t_b - t_a),
         "elapsed_s": res.elapsed_s,
         "first_version_s": res.first_version_s,
-        "overall_events_per_s": seen / res.elapsed_s,
+        "overall_events_per_s": n_b / res.elapsed_s,
     }
 
 
@@ -342,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
                         "job_vs_passthrough": C.ratio(job["events_per_s"], pt["events_per_s"]),
                         "job_vs_compute_only": C.ratio(job["events_per_s"], comp["events_per_s"]),
                         "job_steady_s": job["steady_s"],
-                        "job_with_bootstrap_events_per_s": job["with_bootstrap_events_per_s"],
                         "job_versions": job["versions"],
                         "job_first_version_s": job["first_version_s"],
                         "job_overall_events_per_s": job["overall_events_per_s"],
@@ -374,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 _COLS = [
     "parallelism", "encoder", "job_events_per_s", "passthrough_events_per_s",
     "compute_only_events_per_s", "job_vs_passthrough", "job_vs_compute_only",
-    "job_steady_s", "job_with_bootstrap_events_per_s", "job_versions",
+    "job_steady_s", "job_versions",
 ]  # fmt: skip
 
 if __name__ == "__main__":

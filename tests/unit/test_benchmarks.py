@@ -76,29 +76,3 @@ def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
     assert cfg.job.flink == {"pipeline.auto-watermark-interval": "50 ms"}
     assert cfg.trainer.flush_after_seconds == 0.25
     assert cfg.job.window_ms == 300  # a later --set wins
-
-
-def test_throughput_window_starts_once_the_catalogue_is_in() -> None:
-    """The job's steady window starts at the first firing that learned something with the
-    initial catalogue ingested (its bootstrap is a one-off, like compute-only's); the rate
-    with the bootstrap is reported too. Firings: (wall s, events_seen, items_ingested)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from throughput import steady_rate
-    finally:
-        sys.path.remove(str(BENCH))
-    firings = [
-        (0.0, 0, 500),  # catalogue only
-        (1.0, 64, 900),  # learned, catalogue still arriving (being embedded)
-        (9.0, 128, 1000),  # catalogue complete
-        (10.0, 1128, 1010),
-        (11.0, 2128, 1040),  # the final count, reached first here
-        (12.0, 2128, 1040),  # end-of-input firing with nothing new
-    ]
-    steady, with_bootstrap = steady_rate(firings, catalogue=1000)
-    assert steady == {"start": 9.0, "steady_s": 2.0, "events_per_s": 1000.0}
-    assert with_bootstrap == {"start": 1.0, "steady_s": 10.0, "events_per_s": 206.4}
-    never, same = steady_rate(firings, catalogue=5000)  # no complete catalogue: no cut
-    assert never == same == with_bootstrap
-    with pytest.raises(RuntimeError, match="too few events"):
-        steady_rate(firings[:2], catalogue=0)
