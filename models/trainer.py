@@ -700,15 +700,16 @@ class OnlineLearner:
         cat = self.catalog
         return torch.from_numpy(~cat.live[: cat.size]).to(self.device)
 
-    def score_all(self, user: torch.Tensor) -> torch.Tensor:
-        """Scores [B, size] of every catalogue index (padding and holes = -inf)."""
+    def score_all(self, user: torch.Tensor, vecs: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, size] of every catalogue index (padding and holes = -inf); ``vecs``
+        [size, D]: the catalogue's item vectors when already computed."""
         cat = self.catalog
         if self.asm is not None:
             cls = torch.from_numpy(cat.asm_class[: cat.size]).to(self.device)
             scores = self.asm.log_prob(user)[:, cls.clamp(min=0)]
             scores = scores.masked_fill((cls < 0).unsqueeze(0), -math.inf)
         else:
-            scores = user @ self.catalogue_vectors().t()
+            scores = user @ (vecs if vecs is not None else self.catalogue_vectors()).t()
         return scores.masked_fill(self._dead().unsqueeze(0), -math.inf)
 
     def score_histories(self, samples: list[Sample]) -> torch.Tensor:
@@ -717,17 +718,21 @@ class OnlineLearner:
         self.model.eval()
         with torch.no_grad():
             hist, mask = self._history_batch(samples)
-            user = self.model.user_vectors(self.catalogue_vectors()[hist], mask.float())
+            # One whole-catalogue pass gives the history's vectors and the dot products
+            # (the adaptive softmax scores classes, not item vectors).
+            vecs = self.catalogue_vectors() if self.asm is None else None
+            hist_vecs = vecs[hist] if vecs is not None else self.item_vectors(hist)
+            user = self.model.user_vectors(hist_vecs, mask.float())
             trans = self.transition_scores(hist, mask)
-            if self.blending:
-                dot = user @ self.catalogue_vectors().t()
+            if self.blending and vecs is not None:
+                dot = user @ vecs.t()
                 excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
                 excluded[:, 0] = True
                 excluded |= self._dead().unsqueeze(0)
                 scores = blend_scores(self.model, dot, trans, self._cold(), excluded)
                 scores = scores.masked_fill(self._dead().unsqueeze(0), -math.inf)
             else:
-                scores = self.score_all(user)
+                scores = self.score_all(user, vecs)
                 if trans is not None:
                     scores = scores + trans
             scores.scatter_(1, hist, -math.inf)
