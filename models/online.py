@@ -83,6 +83,22 @@ def load_initial_state(learner: OnlineLearner, meta: dict[str, Any], path: str) 
     )
 
 
+def catalogue_horizon(watermark: int, meta: dict[str, Any], deterministic: bool) -> int:
+    """Event time up to which catalogue records take effect at a firing.
+
+    The watermark, and outside deterministic mode also the newest event time the model
+    has learned from (``meta["hwm_ts"]``). While a job catches up on a backlog, PyFlink
+    passes a Python stage's watermark on only when its bundle in flight finishes, so the
+    trainer's watermark can stay put for the whole backlog while events long past a
+    catalogue record's time are trained on; the record then waited until the input ended.
+    An item dated at or before an event already learned existed when that event happened,
+    so nothing from the future leaks. Deterministic mode keeps the watermark alone: the
+    high-water mark depends on how batches were cut, which the job and its offline replay
+    must agree on exactly.
+    """
+    return watermark if deterministic else max(watermark, int(meta.get("hwm_ts", 0)))
+
+
 def train_and_maybe_export(
     learner: OnlineLearner,
     meta: dict[str, Any],

@@ -26,7 +26,7 @@ from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, Va
 
 from models.config import ModelConfig, TrainerConfig
 from models.metrics import TensorBoardLog
-from models.online import train_and_maybe_export
+from models.online import catalogue_horizon, train_and_maybe_export
 from models.text_encoder import load_encoder
 from models.trainer import OnlineLearner, new_meta
 from udfs.records import ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
@@ -166,7 +166,8 @@ class OnlineTrainer(KeyedCoProcessFunction):
 
     def process_element2(self, value, ctx):
         # Catalogue records take effect in event time: an item is ingested once the
-        # watermark passes its ts, so models see the catalogue as it was at that instant.
+        # catalogue horizon (models.online.catalogue_horizon: the watermark or the newest
+        # event learned) passes its ts, so models see the catalogue as it was then.
         self._arm_timers(ctx.get_current_key(), ctx)
         self.pending_items.add(value)
         self.pending_count.update((self.pending_count.value() or 0) + 1)
@@ -204,7 +205,8 @@ class OnlineTrainer(KeyedCoProcessFunction):
             yield from self._fire(key, watermark, samples, final=final and i == len(batches) - 1)
 
     def _due_items(self, watermark: int) -> list:
-        """Pending catalogue rows with ts <= watermark; the rest stay pending."""
+        """Pending catalogue rows with ts <= ``watermark`` (the catalogue horizon); the
+        rest stay pending."""
         if not self.pending_count.value():
             return []
         due, keep = [], []
@@ -230,7 +232,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
             if n:
                 self.buffer.clear()
             self._buffered[key] = 0
-        items = self._due_items(watermark)
+        items = self._due_items(catalogue_horizon(watermark, meta, self.cfg.deterministic))
         firing = train_and_maybe_export(
             learner,
             meta,

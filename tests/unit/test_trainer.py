@@ -156,3 +156,16 @@ def test_shared_catalogue_vectors_follow_entries_added_and_admitted_within_the_s
             assert torch.equal(shared, fresh())
         assert not torch.equal(shared[unadmitted], first[unadmitted])
     assert learner._shared is None  # outside the block every call computes afresh
+
+
+def test_catalogue_horizon_follows_the_events_learned_unless_deterministic():
+    """Catalogue records take effect at the watermark or, outside deterministic mode, at
+    the newest event time already learned (the watermark can stand still under load)."""
+    from models.online import catalogue_horizon
+
+    meta = new_meta("m")
+    assert catalogue_horizon(-(2**63), meta, deterministic=False) == 0
+    meta["hwm_ts"] = 1_700_000_000_000
+    assert catalogue_horizon(-(2**63), meta, deterministic=False) == 1_700_000_000_000
+    assert catalogue_horizon(1_800_000_000_000, meta, deterministic=False) == 1_800_000_000_000
+    assert catalogue_horizon(-(2**63), meta, deterministic=True) == -(2**63)
