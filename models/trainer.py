@@ -130,11 +130,12 @@ class StepResult:
 
 @dataclass
 class _SharedVectors:
-    """Whole-catalogue item vectors [size, D] and the row_of / ids they were computed for."""
+    """Whole-catalogue item vectors [size, D] and the row_of / live masks they were
+    computed for."""
 
     vectors: torch.Tensor | None = None
     row_of: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    ids: list[str] = field(default_factory=list)
+    live: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))
 
 
 class OnlineLearner:
@@ -386,11 +387,8 @@ class OnlineLearner:
             else:
                 old = shared.vectors
                 n = old.shape[0]
-                changed = cat.row_of[:n] != shared.row_of
-                if cat.ids[:n] != shared.ids:
-                    changed |= np.array(
-                        [a != b for a, b in zip(cat.ids[:n], shared.ids, strict=True)]
-                    )
+                # Entries added (in holes or at the end) and id rows admitted since.
+                changed = (cat.row_of[:n] != shared.row_of) | (cat.live[:n] != shared.live)
                 redo = np.concatenate([np.flatnonzero(changed), np.arange(n, size)])
                 vecs = old
                 if len(redo):
@@ -398,7 +396,8 @@ class OnlineLearner:
                     at = torch.from_numpy(redo).to(self.device)
                     vecs[at] = self.item_vectors(at)
         if shared is not None:
-            shared.vectors, shared.row_of, shared.ids = vecs, cat.row_of[:size].copy(), cat.ids[:]
+            shared.vectors = vecs
+            shared.row_of, shared.live = cat.row_of[:size].copy(), cat.live[:size].copy()
         return vecs
 
     def _ema_model(self) -> TwoTower:

@@ -204,14 +204,14 @@ class OnlineTrainer(KeyedCoProcessFunction):
             samples = [row_to_sample(row) for _, row in batch]
             yield from self._fire(key, watermark, samples, final=final and i == len(batches) - 1)
 
-    def _due_items(self, watermark: int) -> list:
-        """Pending catalogue rows with ts <= ``watermark`` (the catalogue horizon); the
-        rest stay pending."""
+    def _due_items(self, horizon: int) -> list:
+        """Pending catalogue rows with ts <= ``horizon`` (models.online.catalogue_horizon);
+        the rest stay pending."""
         if not self.pending_count.value():
             return []
         due, keep = [], []
         for r in self.pending_items.get():
-            (due if r[5] <= watermark else keep).append(r)
+            (due if r[5] <= horizon else keep).append(r)
         if due:
             self.pending_items.update(keep)
             self.pending_count.update(len(keep))
