@@ -74,6 +74,11 @@ class JobConfig:
     # "" = share. The job then needs 2 x parallelism slots (a local run sizes its mini-cluster
     # so; a cluster needs them). With both: +31% events/s at p1 (README "Optimisations").
     trainer_slot_group: str = "trainer"
+    # Slot-sharing group of the item-text embedding stage (udfs/embed.py; only with a text
+    # encoder). "" = the parsing stages' slots (default: on 2 cores a third Python worker per
+    # subtask was slower); a name gives it its own Python workers, for machines with cores
+    # to spare, and the job then needs another parallelism's worth of slots.
+    embed_slot_group: str = ""
     window_ms: int = 1000
     out_of_orderness_ms: int = 5000
     # Source idleness (processing time): a partition silent this long stops holding the

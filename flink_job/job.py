@@ -32,6 +32,7 @@ from pyflink.java_gateway import get_gateway
 
 from flink_job.config import AppConfig, to_dict
 from flink_job.jars import kafka_connector_jar
+from udfs.embed import EmbedItemTexts, bucket_key
 from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
 from udfs.publish import PublishToRegistry, to_kafka_record
 from udfs.records import EVENT_TYPE, ITEM_TYPE, SAMPLE_TYPE, VERSION_TYPE, PicklableOutputTag
@@ -86,9 +87,10 @@ def flink_settings(
         # queued behind the backlog the Kafka source reads ahead.
         "taskmanager.network.memory.buffer-debloat.enabled": "true",
     }
-    if cfg.job.trainer_slot_group:
+    groups = slot_groups(cfg)
+    if groups > 1:
         # Sizes a local mini-cluster (one TaskManager); a cluster's own setting wins there.
-        settings["taskmanager.numberOfTaskSlots"] = str(2 * cfg.job.parallelism)
+        settings["taskmanager.numberOfTaskSlots"] = str(groups * cfg.job.parallelism)
     settings["state.backend.type"] = cfg.job.state_backend
     if cfg.job.checkpoint_interval_ms > 0:
         ckpt_dir = cfg.job.checkpoint_dir or str(Path(".rtrec/checkpoints").resolve())
@@ -215,6 +217,20 @@ def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str
     ).uid(name)
 
 
+def embeds_items(cfg: AppConfig) -> bool:
+    """Whether the graph has the item-text embedding stage (a text encoder and a catalogue
+    topic)."""
+    return cfg.model.text_encoder not in ("", "none") and bool(cfg.kafka.items_topic)
+
+
+def slot_groups(cfg: AppConfig) -> int:
+    """Slot-sharing groups of the job: it needs this many x parallelism task slots."""
+    groups = {"default", cfg.job.trainer_slot_group or "default"}
+    if embeds_items(cfg):
+        groups.add(cfg.job.embed_slot_group or "default")
+    return len(groups)
+
+
 def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -> None:
     """Add the whole rtrec graph to ``env``, reading from and writing to ``bootstrap``."""
     k = cfg.kafka
@@ -300,6 +316,18 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
             .name("parse-items")
         )
         dead = dead.union(items.get_side_output(DLQ_TAG))
+        if cfg.model.text_encoder not in ("", "none"):
+            # The transformer runs here, beside the trainer, not inside it.
+            items = (
+                items.key_by(bucket_key, key_type=Types.STRING())
+                .process(
+                    EmbedItemTexts(cfg.model, cfg.trainer.torch_threads), output_type=ITEM_TYPE
+                )
+                .uid("embed-items")
+                .name("embed-items")
+            )
+            if cfg.job.embed_slot_group:
+                items = items.slot_sharing_group(cfg.job.embed_slot_group)
     else:  # no catalogue topic: an empty, immediately finished second input
         items = raw.get_execution_environment().from_collection([], type_info=ITEM_TYPE)
     trainer = (

@@ -47,6 +47,14 @@ class Item:
     text: str
     categories: tuple[str, ...]
     ts: int
+    # The item text's embedding when an upstream stage already computed it: float32 bytes
+    # [T] of the configured text encoder (udfs/embed.py); empty = not embedded yet.
+    text_vector: bytes = b""
+
+    @property
+    def full_text(self) -> str:
+        """The text the encoder embeds: "title. text" (or the title alone)."""
+        return f"{self.title}. {self.text}".strip(". ") if self.text else self.title
 
 
 def _id(obj: dict[str, Any], key: str) -> str:

@@ -21,7 +21,7 @@ from models.events import Item
 from models.export import ModelVersion, NonFiniteModelError, build_version
 from models.history import Sample
 from models.metrics import metrics_record, prequential_step
-from models.text_encoder import TextEncoder
+from models.text_encoder import EncodesText
 from models.trainer import OnlineLearner, StepResult, restore_meta
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def train_and_maybe_export(
     force_export: bool = False,
     items_state: Callable[[], Iterable[tuple[str, bytes]]] = lambda: (),
     new_items: list[Item] | None = None,
-    encoder: TextEncoder | None = None,
+    encoder: EncodesText | None = None,
 ) -> Firing:
     """Ingest ``new_items``, test-then-train on ``samples`` (either may be empty), export
     when due.

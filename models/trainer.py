@@ -38,7 +38,7 @@ from models.events import Item
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
 from models.state_format import format_error, migrate_meta
-from models.text_encoder import TextEncoder, text_hash
+from models.text_encoder import EncodesText, text_hash
 from models.two_tower import TwoTower, blend_scores, history_transition_scores
 
 log = logging.getLogger(__name__)
@@ -284,48 +284,51 @@ class OnlineLearner:
 
     # ---------------------------------------------------------------------- catalogue
     def ingest_items(
-        self, items: list[Item], meta: dict[str, Any], encoder: TextEncoder | None
+        self, items: list[Item], meta: dict[str, Any], encoder: EncodesText | None
     ) -> dict[str, bytes]:
         """Add/refresh catalogue items; text is embedded only when new or changed.
 
+        An item's ``text_vector`` (embedded upstream, udfs/embed.py) is used as is; the
+        others are embedded here with ``encoder`` (offline runs, pre-embedding state).
         Returns the packed catalogue entries to write to state.
         """
         cat = self.catalog
         latest: dict[str, Item] = {}
         for it in items:  # the last record per id wins
             latest[it.item_id] = it
-        to_embed: list[tuple[int, Item, bytes]] = []
-        touched: dict[str, bytes] = {}
+        to_embed: list[tuple[int, str, bytes]] = []
         for item_id, it in sorted(latest.items()):
             idx = cat.ensure(item_id)
             r = self.table.index.get(item_id)
             cat.row_of[idx] = r if r is not None else 0
-            text = f"{it.title}. {it.text}".strip(". ") if it.text else it.title
+            text = it.full_text
             thash = text_hash(text)
             buckets = (
                 [category_bucket(c, self.model_cfg.category_buckets) for c in it.categories]
                 if self.model_cfg.category_buckets > 0
                 else []
             )
-            if encoder is not None and text and cat.text_hash.get(idx) != thash:
-                to_embed.append((idx, it, thash))
-                cat.set_content(idx, None, thash, buckets)
-            else:
-                cat.set_content(idx, None, thash, buckets)
+            vec = None
+            if self.text_dim > 0 and text and it.text_vector:
+                vec = np.frombuffer(it.text_vector, dtype=np.float32)
+                if vec.shape != (self.text_dim,):
+                    raise ValueError(
+                        f"catalogue item {item_id!r}: its text vector has {vec.size} values, "
+                        f"the model's text encoder {self.text_dim}; the embedding stage and "
+                        "the trainer must use the same model.text_encoder"
+                    )
+                vec = vec.copy()  # (a writable array for torch)
+            elif encoder is not None and text and cat.text_hash.get(idx) != thash:
+                to_embed.append((idx, text, thash))
+            cat.set_content(idx, vec, thash, buckets)
             cat.last_seen[idx] = max(int(cat.last_seen[idx]), it.ts)
         if to_embed and encoder is not None:
-            texts = [
-                f"{it.title}. {it.text}".strip(". ") if it.text else it.title
-                for _, it, _ in to_embed
-            ]
-            embs = encoder.encode(texts)
+            embs = encoder.encode([text for _, text, _ in to_embed])
             for (idx, _, thash), emb in zip(to_embed, embs, strict=True):
                 buckets = [int(b) for b in cat.cats[idx] if b > 0]
                 cat.set_content(idx, emb, thash, buckets)
-        for item_id in latest:
-            touched[item_id] = cat.pack(cat.index[item_id])
         meta["items_ingested"] += len(latest)
-        return touched
+        return {item_id: cat.pack(cat.index[item_id]) for item_id in latest}
 
     # ----------------------------------------------------------------------- vectors
     def item_vectors(

@@ -37,8 +37,22 @@ VERSION_TYPE = Types.TUPLE(
         Types.PICKLED_BYTE_ARRAY(),
     ]
 )
-# model_key, item_id, title, text, categories ("\x1f"-joined), ts
+# model_key, item_id, title, text, categories ("\x1f"-joined), ts, text vector (float32
+# bytes of the configured text encoder, b"" until udfs/embed.py has embedded the text)
 ITEM_TYPE = Types.TUPLE(
+    [
+        Types.STRING(),
+        Types.STRING(),
+        Types.STRING(),
+        Types.STRING(),
+        Types.STRING(),
+        Types.LONG(),
+        Types.PICKLED_BYTE_ARRAY(),
+    ]
+)
+# The item rows of state written before the text vector was added (the trainer's
+# "pending_items"; still read so that such a savepoint loses no catalogue record).
+LEGACY_ITEM_TYPE = Types.TUPLE(
     [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG()]
 )
 SEP = "\x1f"
@@ -63,11 +77,21 @@ def row_to_event(r: tuple) -> Event:
 
 
 def item_to_row(model_key: str, it: Item) -> tuple:
-    return (model_key, it.item_id, it.title, it.text, SEP.join(it.categories), it.ts)
+    return (
+        model_key,
+        it.item_id,
+        it.title,
+        it.text,
+        SEP.join(it.categories),
+        it.ts,
+        it.text_vector,
+    )
 
 
 def row_to_item(r: tuple) -> Item:
-    return Item(r[1], r[2], r[3], tuple(r[4].split(SEP)) if r[4] else (), int(r[5]))
+    """An ITEM_TYPE row (or a LEGACY_ITEM_TYPE one, without a text vector) -> Item."""
+    vector = (r[6] or b"") if len(r) > 6 else b""
+    return Item(r[1], r[2], r[3], tuple(r[4].split(SEP)) if r[4] else (), int(r[5]), vector)
 
 
 def sample_to_row(s: Sample) -> tuple:

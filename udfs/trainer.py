@@ -3,7 +3,8 @@
 Two inputs, both keyed by model key: training samples (1) and catalogue items (2).
 State per model key (see DESIGN.md "State rules"):
 - ``buffer`` ListState of sample rows not yet learned from;
-- ``pending_items`` ListState of catalogue rows not yet ingested;
+- ``pending_catalogue`` ListState of catalogue rows not yet ingested, with their text
+  vectors (udfs/embed.py); ``pending_items``: such rows from before the vectors, if any;
 - ``dense`` the dense parameters + optimizer state blob;
 - ``rows`` MapState item id -> packed id-embedding row (only touched rows are written);
 - ``items`` MapState item id -> packed catalogue entry (text embedding, categories, counts);
@@ -27,9 +28,9 @@ from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, Va
 from models.config import ModelConfig, TrainerConfig
 from models.metrics import TensorBoardLog
 from models.online import catalogue_horizon, train_and_maybe_export
-from models.text_encoder import load_encoder
+from models.text_encoder import lazy_encoder
 from models.trainer import OnlineLearner, new_meta
-from udfs.records import ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
+from udfs.records import ITEM_TYPE, LEGACY_ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
 
 END_OF_INPUT_TS = 2**63 - 2  # fires when a bounded input ends (watermark = Long.MAX_VALUE)
 # One JSON metrics record (models.metrics.metrics_record) per firing that trained.
@@ -57,7 +58,10 @@ class OnlineTrainer(KeyedCoProcessFunction):
     def open(self, runtime_context):
         rc = runtime_context
         self.buffer = rc.get_list_state(ListStateDescriptor("buffer", SAMPLE_TYPE))
-        self.pending_items = rc.get_list_state(ListStateDescriptor("pending_items", ITEM_TYPE))
+        self.pending_items = rc.get_list_state(ListStateDescriptor("pending_catalogue", ITEM_TYPE))
+        self.legacy_pending = rc.get_list_state(
+            ListStateDescriptor("pending_items", LEGACY_ITEM_TYPE)
+        )
         self.pending_count = rc.get_state(ValueStateDescriptor("pending_count", Types.INT()))
         self.dense = rc.get_state(ValueStateDescriptor("dense", Types.PICKLED_BYTE_ARRAY()))
         self.rows = rc.get_map_state(
@@ -79,7 +83,8 @@ class OnlineTrainer(KeyedCoProcessFunction):
         self._buffered: dict[str, int] = {}  # len(buffer)
         self._armed: set[str] = set()  # end-of-input timer registered (or meta exists)
         self._flush_at: dict[str, int] = {}  # the pending flush timer
-        self.encoder = load_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
+        # Items arrive embedded (udfs/embed.py): the transformer loads only if one does not.
+        self.encoder = lazy_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
         self._open_metrics(rc.get_metrics_group().add_group("prequential"))
         self.tensorboard = TensorBoardLog(self.tensorboard_dir) if self.tensorboard_dir else None
 
@@ -210,11 +215,15 @@ class OnlineTrainer(KeyedCoProcessFunction):
         if not self.pending_count.value():
             return []
         due, keep = [], []
-        for r in self.pending_items.get():
+        legacy = list(self.legacy_pending.get())
+        for r in [*legacy, *self.pending_items.get()]:
             (due if r[5] <= horizon else keep).append(r)
         if due:
-            self.pending_items.update(keep)
+            # (legacy rows still pending move over, with an empty text vector)
+            self.pending_items.update([(*r, b"") if len(r) < 7 else r for r in keep])
             self.pending_count.update(len(keep))
+            if legacy:
+                self.legacy_pending.clear()
         return [row_to_item(r) for r in sorted(due, key=lambda r: (r[5], r[1]))]
 
     def _fire(self, key: str, watermark: int, samples=None, final: bool = False):

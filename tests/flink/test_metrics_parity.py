@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from pyflink.common import Types, WatermarkStrategy
 from pyflink.common.watermark_strategy import TimestampAssigner
 
@@ -14,6 +15,7 @@ from flink_job.datasets import synthetic
 from flink_job.job import build_graph, make_env, registry_sink
 from flink_job.offline import replay_job
 from models.registry import list_versions
+from models.text_encoder import load_encoder
 
 
 class JsonTs(TimestampAssigner):
@@ -34,14 +36,18 @@ def assert_same(a, b, path="record"):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path):
+@pytest.mark.parametrize("text", ["id-only", "text-encoder"])
+def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path, request, text):
+    """With a text encoder the job embeds item texts in its own stage (udfs/embed.py) and
+    the offline replay inside the learner: the vectors, and so the models, are the same."""
     registry = tmp_path / "registry"
+    encoder = "none" if text == "id-only" else str(request.getfixturevalue("tiny_bert_dir"))
     cfg = make_cfg(
         f"export.registry_dir='{registry}'",
         f"export.tensorboard_dir='{tmp_path / 'tb'}'",
         "trainer.deterministic=true",
         "job.parallelism=2",
-        "model.text_encoder='none'",
+        f"model.text_encoder='{encoder}'",
         "model.dim=16",
         "model.history_length=8",
         "trainer.batch_size=40",
@@ -76,7 +82,7 @@ def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path):
         collected = [json.loads(r) for r in results]
     job_metrics = sorted((r for r in collected if "batch" in r), key=lambda r: r["step"])
 
-    offline = replay_job(records, cfg)
+    offline = replay_job(records, cfg, load_encoder(cfg.model.text_encoder))
 
     assert len(job_metrics) == len(offline.metrics) >= 30
     for a, b in zip(job_metrics, offline.metrics, strict=True):

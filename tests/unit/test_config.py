@@ -124,3 +124,16 @@ def test_trainer_slot_group_sizes_the_local_mini_cluster():
     assert "taskmanager.numberOfTaskSlots" not in flink_settings(shared, "file:///x.jar")
     mine = load_config(None, ['job.flink={"taskmanager.numberOfTaskSlots"="8"}'])
     assert flink_settings(mine, "file:///x.jar")["taskmanager.numberOfTaskSlots"] == "8"
+
+
+def test_an_embedding_slot_group_adds_slots_only_with_a_text_encoder():
+    from flink_job.job import flink_settings
+
+    def slots(*ov: str) -> str | None:
+        cfg = load_config(None, ["job.parallelism=2", *ov])
+        return flink_settings(cfg, "file:///x.jar").get("taskmanager.numberOfTaskSlots")
+
+    assert slots() == "4"  # default: embedding shares the parsing stages' slots
+    assert slots("job.embed_slot_group='embed'") == "6"
+    assert slots("job.embed_slot_group='embed'", "model.text_encoder='none'") == "4"
+    assert slots("job.embed_slot_group='embed'", "job.trainer_slot_group=''") == "4"

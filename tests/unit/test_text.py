@@ -6,7 +6,14 @@ from flink_job.datasets import TOPICS
 from models.catalog import Catalog
 from models.config import ModelConfig, TrainerConfig
 from models.events import Item
-from models.text_encoder import TextEncoder, TextEncoderError, load_encoder, resolve_model_dir
+from models.text_encoder import (
+    TextEncoder,
+    TextEncoderError,
+    embed_items,
+    lazy_encoder,
+    load_encoder,
+    resolve_model_dir,
+)
 from models.trainer import OnlineLearner, new_meta
 
 
@@ -62,3 +69,48 @@ def test_catalogue_ingest_embeds_once_and_on_change(tiny_bert_dir):
     cat.load((k, learner.catalog.pack(i)) for k, i in learner.catalog.index.items())
     assert torch.equal(cat.text[: cat.size], learner.catalog.text[: cat.size])
     assert cat.index == learner.catalog.index
+
+
+def _learner(text_dim: int) -> OnlineLearner:
+    cfg = ModelConfig(dim=8, history_length=4, hidden=8)
+    return OnlineLearner(cfg, TrainerConfig(), torch.device("cpu"), text_dim=text_dim)
+
+
+def test_items_embedded_upstream_give_the_same_catalogue_without_the_transformer(tiny_bert_dir):
+    """The job's embedding stage (udfs/embed.py calls embed_items) hands the trainer ready
+    vectors: its catalogue is the one the trainer would have built by itself, and its own
+    (lazy) encoder never loads."""
+    enc = TextEncoder(tiny_bert_dir, device=torch.device("cpu"))
+    items = [
+        Item("i1", "Swing", "jazz club", ("jazz",), 5),
+        Item("i2", "Rocket launch over the orbit", "", ("space",), 5),
+        Item("i3", "", "", (), 5),  # no text: nothing to embed
+    ]
+    embedded = embed_items(items, enc)
+    assert [len(it.text_vector) for it in embedded] == [4 * enc.dim, 4 * enc.dim, 0]
+    assert [(it.item_id, it.full_text) for it in embedded] == [
+        (it.item_id, it.full_text) for it in items
+    ]
+    np.testing.assert_array_equal(
+        np.frombuffer(embedded[1].text_vector, np.float32), enc.encode([items[1].full_text])[0]
+    )
+
+    by_itself, upstream = _learner(enc.dim), _learner(enc.dim)
+    by_itself.ingest_items(items, new_meta("m"), enc)
+    lazy = lazy_encoder(str(tiny_bert_dir))
+    assert lazy is not None and lazy.dim == enc.dim
+    touched = upstream.ingest_items(embedded, new_meta("m"), lazy)
+    assert lazy.loaded is None  # every vector came with its item
+    assert touched == {i: by_itself.catalog.pack(by_itself.catalog.index[i]) for i in touched}
+    assert upstream.catalog.has_text[upstream.catalog.index["i1"]]
+
+    # A record without a vector (e.g. from state written before the stage) loads it.
+    upstream.ingest_items([Item("i4", "Bebop", "trumpet", ("jazz",), 6)], new_meta("m"), lazy)
+    assert lazy.loaded is not None
+    assert upstream.catalog.has_text[upstream.catalog.index["i4"]]
+
+
+def test_a_text_vector_of_the_wrong_width_is_a_clear_error(tiny_bert_dir):
+    item = Item("i1", "Swing", "", (), 5, np.zeros(7, np.float32).tobytes())
+    with pytest.raises(ValueError, match=r"'i1'.*7 values.*model\.text_encoder"):
+        _learner(32).ingest_items([item], new_meta("m"), None)

@@ -1,0 +1,26 @@
+"""Row layouts between operators (no JVM: only the tuple conversions)."""
+
+import numpy as np
+
+from models.events import Item
+from udfs.embed import BUCKETS, bucket_key
+from udfs.records import item_to_row, row_to_item
+
+
+def test_item_rows_carry_the_text_vector_and_legacy_rows_still_read():
+    vec = np.arange(4, dtype=np.float32).tobytes()
+    it = Item("i1", "Swing", "jazz club", ("jazz", "live"), 5, vec)
+    row = item_to_row("m", it)
+    assert len(row) == 7 and row[0] == "m" and row_to_item(row) == it
+    # "pending_items" rows in state from before the vector was added: 6 fields.
+    assert row_to_item(row[:6]) == Item("i1", "Swing", "jazz club", ("jazz", "live"), 5)
+    assert row_to_item((*row[:6], None)).text_vector == b""
+
+
+def test_embedding_buckets_keep_an_item_in_one_bucket_of_its_model():
+    rows = [item_to_row(m, Item(f"i{n}", "t", "", (), 0)) for m in ("a", "b") for n in range(400)]
+    keys = {bucket_key(r) for r in rows}
+    assert len(keys) == 2 * BUCKETS  # ids spread over every bucket of each model key
+    assert all(k.split("\x1f")[0] in ("a", "b") for k in keys)
+    again = item_to_row("a", Item("i7", "other title", "x", (), 9))
+    assert bucket_key(again) == bucket_key(rows[7])  # updates of one item stay in order
