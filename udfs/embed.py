@@ -23,6 +23,7 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from models.config import ModelConfig
 from models.device import set_cpu_threads
 from models.text_encoder import embed_items, load_encoder
+from udfs.buffer import KeyedBuffer
 from udfs.records import ITEM_TYPE, item_to_row, row_to_item
 
 BUCKETS = 16  # per model key: enough to spread a catalogue load over a few subtasks
@@ -42,24 +43,15 @@ class EmbedItemTexts(KeyedProcessFunction):
 
     def open(self, runtime_context):
         rc = runtime_context
-        self.buffer = rc.get_list_state(ListStateDescriptor("buffer", ITEM_TYPE))
+        self.buffer = KeyedBuffer(rc.get_list_state(ListStateDescriptor("buffer", ITEM_TYPE)))
         self.flush_at = rc.get_state(ValueStateDescriptor("flush_at", Types.LONG()))
-        self._count: dict[str, int] = {}  # len(buffer) per key this instance has seen
         if self.torch_threads > 0:  # as the trainer (and offline runs) embed: same bits
             set_cpu_threads(self.torch_threads)
         self.encoder = load_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
 
-    def _buffered(self, key: str) -> int:
-        n = self._count.get(key)
-        if n is None:  # first element of this key since the instance opened
-            n = self._count[key] = sum(1 for _ in self.buffer.get())
-        return n
-
     def process_element(self, value, ctx):
         key = ctx.get_current_key()
-        n = self._buffered(key) + 1
-        self.buffer.add(value)
-        self._count[key] = n
+        n = self.buffer.add(key, value)
         ctx.timer_service().register_event_time_timer(int(value[5]))
         if self.flush_at.value() is None:
             at = ctx.timer_service().current_processing_time() + FLUSH_MS
@@ -74,11 +66,9 @@ class EmbedItemTexts(KeyedProcessFunction):
         yield from self._flush(ctx.get_current_key())
 
     def _flush(self, key: str):
-        if not self._buffered(key):
+        rows = self.buffer.drain(key)
+        if not rows:
             return
-        rows = list(self.buffer.get())
-        self.buffer.clear()
-        self._count[key] = 0
         items = [row_to_item(r) for r in rows]
         if self.encoder is not None:
             items = embed_items(items, self.encoder)

@@ -30,6 +30,7 @@ from models.metrics import TensorBoardLog
 from models.online import catalogue_horizon, train_and_maybe_export
 from models.text_encoder import lazy_encoder
 from models.trainer import OnlineLearner, new_meta
+from udfs.buffer import KeyedBuffer
 from udfs.records import ITEM_TYPE, LEGACY_ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
 
 END_OF_INPUT_TS = 2**63 - 2  # fires when a bounded input ends (watermark = Long.MAX_VALUE)
@@ -57,7 +58,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
 
     def open(self, runtime_context):
         rc = runtime_context
-        self.buffer = rc.get_list_state(ListStateDescriptor("buffer", SAMPLE_TYPE))
+        self.buffer = KeyedBuffer(rc.get_list_state(ListStateDescriptor("buffer", SAMPLE_TYPE)))
         self.pending_items = rc.get_list_state(ListStateDescriptor("pending_catalogue", ITEM_TYPE))
         self.legacy_pending = rc.get_list_state(
             ListStateDescriptor("pending_items", LEGACY_ITEM_TYPE)
@@ -80,7 +81,6 @@ class OnlineTrainer(KeyedCoProcessFunction):
         # state once per sample instead of five times). Valid because every change of that
         # state goes through this instance; a restart or rescale opens a new instance, which
         # reads the state again on a key's first element.
-        self._buffered: dict[str, int] = {}  # len(buffer)
         self._armed: set[str] = set()  # end-of-input timer registered (or meta exists)
         self._flush_at: dict[str, int] = {}  # the pending flush timer
         # Items arrive embedded (udfs/embed.py): the transformer loads only if one does not.
@@ -147,12 +147,6 @@ class OnlineTrainer(KeyedCoProcessFunction):
                 self.flush_timer.update(at)
             self._flush_at[key] = at
 
-    def _buffered_count(self, key: str) -> int:
-        n = self._buffered.get(key)
-        if n is None:  # first element of this key since the instance opened
-            n = self._buffered[key] = sum(1 for _ in self.buffer.get())
-        return n
-
     def process_element1(self, value, ctx):
         key = ctx.get_current_key()
         self._arm_timers(key, ctx)
@@ -163,9 +157,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
             self.ordered.add((ctx.timestamp(), value))
             ctx.timer_service().register_event_time_timer(ctx.timestamp())
             return
-        n = self._buffered_count(key) + 1
-        self.buffer.add(value)
-        self._buffered[key] = n
+        n = self.buffer.add(key, value)
         if n >= self.cfg.batch_size:
             yield from self._fire(key, ctx.timer_service().current_watermark())
 
@@ -236,11 +228,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
                 self.model_cfg, self.cfg, text_dim=text_dim
             )
         if samples is None:
-            n = self._buffered_count(key)
-            samples = [row_to_sample(r) for r in self.buffer.get()] if n else []
-            if n:
-                self.buffer.clear()
-            self._buffered[key] = 0
+            samples = [row_to_sample(r) for r in self.buffer.drain(key)]
         items = self._due_items(catalogue_horizon(watermark, meta, self.cfg.deterministic))
         firing = train_and_maybe_export(
             learner,
