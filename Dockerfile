@@ -73,6 +73,15 @@ RUN set -eux; \
     pip install . "apache-flink==${FLINK_VERSION}"; \
     rtrec --help > /dev/null
 
+# rtrec's operator jar (flink_job/java: PyFlink's keyed operators with their timers in every
+# checkpoint) is compiled once, here, against this image's PyFlink, into $RTREC_CACHE/jars
+# where flink_job.jars.operators_jar() finds it. The base image has a JRE only: javac comes
+# from a JDK image of the same Java release and stays out of the final image's PATH.
+COPY --from=eclipse-temurin:17-jdk-noble /opt/java/openjdk /opt/jdk
+RUN set -eux; \
+    JAVA_HOME=/opt/jdk python -c "from flink_job.jars import operators_jar; print(operators_jar())"; \
+    rm -rf /opt/jdk
+
 # The model registry shared by the TaskManagers (writers) and serving (reader). A named
 # volume mounted here starts out with this directory's owner, so `flink` can write to it.
 RUN mkdir -p /registry && chown -R flink:flink /registry /opt/rtrec

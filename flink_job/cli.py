@@ -409,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("setup", help="resolve the Java jars (Kafka connector, Kafka broker)")
+    s = sub.add_parser(
+        "setup",
+        help="resolve the Java jars (Kafka connector, Kafka broker); build rtrec's operators",
+    )
     s.set_defaults(func=cmd_setup)
 
     s = sub.add_parser("config", help="print the resolved configuration as TOML")

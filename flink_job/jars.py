@@ -7,12 +7,14 @@ resolved through a throw-away pom generated inside the cache directory.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,88 @@ def kafka_broker_libs(version: str = KAFKA_BROKER_VERSION) -> Path:
     return libs
 
 
+JAVA_SOURCES = Path(__file__).resolve().parent / "java"
+
+
+def operators_jar_name() -> str:
+    """File name of the operator jar (flink_job/java) for the installed PyFlink: it changes
+    with the sources and the Flink version, so a stale build is never picked up."""
+    h = hashlib.sha256(importlib.metadata.version("apache-flink").encode())
+    for src in sorted(JAVA_SOURCES.rglob("*.java")):
+        h.update(src.relative_to(JAVA_SOURCES).as_posix().encode() + b"\0" + src.read_bytes())
+    return f"rtrec-operators-{h.hexdigest()[:12]}.jar"
+
+
+def _javac() -> str:
+    home = os.environ.get("JAVA_HOME")
+    candidates = [str(Path(home) / "bin" / "javac")] if home else []
+    candidates.append(shutil.which("javac") or "")
+    for c in candidates:
+        if c and Path(c).is_file():
+            return c
+    raise SetupError(
+        "a Java compiler ('javac', JDK 17) is needed once to build rtrec's operator jar "
+        "(flink_job/java); install a JDK (e.g. `apt-get install openjdk-17-jdk-headless`) "
+        "or put a prebuilt jar in job.jars_dir"
+    )
+
+
+def operators_jar(jars_dir: str = "") -> Path:
+    """The jar of rtrec's Java operators (flink_job/java), compiled against the installed
+    PyFlink on first use and cached. ``jars_dir``: where a prebuilt one may already be."""
+    name = operators_jar_name()
+    if jars_dir and (Path(jars_dir) / name).is_file():
+        return Path(jars_dir) / name
+    jar = cache_dir() / "jars" / name
+    if jar.is_file():
+        return jar
+    import pyflink
+
+    root = Path(pyflink.__file__).parent
+    classpath = os.pathsep.join(
+        [str(root / "lib" / "*"), *map(str, (root / "opt").glob("flink-python-*.jar"))]
+    )
+    sources = sorted(str(p) for p in JAVA_SOURCES.rglob("*.java"))
+    if not sources:
+        raise SetupError(f"no Java sources under {JAVA_SOURCES}: reinstall rtrec")
+    jar.parent.mkdir(parents=True, exist_ok=True)
+    log.info("compiling rtrec's operator jar (first run only) into %s", jar)
+    with tempfile.TemporaryDirectory(dir=jar.parent) as tmp:
+        classes = Path(tmp) / "classes"
+        proc = subprocess.run(
+            [
+                _javac(),
+                "-nowarn",
+                "--release",
+                "17",
+                "-cp",
+                classpath,
+                "-d",
+                str(classes),
+                *sources,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise SetupError(
+                f"javac failed to build {name} from {JAVA_SOURCES} against PyFlink in {root} "
+                f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
+        staging = Path(tmp) / name
+        with zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
+            for f in sorted(classes.rglob("*.class")):
+                z.write(f, f.relative_to(classes).as_posix())
+        staging.replace(jar)  # atomic: a concurrent build never sees half a jar
+    return jar
+
+
 def ensure_all() -> dict[str, Path]:
     """Resolve every Java artifact (used by `rtrec setup` and CI)."""
-    return {"kafka_connector": kafka_connector_jar(), "kafka_broker_libs": kafka_broker_libs()}
+    return {
+        "kafka_connector": kafka_connector_jar(),
+        "kafka_broker_libs": kafka_broker_libs(),
+        "operators": operators_jar(),
+    }

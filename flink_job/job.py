@@ -31,7 +31,8 @@ from pyflink.datastream.externalized_checkpoint_retention import ExternalizedChe
 from pyflink.java_gateway import get_gateway
 
 from flink_job.config import AppConfig, to_dict
-from flink_job.jars import kafka_connector_jar
+from flink_job.jars import kafka_connector_jar, operators_jar
+from flink_job.operators import use_checkpointed_timers
 from models.text_encoder import encoder_off
 from udfs.embed import EmbedItemTexts, bucket_key
 from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
@@ -63,10 +64,10 @@ class HighWaterMarkTime(TimestampAssigner):
 
 
 def flink_settings(
-    cfg: AppConfig, jar_uri: str, extra_conf: dict[str, str] | None = None
+    cfg: AppConfig, jar_uris: str, extra_conf: dict[str, str] | None = None
 ) -> dict[str, str]:
     """The Flink configuration of the job: options derived from ``cfg``, then
-    ``job.flink`` verbatim, then ``extra_conf``."""
+    ``job.flink`` verbatim, then ``extra_conf``. ``jar_uris``: ";"-separated jar URIs."""
     settings = {
         # Without these the Python workers may run another interpreter than the client.
         "python.executable": cfg.job.python_executable or sys.executable,
@@ -77,7 +78,7 @@ def flink_settings(
         "python.state.cache-size": str(cfg.job.state_cache_size),
         "python.map-state.read-cache-size": str(cfg.job.state_cache_size),
         "python.map-state.write-cache-size": str(cfg.job.state_cache_size),
-        "pipeline.jars": jar_uri,
+        "pipeline.jars": jar_uris,
         # Explicit restart strategy: with checkpointing on, the default retries forever.
         "restart-strategy.type": "fixed-delay",
         "restart-strategy.fixed-delay.attempts": str(cfg.job.restart_attempts),
@@ -110,7 +111,10 @@ def make_env(
 ) -> StreamExecutionEnvironment:
     """A StreamExecutionEnvironment from ``cfg`` (a local mini-cluster unless submitted)."""
     jars_dir = cfg.job.jars_dir
-    jar = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
+    kafka = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
+    # The Kafka connector, and rtrec's operators (flink_job/operators.py: timers set by the
+    # Python functions are part of every checkpoint).
+    jar_uris = ";".join(j.resolve().as_uri() for j in (kafka, operators_jar(jars_dir)))
     # PyFlink reads this when the job is submitted; unset, a local run uses loopback workers.
     mode_var = "_python_worker_execution_mode"  # PyFlink's own (lower-case) name
     if cfg.job.local_python_workers == "process":
@@ -118,9 +122,10 @@ def make_env(
     else:
         os.environ.pop(mode_var, None)
     conf = Configuration()
-    for k, v in flink_settings(cfg, jar.resolve().as_uri(), extra_conf).items():
+    for k, v in flink_settings(cfg, jar_uris, extra_conf).items():
         conf.set_string(k, v)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
+    use_checkpointed_timers()
     env.set_parallelism(cfg.job.parallelism)
     if cfg.job.checkpoint_interval_ms > 0:
         mode = (

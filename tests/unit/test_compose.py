@@ -341,3 +341,18 @@ def test_dockerfile_puts_the_connector_where_rtrec_looks():
     runs = " ".join(rest for instr, rest in _dockerfile() if instr == "RUN")
     assert "$RTREC_CACHE/jars" in runs
     assert "/opt/flink/lib/" in runs
+
+
+def test_dockerfile_builds_the_operator_jar_after_installing_rtrec():
+    """The operator jar is compiled in the image (its JRE has no javac), after `pip install .`
+    (which ships flink_job/java) and with RTREC_CACHE set, where make_env looks for it."""
+    steps = [(instr, rest) for instr, rest in _dockerfile()]
+    install = next(
+        i for i, (ins, rest) in enumerate(steps) if ins == "RUN" and "pip install ." in rest
+    )
+    build = next(i for i, (ins, rest) in enumerate(steps) if "operators_jar()" in rest)
+    cache = next(
+        i for i, (ins, rest) in enumerate(steps) if ins == "ENV" and "RTREC_CACHE=" in rest
+    )
+    assert cache < install < build
+    assert "JAVA_HOME=" in steps[build][1]

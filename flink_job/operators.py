@@ -1,0 +1,66 @@
+"""rtrec's Java operators (flink_job/java) in place of PyFlink's keyed Python operators.
+
+PyFlink 2.2 (process mode) registers the timers a Python function sets asynchronously, as
+mailbox mails that run after the checkpoint which flushed their bundle. That checkpoint then
+holds keyed state (e.g. a user's pending window events) without the timer that would fire
+it: after a restore the state waits forever and the events are lost. The subclasses in
+flink_job/java drain those registrations into the checkpoint; this module makes PyFlink's
+graph builder instantiate them for every keyed process / keyed co-process function.
+
+The operator jar (flink_job.jars.operators_jar) must be in ``pipeline.jars`` of the job;
+flink_job.job.make_env adds it and calls :func:`use_checkpointed_timers`.
+"""
+
+from __future__ import annotations
+
+from pyflink.datastream import data_stream as _ds
+from pyflink.fn_execution.flink_fn_execution_pb2 import UserDefinedDataStreamFunction
+from pyflink.java_gateway import get_gateway
+
+PACKAGE = "rtrec.flink"
+_PYFLINK = "org.apache.flink.streaming.api.operators.python.process."
+# PyFlink's process-mode operator -> rtrec's subclass (thread mode is not used by rtrec).
+REPLACES = {
+    _PYFLINK + "ExternalPythonKeyedProcessOperator": "CheckpointedTimersKeyedProcessOperator",
+    _PYFLINK + "ExternalPythonKeyedCoProcessOperator": "CheckpointedTimersKeyedCoProcessOperator",
+}
+_KEYED = (
+    UserDefinedDataStreamFunction.KEYED_PROCESS,
+    UserDefinedDataStreamFunction.KEYED_CO_PROCESS,
+)
+
+
+def _ours(j_op, func_type, *inputs):
+    """rtrec's operator with ``j_op``'s function and types, or ``j_op`` if not replaced
+    (stateless functions; windows, whose operator has a window namespace)."""
+    name = REPLACES.get(j_op.getClass().getName())
+    if name is None or func_type not in _KEYED:
+        return j_op
+    cls = getattr(getattr(get_gateway().jvm, PACKAGE), name)
+    return cls(
+        j_op.getConfiguration(), j_op.getPythonFunctionInfo(), *inputs, j_op.getProducedType()
+    )
+
+
+def use_checkpointed_timers() -> None:
+    """Make PyFlink build keyed (co-)process operators from rtrec's subclasses (idempotent,
+    for this Python process)."""
+    if getattr(_ds, "_rtrec_checkpointed_timers", False):
+        return
+    one_input, two_input = _ds._get_one_input_stream_operator, _ds._get_two_input_stream_operator
+
+    def one(data_stream, func, func_type, output_type=None):
+        j_op, j_out = one_input(data_stream, func, func_type, output_type)
+        return _ours(j_op, func_type, j_op.getInputTypeInfo()), j_out
+
+    def two(connected_streams, func, func_type, type_info):
+        j_op, j_out = two_input(connected_streams, func, func_type, type_info)
+        inputs = (
+            s._j_data_stream.getTransformation().getOutputType()
+            for s in (connected_streams.stream1, connected_streams.stream2)
+        )
+        return _ours(j_op, func_type, *inputs), j_out
+
+    _ds._get_one_input_stream_operator = one
+    _ds._get_two_input_stream_operator = two
+    _ds._rtrec_checkpointed_timers = True
