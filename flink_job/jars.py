@@ -51,15 +51,22 @@ def _mvn() -> str:
     return mvn
 
 
-def _run_mvn(args: list[str], what: str) -> None:
-    log.info("resolving %s with Maven (first run only, cached under %s)", what, cache_dir())
-    proc = subprocess.run([_mvn(), "-B", "-q", *args], capture_output=True, text=True, check=False)
+def _run_tool(cmd: list[str], failed: str) -> None:
+    """Run a build tool; a non-zero exit is a SetupError: ``failed``, the exit code and the
+    tool's output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SetupError(
-            f"Maven failed to resolve {what} (exit {proc.returncode}). "
-            "Is Maven Central reachable?\n"
-            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            f"{failed} (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
+
+
+def _run_mvn(args: list[str], what: str) -> None:
+    log.info("resolving %s with Maven (first run only, cached under %s)", what, cache_dir())
+    _run_tool(
+        [_mvn(), "-B", "-q", *args],
+        f"Maven failed to resolve {what}. Is Maven Central reachable?",
+    )
 
 
 def kafka_connector_jar() -> Path:
@@ -176,27 +183,11 @@ def operators_jar(jars_dir: str = "") -> Path:
     log.info("compiling rtrec's operator jar (first run only) into %s", jar)
     with tempfile.TemporaryDirectory(dir=jar.parent) as tmp:
         classes = Path(tmp) / "classes"
-        proc = subprocess.run(
-            [
-                _javac(),
-                "-nowarn",
-                "--release",
-                "17",
-                "-cp",
-                classpath,
-                "-d",
-                str(classes),
-                *sources,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+        javac = [_javac(), "-nowarn", "--release", "17", "-cp", classpath, "-d", str(classes)]
+        _run_tool(
+            [*javac, *sources],
+            f"javac failed to build {name} from {JAVA_SOURCES} against PyFlink in {root}",
         )
-        if proc.returncode != 0:
-            raise SetupError(
-                f"javac failed to build {name} from {JAVA_SOURCES} against PyFlink in {root} "
-                f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            )
         staging = Path(tmp) / name
         with zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
