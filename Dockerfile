@@ -59,18 +59,24 @@ RUN set -eux; \
 # Dependencies first (cached layer), then the sources. `pip install .` brings apache-flink,
 # torch, onnxruntime, ... as listed in pyproject.toml; torch is installed up front from
 # TORCH_INDEX_URL so pip then considers it satisfied.
-RUN set -eux; \
-    if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" torch; fi; \
-    pip install "apache-flink==${FLINK_VERSION}"
-
+# constraints.txt pins every dependency to the versions the tests ran with, except
+# apache-flink: the image pins the base image's exact Flink release instead.
 WORKDIR /opt/rtrec/src
+COPY constraints.txt ./
+RUN set -eux; \
+    grep -v '^apache-flink==' constraints.txt > constraints.image.txt; \
+    mv constraints.image.txt constraints.txt; \
+    if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install -c constraints.txt --index-url "$TORCH_INDEX_URL" torch; fi; \
+    pip install -c constraints.txt "apache-flink==${FLINK_VERSION}"
+
 COPY pyproject.toml ./
 COPY flink_job ./flink_job
 COPY udfs ./udfs
 COPY models ./models
 # apache-flink stays pinned to the cluster's release while the project is installed.
 RUN set -eux; \
-    pip install . "apache-flink==${FLINK_VERSION}"; \
+    pip install -c constraints.txt . "apache-flink==${FLINK_VERSION}"; \
     rtrec --help > /dev/null
 
 # rtrec's operator jar (flink_job/java: PyFlink's keyed operators with their timers in every

@@ -8,8 +8,8 @@ STAMP := .rtrec/installed.stamp
 
 .PHONY: install demo test lint unit flink e2e bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m pip install --progress-bar off -e ".[dev]"
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m pip install --progress-bar off -c constraints.txt -e ".[dev]"
 	$(PYTHON) -m flink_job.cli setup
 	@mkdir -p $(dir $@) && touch $@
 

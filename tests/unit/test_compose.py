@@ -348,7 +348,9 @@ def test_dockerfile_builds_the_operator_jar_after_installing_rtrec():
     (which ships flink_job/java) and with RTREC_CACHE set, where make_env looks for it."""
     steps = [(instr, rest) for instr, rest in _dockerfile()]
     install = next(
-        i for i, (ins, rest) in enumerate(steps) if ins == "RUN" and "pip install ." in rest
+        i
+        for i, (ins, rest) in enumerate(steps)
+        if ins == "RUN" and re.search(r"pip install (-c \S+ )?\.", rest)
     )
     build = next(i for i, (ins, rest) in enumerate(steps) if "operators_jar()" in rest)
     cache = next(
