@@ -199,7 +199,8 @@ def warm_up(
     progress: bool = False,
     desc: str = "warm-up",
 ) -> None:
-    """Learn from ``stream`` in trainer firings (catalogue items, then the batch), no scoring."""
+    """Learn from ``stream`` in trainer firings (catalogue items, then the batch) as the job
+    does: its test-then-train step, whose ranking the blend learns from."""
     data = stream if isinstance(stream, Sequence) else list(stream)
     total = sum(1 for x in data if isinstance(x, Sample))
     bar = tqdm(total=total, desc=desc, unit="ev", disable=not progress, mininterval=1.0)
@@ -207,7 +208,7 @@ def warm_up(
         if items:
             learner.ingest_items(items, meta, encoder)
         if samples:
-            learner.learn(samples, meta)
+            prequential_step(learner, meta, samples)
         bar.update(len(samples))
     bar.close()
 

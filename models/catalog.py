@@ -125,23 +125,34 @@ class Catalog:
         return np.array(sorted(self.index.values()), dtype=np.int64)
 
     def pack(self, idx: int) -> bytes:
-        n = int((self.cats[idx] > 0).sum())
-        header = HEADER.pack(
-            idx,
-            int(self.count[idx]),
-            int(self.last_seen[idx]),
-            int(self.asm_class[idx]),
-            int(self.has_text[idx]),
-            self.text_hash.get(idx, b"\0" * 16),
-            n,
+        return self.pack_many([idx])[0]
+
+    def pack_many(self, idxs: list[int]) -> list[bytes]:
+        """Packed entries of ``idxs`` (header + categories + text embedding if any), with
+        one gather and device-to-host copy of the text embeddings for all of them."""
+        if not idxs:
+            return []
+        at = np.asarray(idxs, dtype=np.int64)
+        text = self.text[torch.from_numpy(at).to(self.device)].detach()
+        texts = text.to("cpu", torch.float32).numpy()
+        cats = self.cats[at].astype("<i8")
+        n_cats = (cats > 0).sum(axis=1).tolist()
+        fields = zip(
+            idxs,
+            self.count[at].tolist(),
+            self.last_seen[at].tolist(),
+            self.asm_class[at].tolist(),
+            self.has_text[at].tolist(),
+            n_cats,
+            strict=True,
         )
-        cats = self.cats[idx, :n].astype("<i8").tobytes()
-        text = (
-            self.text[idx].detach().to("cpu", torch.float32).numpy().tobytes()
-            if self.has_text[idx]
-            else b""
-        )
-        return header + cats + text
+        out = []
+        for k, (idx, count, last, cls, has_text, n) in enumerate(fields):
+            header = HEADER.pack(
+                idx, count, last, cls, int(has_text), self.text_hash.get(idx, b"\0" * 16), n
+            )
+            out.append(header + cats[k, :n].tobytes() + (texts[k].tobytes() if has_text else b""))
+        return out
 
     def load(self, entries: Iterable[tuple[str, bytes]]) -> None:
         """Rebuild from packed entries (any order): indices come from the entries."""

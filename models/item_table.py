@@ -125,9 +125,21 @@ class ItemTable:
         return self.data[: len(self.ids), : self.dim]
 
     def pack_row(self, idx: int) -> bytes:
-        header = ROW_HEADER.pack(idx, int(self.count[idx]), int(self.last_seen[idx]))
-        row = self.data[idx].detach().to("cpu", torch.float32).numpy()
-        return header + row.tobytes()
+        return self.pack_rows([idx])[0]
+
+    def pack_rows(self, idxs: list[int]) -> list[bytes]:
+        """Packed rows (header + float32 row) of ``idxs``: one gather and one device-to-host
+        copy for all of them (a step writes hundreds; one by one cost ~13 us a row)."""
+        if not idxs:
+            return []
+        at = np.asarray(idxs, dtype=np.int64)
+        data = self.data[torch.from_numpy(at).to(self.device)].detach()
+        rows = data.to("cpu", torch.float32).numpy()
+        counts, lasts = self.count[at].tolist(), self.last_seen[at].tolist()
+        return [
+            ROW_HEADER.pack(i, c, t) + row.tobytes()
+            for i, c, t, row in zip(idxs, counts, lasts, rows, strict=True)
+        ]
 
     def load_rows(self, rows: Iterable[tuple[str, bytes]]) -> None:
         """Rebuild from packed rows (any order). Indices come from the rows themselves."""

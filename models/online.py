@@ -44,8 +44,8 @@ def save_initial_state(learner: OnlineLearner, meta: dict[str, Any], path: str |
     obj = {
         "format": INITIAL_STATE_FORMAT,
         "dense": learner.dense_blob(),
-        "rows": {table.ids[r]: table.pack_row(r) for r in table.index.values()},
-        "items": {cat.ids[i]: cat.pack(i) for i in cat.index.values()},
+        "rows": dict(zip(table.index, table.pack_rows(list(table.index.values())), strict=True)),
+        "items": dict(zip(cat.index, cat.pack_many(list(cat.index.values())), strict=True)),
         "meta": {k: meta[k] for k in ("step", "events_seen", "positives_trained", "hwm_ts")},
         "text_dim": learner.text_dim,
     }

@@ -62,18 +62,28 @@ def _tensors_to(obj: Any, convert: Callable[[Any], Any]) -> Any:
     return obj
 
 
-def _count(memory: npt.NDArray[np.float32], m: int, j: int, w: np.float32) -> None:
-    """Add ``w`` to neighbour ``j`` (catalogue index) in one row's transition memory
-    ``memory`` [2M] (M indices, then M counts); a new neighbour replaces the least counted
-    one (the first of equals)."""
-    idx, cnt = memory[:m], memory[m:]
-    hit = np.flatnonzero(idx == j)
-    if hit.size:
-        cnt[hit[0]] += w
-    else:
-        k = int(cnt.argmin())
-        idx[k] = j
-        cnt[k] = w
+def _count_all(memory: npt.NDArray[np.float32], m: int, counts: list[tuple[int, float]]) -> None:
+    """Add each ``(j, w)`` of ``counts``, in order, to one row's transition memory ``memory``
+    [2M] (M neighbour catalogue indices, then M counts): ``w`` to neighbour ``j``'s count,
+    or, for a new neighbour, into the least counted slot (the first of equals).
+
+    On Python lists: numpy calls per count cost ~7 us, this ~1. The sums are float32 ones:
+    a sum of two float32 values computed in double and rounded once to float32 is the
+    correctly rounded float32 sum."""
+    idx, cnt = memory[:m].tolist(), memory[m:].tolist()
+    f32 = np.float32
+    for j, w in counts:
+        jf, w32 = float(j), float(f32(w))  # (float == float compares faster than int)
+        try:
+            k = idx.index(jf)
+        except ValueError:
+            k = cnt.index(min(cnt))
+            idx[k] = jf
+            cnt[k] = w32
+        else:
+            cnt[k] = float(f32(cnt[k] + w32))
+    memory[:m] = idx
+    memory[m:] = cnt
 
 
 def optimizer_slots(optimizer: str, dim: int) -> int:
@@ -136,6 +146,27 @@ class _SharedVectors:
     vectors: torch.Tensor | None = None
     row_of: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     live: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))
+
+
+@dataclass
+class RankedBatch:
+    """The scores a batch's positives were ranked with, for the blend loss of the step that
+    learns from them (:meth:`OnlineLearner.rank_batch`, then ``learn(..., ranked)``).
+
+    The blend learns from exactly the scores the test half of test-then-train measured,
+    and the step does not score the catalogue a second time. Positives whose target was not
+    in the catalogue at ranking time (a miss) have no blend loss.
+
+    n: number of positives ranked; at [K]: positions of the K ranked ones among them;
+    targets [K] catalogue indices; blended [K, size] scores before masking (differentiable
+    in the blend and transition weights); excluded [K, size] bool (history, padding, holes).
+    """
+
+    n: int
+    at: torch.Tensor
+    targets: torch.Tensor
+    blended: torch.Tensor
+    excluded: torch.Tensor
 
 
 class OnlineLearner:
@@ -328,7 +359,8 @@ class OnlineLearner:
                 buckets = [int(b) for b in cat.cats[idx] if b > 0]
                 cat.set_content(idx, emb, thash, buckets)
         meta["items_ingested"] += len(latest)
-        return {item_id: cat.pack(cat.index[item_id]) for item_id in latest}
+        ids = list(latest)
+        return dict(zip(ids, cat.pack_many([cat.index[i] for i in ids]), strict=True))
 
     # ----------------------------------------------------------------------- vectors
     def item_vectors(
@@ -366,11 +398,11 @@ class OnlineLearner:
     def shared_catalogue_vectors(self) -> Iterator[None]:
         """Within this block the whole catalogue's item vectors are computed once and reused.
 
-        A test-then-train step scores the whole catalogue twice with the same weights:
-        ranking the batch (:meth:`rank_targets`) and the blend loss inside :meth:`learn`
-        (before its gradient step). Between the two only catalogue entries added and id
-        rows admitted by ``learn`` change; their vectors are recomputed. The block must
-        not span a gradient step or a catalogue ingestion.
+        A test-then-train step given no :class:`RankedBatch` scores the whole catalogue
+        twice with the same weights: ranking the batch (:meth:`rank_targets`) and the blend
+        loss inside :meth:`learn` (before its gradient step). Between the two only
+        catalogue entries added and id rows admitted by ``learn`` change; their vectors are
+        recomputed. The block must not span a gradient step or a catalogue ingestion.
         """
         self._shared = _SharedVectors()
         try:
@@ -467,12 +499,15 @@ class OnlineLearner:
                 result.removed_items.append(item_id)
                 result.touched_items.pop(item_id, None)
 
-    def learn(self, samples: list[Sample], meta: dict[str, Any]) -> StepResult:
+    def learn(
+        self, samples: list[Sample], meta: dict[str, Any], ranked: RankedBatch | None = None
+    ) -> StepResult:
         """One gradient step on a micro-batch; updates ``meta`` in place.
 
         ``result.loss`` is the batch's loss before the step (the prequential loss). The
         ranking half of test-then-train is :func:`models.metrics.prequential_step`, which
-        scores the batch with :meth:`rank_targets` and then calls this.
+        scores the batch with :meth:`rank_batch` and passes ``ranked`` on: the blend then
+        learns from the scores the batch was ranked with (:class:`RankedBatch`).
         """
         meta["events_seen"] += len(samples)
         meta["samples_since_export"] += len(samples)
@@ -482,6 +517,11 @@ class OnlineLearner:
         result = StepResult()
         if not pos:
             return result
+        if ranked is not None and ranked.n != len(pos):
+            raise ValueError(
+                f"learn() was given the ranking of {ranked.n} positives for a batch of "
+                f"{len(pos)}; rank_batch() must be called on the same batch's positives"
+            )
         cat, table, d = self.catalog, self.table, self.dim
         h = self.model_cfg.history_length
         new_entries: set[str] = set()
@@ -542,17 +582,22 @@ class OnlineLearner:
         hist_vecs = self.item_vectors(hist_u, hist_ids, trainable_text=True)[hist_at]  # [B,H,D]
         user = self.model.user_vectors(hist_vecs, mask.float())  # [B, D]
         cand_vecs = self.item_vectors(cand, cand_ids, trainable_text=True)  # [C, D]
-        trans = self.transition_scores(hist, mask)  # [B, size] (memory before this batch)
-        if self.blending and trans is not None:
-            # The towers learn from the sampled softmax alone; the blend of their dot
-            # products with the transition evidence is learned against the catalogue's best
-            # items (the evidence is sparse: sampled negatives rarely have any).
+        # The towers learn from the sampled softmax alone; the blend of their dot products
+        # with the transition evidence is learned against the catalogue's best items (the
+        # evidence is sparse: sampled negatives rarely have any).
+        blend_vec: torch.Tensor | None = None
+        if self.blending and ranked is not None:
             loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
-            blend_vec = self._blend_loss(user.detach(), hist, trans, targets)
+            ranked_vec = self._head_loss(ranked.blended, ranked.excluded, ranked.targets)
+            blend_vec = ranked_vec.new_zeros(len(pos)).index_add(0, ranked.at, ranked_vec)
         else:
-            extra = trans[:, cand] if trans is not None else None
-            loss_vec = self._loss(user, cand_vecs, cand, labels, targets, extra)
-            blend_vec = None
+            trans = self.transition_scores(hist, mask)  # [B, size] (memory before the batch)
+            if self.blending and trans is not None:
+                loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
+                blend_vec = self._blend_loss(user.detach(), hist, trans, targets)
+            else:
+                extra = trans[:, cand] if trans is not None else None
+                loss_vec = self._loss(user, cand_vecs, cand, labels, targets, extra)
         loss = (loss_vec * weights).sum() / weights.sum()
         # The reported (prequential, drift-watched) loss is the towers' loss alone: the
         # blend's head-restricted loss is 0 for samples outside the head and too jumpy.
@@ -606,12 +651,15 @@ class OnlineLearner:
                     result.dense_blob = self.dense_blob()
         self._expire(meta, result)
         self.loaded_step = meta["step"]
-        result.touched_rows = {
-            table.ids[r]: table.pack_row(r) for r in sorted(touched_rows) if table.ids[r]
-        }
-        for item in {*(cat.ids[int(t)] for t in target_idx), *new_entries}:
-            if item in cat.index:
-                result.touched_items[item] = cat.pack(cat.index[item])
+        live_rows = [r for r in sorted(touched_rows) if table.ids[r]]
+        result.touched_rows = dict(
+            zip([table.ids[r] for r in live_rows], table.pack_rows(live_rows), strict=True)
+        )
+        items = [
+            i for i in {*(cat.ids[int(t)] for t in target_idx), *new_entries} if i in cat.index
+        ]
+        packed = cat.pack_many([cat.index[i] for i in items])
+        result.touched_items.update(zip(items, packed, strict=True))
         return result
 
     def _loss(
@@ -667,8 +715,17 @@ class OnlineLearner:
         excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
         excluded[:, 0] = True
         excluded |= self._dead().unsqueeze(0)
-        logits = blend_scores(self.model, dot, trans, self._cold(), excluded)
-        logits = logits / self.cfg.temperature
+        blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
+        return self._head_loss(blended, excluded, targets)
+
+    def _head_loss(
+        self, blended: torch.Tensor, excluded: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample softmax loss [B] of blended scores [B, size] (``excluded`` [B, size]
+        bool: history, padding, holes; the target always competes) over each sample's
+        ``trainer.blend_head`` best items + its target."""
+        logits = blended / self.cfg.temperature
+        excluded = excluded.clone()
         excluded.scatter_(1, targets.unsqueeze(1), False)
         logits = logits.masked_fill(excluded, -1e9)
         head = self.cfg.blend_head
@@ -717,6 +774,14 @@ class OnlineLearner:
     def score_histories(self, samples: list[Sample]) -> torch.Tensor:
         """Eval-mode scores [B, size] of every catalogue index for each sample's history;
         padding, holes and the history's own items are -inf (as the exported graph does)."""
+        return self._score(samples, keep_blend=False)[0]
+
+    def _score(
+        self, samples: list[Sample], keep_blend: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """:meth:`score_histories`, and with ``keep_blend`` (and the blend on) also the
+        blended scores before masking [B, size], differentiable in the blend and
+        transition weights, with their excluded mask [B, size] (see :class:`RankedBatch`)."""
         self.model.eval()
         with torch.no_grad():
             hist, mask = self._history_batch(samples)
@@ -725,21 +790,27 @@ class OnlineLearner:
             vecs = self.catalogue_vectors() if self.asm is None else None
             hist_vecs = vecs[hist] if vecs is not None else self.item_vectors(hist)
             user = self.model.user_vectors(hist_vecs, mask.float())
-            trans = self.transition_scores(hist, mask)
-            if self.blending and vecs is not None:
+        kept = None
+        if self.blending and vecs is not None:
+            with torch.set_grad_enabled(keep_blend):
+                trans = self.transition_scores(hist, mask)
                 dot = user @ vecs.t()
                 excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
                 excluded[:, 0] = True
                 excluded |= self._dead().unsqueeze(0)
-                scores = blend_scores(self.model, dot, trans, self._cold(), excluded)
-                scores = scores.masked_fill(self._dead().unsqueeze(0), -math.inf)
-            else:
+                blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
+            if keep_blend:
+                kept = (blended, excluded)
+            scores = blended.detach().masked_fill(self._dead().unsqueeze(0), -math.inf)
+        else:
+            with torch.no_grad():
+                trans = self.transition_scores(hist, mask)
                 scores = self.score_all(user, vecs)
                 if trans is not None:
                     scores = scores + trans
-            scores.scatter_(1, hist, -math.inf)
-            scores[:, 0] = -math.inf
-        return scores
+        scores.scatter_(1, hist, -math.inf)
+        scores[:, 0] = -math.inf
+        return scores, kept
 
     def rank_targets(self, samples: list[Sample]) -> list[int]:
         """Test step of test-then-train: the 1-based rank of each sample's target among all
@@ -748,14 +819,23 @@ class OnlineLearner:
         A target the model does not know yet gets rank ``len(catalog) + 1`` (a miss).
         Call it *before* ``learn`` on the same samples.
         """
+        return self.rank_batch(samples, for_learning=False)[0]
+
+    def rank_batch(
+        self, samples: list[Sample], for_learning: bool = True
+    ) -> tuple[list[int], RankedBatch | None]:
+        """:meth:`rank_targets`, and with ``for_learning`` what :meth:`learn` reuses when
+        it is given the same positives next (None when nothing is reusable)."""
         if not samples:
-            return []
+            return [], None
         cat = self.catalog
         miss = len(cat) + 1
-        known = [s for s in samples if s.target in cat.index]
+        known_at = [i for i, s in enumerate(samples) if s.target in cat.index]
+        known = [samples[i] for i in known_at]
         ranks: dict[int, int] = {}
+        ranked = None
         if known:
-            scores = self.score_histories(known)
+            scores, kept = self._score(known, keep_blend=for_learning)
             with torch.no_grad():
                 tgt = torch.tensor([cat.index[s.target] for s in known], device=self.device)
                 tscore = scores.gather(1, tgt.unsqueeze(1))
@@ -763,7 +843,10 @@ class OnlineLearner:
                 r = torch.where(torch.isfinite(tscore.squeeze(1)), r, torch.full_like(r, miss))
             for s, v in zip(known, r.tolist(), strict=True):
                 ranks[id(s)] = int(v)
-        return [ranks.get(id(s), miss) for s in samples]
+            if kept is not None:
+                at = torch.tensor(known_at, device=self.device)
+                ranked = RankedBatch(len(samples), at, tgt, kept[0], kept[1])
+        return [ranks.get(id(s), miss) for s in samples], ranked
 
     # ------------------------------------------------------------ transition memory
     def successors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -837,10 +920,12 @@ class OnlineLearner:
         off = self.trans_off
         rows_t = torch.tensor(rows, device=self.device)
         block = self.table.data[rows_t, off : off + 2 * m].cpu().numpy().copy()  # [R, 2M]
-        at = {r: i for i, r in enumerate(rows)}
+        per_row: dict[int, list[tuple[int, float]]] = {r: [] for r in rows}
         for r, j, w in counts:
             if r:
-                _count(block[at[r]], m, j, np.float32(w))
+                per_row[r].append((j, w))
+        for i, r in enumerate(rows):
+            _count_all(block[i], m, per_row[r])
         with torch.no_grad():
             self.table.data[rows_t, off : off + 2 * m] = torch.from_numpy(block).to(self.device)
         touched_rows.update(rows)

@@ -10,7 +10,7 @@ from models.export import build_version
 from models.history import Sample
 from models.registry import publish
 from models.serving import OnnxRecommender
-from models.trainer import OnlineLearner, new_meta
+from models.trainer import OnlineLearner, _count_all, new_meta
 from tests.unit.helpers import topic_samples
 from tests.unit.test_trainer import StateStore, run
 
@@ -87,3 +87,31 @@ def test_onnx_matches_learner_scores(tmp_path):
     for o_row, t_row, s_row in zip(o_ids, t_idx.numpy(), t_scores.numpy(), strict=True):
         if np.all(np.diff(s_row) < -1e-4):
             assert [rec.item_ids[i - 1] for i in o_row] == [learner.catalog.ids[i] for i in t_row]
+
+
+def _count_reference(memory: np.ndarray, m: int, j: int, w: float) -> None:
+    """One count in numpy float32 arithmetic (the memory's definition, one count at a time)."""
+    idx, cnt = memory[:m], memory[m:]
+    hit = np.flatnonzero(idx == j)
+    if hit.size:
+        cnt[hit[0]] += np.float32(w)
+    else:
+        k = int(cnt.argmin())
+        idx[k] = j
+        cnt[k] = np.float32(w)
+
+
+def test_batched_counting_matches_one_count_at_a_time_bit_for_bit():
+    rng = np.random.default_rng(7)
+    for m in (1, 3, 8):
+        fast = np.zeros(2 * m, np.float32)
+        slow = fast.copy()
+        # Few distinct neighbours (hits, repeated sums) and many (evictions, ties).
+        counts = [
+            (int(rng.integers(1, 4 if trial % 2 else 40)), 1.0 / int(rng.integers(1, 4)))
+            for trial in range(400)
+        ]
+        _count_all(fast, m, counts)
+        for j, w in counts:
+            _count_reference(slow, m, j, w)
+        assert fast.tobytes() == slow.tobytes(), m
