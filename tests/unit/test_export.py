@@ -185,3 +185,46 @@ def test_ann_serving_files_agree_with_the_topk_graph(trained, tmp_path):
         scores[row, 0] = -np.inf
     ref = -np.sort(-scores, axis=1)[:, :10]
     np.testing.assert_allclose(top_scores, ref, atol=1e-5)
+
+
+def test_reused_graph_with_new_weights_matches_a_fresh_trace(monkeypatch):
+    """A version whose shapes match an earlier one's reuses its traced graph with the new
+    weights; onnxruntime gives what a fresh trace of the same model gives."""
+    import onnxruntime as ort
+
+    from models import export as E
+
+    # With the transition memory: the graph with successors and the never-interacted mask.
+    mc = ModelConfig(dim=16, history_length=4, hidden=32, transition_slots=8)
+    learner = OnlineLearner(mc, TrainerConfig(batch_size=16), torch.device("cpu"))
+    meta = new_meta("m")
+    data = topic_samples(320)
+    for i in range(0, len(data), 16):
+        learner.learn(data[i : i + 16], meta)
+    E._GRAPHS.clear()
+    first = build_version(learner, meta, 5, {})
+    assert len(E._GRAPHS) == 2  # model.onnx and user_encoder.onnx graphs
+    more = topic_samples(64, seed=3)  # same items: the same shapes
+    for i in range(0, len(more), 16):
+        learner.learn(more[i : i + 16], meta)
+    meta["version"] = first.version
+    trace = E._trace
+    with monkeypatch.context() as m:
+        m.setattr(E, "_trace", lambda *a: pytest.fail("traced again: the graph was not reused"))
+        reused = build_version(learner, meta, 5, {})
+    E._GRAPHS.clear()
+    assert E._trace is trace
+    fresh = build_version(learner, meta, 5, {})
+    assert reused.onnx_bytes != first.onnx_bytes  # new weights
+    feeds = {
+        "history_ids": np.array([[1, 2, 3, 0], [4, 0, 0, 0]], dtype=np.int64),
+        "history_mask": np.array([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=bool),
+    }
+    for a, b in (
+        (reused.onnx_bytes, fresh.onnx_bytes),
+        (reused.extras["user_encoder.onnx"], fresh.extras["user_encoder.onnx"]),
+    ):
+        out_a = ort.InferenceSession(a, providers=["CPUExecutionProvider"]).run(None, feeds)
+        out_b = ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, feeds)
+        for x, y in zip(out_a, out_b, strict=True):
+            np.testing.assert_array_equal(x, y)
