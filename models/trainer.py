@@ -448,11 +448,13 @@ class OnlineLearner:
     def _history_batch(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """history catalogue indices [B, H] newest first, 0-padded, and mask [B, H]."""
         h = self.model_cfg.history_length
-        ids = np.zeros((len(samples), h), dtype=np.int64)
-        cat = self.catalog
-        for i, s in enumerate(samples):
-            for j, item in enumerate(s.history[-h:][::-1]):
-                ids[i, j] = cat.index.get(item, 0)
+        get = self.catalog.index.get
+        # Padded Python rows, one array conversion (element-wise numpy stores cost ~3x).
+        ids = np.array(
+            [[get(item, 0) for item in s.history[: -h - 1 : -1]] + [0] * (h - len(s.history))
+             for s in samples],
+            dtype=np.int64,
+        ).reshape(len(samples), h)
         t = torch.from_numpy(ids).to(self.device)
         return t, (t > 0)
 
@@ -611,9 +613,14 @@ class OnlineLearner:
         loss.backward()  # type: ignore[no-untyped-call]
         grads = [p.grad for p in self._dense_params() if p.grad is not None]
         all_grads = [*grads, sub.grad] if sub.grad is not None else grads
-        finite = math.isfinite(loss.item()) and all(
-            bool(torch.isfinite(g).all()) for g in all_grads
-        )
+        # One norm over every gradient is finite exactly when every gradient is (one check
+        # instead of one per tensor); clipping uses the same norm. Clipping non-finite
+        # gradients spoils them, but such a step is skipped and its gradients cleared.
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_([*self._dense_params(), sub], self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(all_grads)
+        finite = math.isfinite(loss.item()) and math.isfinite(float(norm))
         if not finite:
             meta["non_finite_skips"] += 1
             log.warning(
@@ -625,8 +632,6 @@ class OnlineLearner:
             result.skipped_non_finite = True
             self.opt.zero_grad(set_to_none=True)
         else:
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([*self._dense_params(), sub], self.cfg.grad_clip)
             for group in self.opt.param_groups:
                 group["lr"] = self.cfg.lr * self.lr_scale
             self.opt.step()
