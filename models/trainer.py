@@ -451,8 +451,10 @@ class OnlineLearner:
         get = self.catalog.index.get
         # Padded Python rows, one array conversion (element-wise numpy stores cost ~3x).
         ids = np.array(
-            [[get(item, 0) for item in s.history[: -h - 1 : -1]] + [0] * (h - len(s.history))
-             for s in samples],
+            [
+                [get(item, 0) for item in s.history[: -h - 1 : -1]] + [0] * (h - len(s.history))
+                for s in samples
+            ],
             dtype=np.int64,
         ).reshape(len(samples), h)
         t = torch.from_numpy(ids).to(self.device)
