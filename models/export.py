@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -109,8 +110,11 @@ class UserEncoder(nn.Module):
 # Traced graphs by model signature (:func:`_signature`). A version whose modules and
 # tensor shapes match an earlier one's only swaps the graph's initializers: tracing costs
 # ~80-120 ms a graph and each version has two, which the trainer paid every 50 steps.
+# The cached graphs hold no weights (an initializer is its name only), so a 100k-item
+# catalogue's ~130 MB of item vectors is not kept per entry.
 _GRAPHS: OrderedDict[tuple[Any, ...], onnx.ModelProto] = OrderedDict()
 _GRAPH_CACHE_SIZE = 8
+_GRAPHS_LOCK = threading.Lock()  # PyFlink may run bundles of one worker in threads
 
 
 def _signature(model: nn.Module, history_length: int, outputs: list[str]) -> tuple[Any, ...]:
@@ -174,9 +178,11 @@ def _onnx_proto(model: nn.Module, history_length: int, outputs: list[str]) -> on
     model = model.eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     key = _signature(model, history_length, outputs)
-    cached = _GRAPHS.get(key)
+    with _GRAPHS_LOCK:
+        cached = _GRAPHS.get(key)
+        if cached is not None:
+            _GRAPHS.move_to_end(key)
     if cached is not None:
-        _GRAPHS.move_to_end(key)
         proto = onnx.ModelProto()
         proto.CopyFrom(cached)
         for init in proto.graph.initializer:
@@ -184,9 +190,14 @@ def _onnx_proto(model: nn.Module, history_length: int, outputs: list[str]) -> on
         return proto
     proto = _trace(model, history_length, outputs)
     if _distinct(state) and all(i.name in state for i in proto.graph.initializer):
-        _GRAPHS[key] = proto
-        while len(_GRAPHS) > _GRAPH_CACHE_SIZE:
-            _GRAPHS.popitem(last=False)
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(proto)
+        for init in skeleton.graph.initializer:
+            init.CopyFrom(onnx.TensorProto(name=init.name))
+        with _GRAPHS_LOCK:
+            _GRAPHS[key] = skeleton
+            while len(_GRAPHS) > _GRAPH_CACHE_SIZE:
+                _GRAPHS.popitem(last=False)
     return proto
 
 

@@ -204,6 +204,9 @@ def test_reused_graph_with_new_weights_matches_a_fresh_trace(monkeypatch):
     E._GRAPHS.clear()
     first = build_version(learner, meta, 5, {})
     assert len(E._GRAPHS) == 2  # model.onnx and user_encoder.onnx graphs
+    # The cache keeps graph structure only: no weights (initializers are names).
+    inits = [i for g in E._GRAPHS.values() for i in g.graph.initializer]
+    assert inits and all(not i.raw_data and not i.dims for i in inits)
     more = topic_samples(64, seed=3)  # same items: the same shapes
     for i in range(0, len(more), 16):
         learner.learn(more[i : i + 16], meta)
