@@ -174,7 +174,8 @@ def _distinct(state: dict[str, torch.Tensor]) -> bool:
 
 
 def _onnx_proto(model: nn.Module, history_length: int, outputs: list[str]) -> onnx.ModelProto:
-    """The model as ONNX: a cached graph with this model's weights, else a new trace."""
+    """The model as ONNX (a proto of its own): a cached graph given this model's weights,
+    else a new trace."""
     model = model.eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     key = _signature(model, history_length, outputs)
@@ -207,8 +208,7 @@ def _to_onnx(model: nn.Module, history_length: int, outputs: list[str]) -> bytes
 
 def export_onnx(model: nn.Module, item_ids: list[str], history_length: int) -> bytes:
     """Trace a top-k model to ONNX with a dynamic batch axis; embed the item id list."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(_onnx_proto(model, history_length, ["top_ids", "top_scores"]))
+    proto = _onnx_proto(model, history_length, ["top_ids", "top_scores"])  # a fresh copy
     entry = proto.metadata_props.add()
     entry.key = "item_ids"
     entry.value = json.dumps(item_ids)

@@ -124,9 +124,6 @@ class ItemTable:
         """[len + 1, D] id embeddings, row 0 = padding."""
         return self.data[: len(self.ids), : self.dim]
 
-    def pack_row(self, idx: int) -> bytes:
-        return self.pack_rows([idx])[0]
-
     def pack_rows(self, idxs: list[int]) -> list[bytes]:
         """Packed rows (header + float32 row) of ``idxs``: one gather and one device-to-host
         copy for all of them (a step writes hundreds; one by one cost ~13 us a row)."""

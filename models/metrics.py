@@ -154,9 +154,8 @@ def prequential_step(
     boosting = p["boost_steps_left"] > 0
     learner.lr_scale = cfg.drift_lr_boost if boosting else 1.0
     try:
-        with learner.shared_catalogue_vectors():  # both score the catalogue before the step
-            ranks, ranked = learner.rank_batch(positives(samples))  # the test: no update
-            result = learner.learn(samples, meta, ranked)
+        ranks, ranked = learner.rank_batch(positives(samples))  # the test: no update
+        result = learner.learn(samples, meta, ranked)
     finally:
         learner.lr_scale = 1.0
     sums = rank_sums(ranks, k)

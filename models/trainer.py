@@ -19,8 +19,7 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,16 +138,6 @@ class StepResult:
 
 
 @dataclass
-class _SharedVectors:
-    """Whole-catalogue item vectors [size, D] and the row_of / live masks they were
-    computed for."""
-
-    vectors: torch.Tensor | None = None
-    row_of: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    live: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))
-
-
-@dataclass
 class RankedBatch:
     """The scores a batch's positives were ranked with, for the blend loss of the step that
     learns from them (:meth:`OnlineLearner.rank_batch`, then ``learn(..., ranked)``).
@@ -201,9 +190,6 @@ class OnlineLearner:
         # Learning-rate multiplier of the next step (models/metrics.py sets it while a
         # drift boost is on; it is derived from meta state, never stored here).
         self.lr_scale = 1.0
-        # Whole-catalogue item vectors shared by the ranking and the blend loss of one step
-        # (see shared_catalogue_vectors); None = not sharing.
-        self._shared: _SharedVectors | None = None
         self._fresh()
 
     # ----------------------------------------------------------------- state <-> cache
@@ -394,46 +380,10 @@ class OnlineLearner:
         out = out * (flat > 0).to(out.dtype).unsqueeze(1)
         return out.reshape(*cat_idx.shape, self.dim)
 
-    @contextmanager
-    def shared_catalogue_vectors(self) -> Iterator[None]:
-        """Within this block the whole catalogue's item vectors are computed once and reused.
-
-        A test-then-train step given no :class:`RankedBatch` scores the whole catalogue
-        twice with the same weights: ranking the batch (:meth:`rank_targets`) and the blend
-        loss inside :meth:`learn` (before its gradient step). Between the two only
-        catalogue entries added and id rows admitted by ``learn`` change; their vectors are
-        recomputed. The block must not span a gradient step or a catalogue ingestion.
-        """
-        self._shared = _SharedVectors()
-        try:
-            yield
-        finally:
-            self._shared = None
-
     def catalogue_vectors(self) -> torch.Tensor:
-        """Item vectors [size, D] of every catalogue index (no grad; see
-        :meth:`shared_catalogue_vectors`)."""
-        cat = self.catalog
-        size = cat.size
-        shared = self._shared
+        """Item vectors [size, D] of every catalogue index (no grad)."""
         with torch.no_grad():
-            if shared is None or shared.vectors is None:
-                vecs = self.item_vectors(torch.arange(size, device=self.device))
-            else:
-                old = shared.vectors
-                n = old.shape[0]
-                # Entries added (in holes or at the end) and id rows admitted since.
-                changed = (cat.row_of[:n] != shared.row_of) | (cat.live[:n] != shared.live)
-                redo = np.concatenate([np.flatnonzero(changed), np.arange(n, size)])
-                vecs = old
-                if len(redo):
-                    vecs = torch.cat([old, old.new_zeros(size - n, self.dim)])
-                    at = torch.from_numpy(redo).to(self.device)
-                    vecs[at] = self.item_vectors(at)
-        if shared is not None:
-            shared.vectors = vecs
-            shared.row_of, shared.live = cat.row_of[:size].copy(), cat.live[:size].copy()
-        return vecs
+            return self.item_vectors(torch.arange(self.catalog.size, device=self.device))
 
     def _ema_model(self) -> TwoTower:
         m = TwoTower(self.model_cfg, self.text_dim).to(self.device)
@@ -592,8 +542,9 @@ class OnlineLearner:
         blend_vec: torch.Tensor | None = None
         if self.blending and ranked is not None:
             loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
-            ranked_vec = self._head_loss(ranked.blended, ranked.excluded, ranked.targets)
-            blend_vec = ranked_vec.new_zeros(len(pos)).index_add(0, ranked.at, ranked_vec)
+            if len(ranked.at):
+                ranked_vec = self._head_loss(ranked.blended, ranked.excluded, ranked.targets)
+                blend_vec = ranked_vec.new_zeros(len(pos)).index_add(0, ranked.at, ranked_vec)
         else:
             trans = self.transition_scores(hist, mask)  # [B, size] (memory before the batch)
             if self.blending and trans is not None:
@@ -719,9 +670,7 @@ class OnlineLearner:
         with torch.no_grad():
             all_vecs = self.catalogue_vectors()
         dot = user @ all_vecs.t()  # [B, size]
-        excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
-        excluded[:, 0] = True
-        excluded |= self._dead().unsqueeze(0)
+        excluded = self._excluded(hist)
         blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
         return self._head_loss(blended, excluded, targets)
 
@@ -755,6 +704,15 @@ class OnlineLearner:
     def blending(self) -> bool:
         """Whether scores blend dot products and the transition memory (learned scale)."""
         return self.trans_m > 0 and self.model.blend_weight is not None
+
+    def _excluded(self, hist: torch.Tensor) -> torch.Tensor:
+        """[B, size] bool: what a blended ranking leaves out for histories [B, H]: the
+        history's own items, padding and holes."""
+        size = self.catalog.size
+        excluded = torch.zeros(hist.shape[0], size, dtype=torch.bool, device=self.device)
+        excluded.scatter_(1, hist, True)
+        excluded[:, 0] = True
+        return excluded | self._dead().unsqueeze(0)
 
     def _cold(self) -> torch.Tensor:
         """[size] float: 1 for catalogue items never learned as a positive (no evidence)."""
@@ -802,9 +760,7 @@ class OnlineLearner:
             with torch.set_grad_enabled(keep_blend):
                 trans = self.transition_scores(hist, mask)
                 dot = user @ vecs.t()
-                excluded = torch.zeros_like(dot, dtype=torch.bool).scatter(1, hist, True)
-                excluded[:, 0] = True
-                excluded |= self._dead().unsqueeze(0)
+                excluded = self._excluded(hist)
                 blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
             if keep_blend:
                 kept = (blended, excluded)
@@ -841,6 +797,10 @@ class OnlineLearner:
         known = [samples[i] for i in known_at]
         ranks: dict[int, int] = {}
         ranked = None
+        if for_learning and self.blending and self.asm is None:
+            # No positive known at ranking time: none has a blend loss (as for a miss).
+            none = torch.zeros(0, dtype=torch.long, device=self.device)
+            ranked = RankedBatch(len(samples), none, none, none.float(), none.bool())
         if known:
             scores, kept = self._score(known, keep_blend=for_learning)
             with torch.no_grad():

@@ -135,29 +135,6 @@ def test_label_zero_samples_are_counted_not_learned():
     assert meta["hwm_ts"] == 7
 
 
-def test_shared_catalogue_vectors_follow_entries_added_and_admitted_within_the_step():
-    """The whole-catalogue vectors shared by the ranking and the blend loss of one step
-    equal a fresh computation after learn-time changes: a new entry, an admitted id row."""
-    learner = OnlineLearner(MC, TrainerConfig(batch_size=32), torch.device("cpu"))
-    store = StateStore()
-    run(learner, store, topic_samples(200))
-    cat, fresh = learner.catalog, lambda: learner.item_vectors(torch.arange(learner.catalog.size))
-    with learner.shared_catalogue_vectors():
-        first = learner.catalogue_vectors()
-        assert learner.catalogue_vectors() is first  # nothing changed: reused as is
-        new = cat.ensure("brand-new-item")  # as learn() does for an unseen history item
-        unadmitted = next(i for i in range(1, cat.size) if cat.ids[i] and cat.row_of[i] == 0)
-        cat.count[unadmitted] = MC.admission_threshold
-        learner._admit(unadmitted, set(), store.meta)
-        assert cat.row_of[unadmitted] > 0 and new == cat.size - 1
-        shared = learner.catalogue_vectors()
-        assert shared.shape == (cat.size, MC.dim)
-        with torch.no_grad():
-            assert torch.equal(shared, fresh())
-        assert not torch.equal(shared[unadmitted], first[unadmitted])
-    assert learner._shared is None  # outside the block every call computes afresh
-
-
 def test_catalogue_horizon_follows_the_events_learned_unless_deterministic():
     """Catalogue records take effect at the watermark or, outside deterministic mode, at
     the newest event time already learned (the watermark can stand still under load)."""
