@@ -286,11 +286,31 @@ def detached_status(workdir: str | Path) -> BrokerInfo | None:
     return info
 
 
-def admin_properties(bootstrap: str, properties: dict[str, str]) -> dict[str, object]:
-    """Translate dotted Kafka client properties into kafka-python keyword arguments."""
+def client_properties(
+    bootstrap: str, properties: dict[str, str], client: type, **fixed: object
+) -> dict[str, object]:
+    """Dotted Kafka client properties as keyword arguments of the kafka-python ``client``
+    class (KafkaAdminClient, KafkaProducer, KafkaConsumer), then ``fixed`` over them.
+
+    ``kafka.properties`` configure the job's Flink clients too, so a property this client
+    does not take (a consumer's ``max.partition.fetch.bytes`` for the admin client) is left
+    out instead of failing; a numeric or boolean value given as text becomes the type of
+    the client's default.
+    """
+    defaults = client.DEFAULT_CONFIG  # type: ignore[attr-defined]
     kw: dict[str, object] = {"bootstrap_servers": bootstrap}
     for k, v in properties.items():
-        kw[k.replace(".", "_")] = v
+        name = k.replace(".", "_")
+        if name not in defaults:
+            continue
+        default = defaults[name]
+        if isinstance(v, str) and isinstance(default, bool):
+            kw[name] = v.strip().lower() == "true"
+        elif isinstance(v, str) and isinstance(default, int | float):
+            kw[name] = type(default)(v)
+        else:
+            kw[name] = v
+    kw.update(fixed)
     return kw
 
 
@@ -302,7 +322,7 @@ def create_topics(
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(**admin_properties(bootstrap, properties or {}))
+    admin = KafkaAdminClient(**client_properties(bootstrap, properties or {}, KafkaAdminClient))
     try:
         existing = set(admin.list_topics())
         new = [
@@ -337,11 +357,15 @@ def read_topic(
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
-        **admin_properties(bootstrap, properties or {}),
-        enable_auto_commit=False,
-        fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
-        max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
-        isolation_level="read_committed" if committed_only else "read_uncommitted",
+        **client_properties(
+            bootstrap,
+            properties or {},
+            KafkaConsumer,
+            enable_auto_commit=False,
+            fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
+            isolation_level="read_committed" if committed_only else "read_uncommitted",
+        )
     )
     try:
         n = partition_count(bootstrap, topic, properties)
@@ -365,7 +389,7 @@ def partition_count(bootstrap: str, topic: str, properties: dict[str, str] | Non
     """Partitions of ``topic`` as the controller knows them (a consumer's metadata can lag)."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(**admin_properties(bootstrap, properties or {}))
+    admin = KafkaAdminClient(**client_properties(bootstrap, properties or {}, KafkaAdminClient))
     try:
         desc = admin.describe_topics([topic])
     finally:
@@ -388,11 +412,15 @@ def read_time_range(
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
-        **admin_properties(bootstrap, properties or {}),
-        enable_auto_commit=False,
-        fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
-        max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
-        isolation_level="read_committed",
+        **client_properties(
+            bootstrap,
+            properties or {},
+            KafkaConsumer,
+            enable_auto_commit=False,
+            fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
+            isolation_level="read_committed",
+        )
     )
     try:
         n = partition_count(bootstrap, topic, properties)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from flink_job.config import AppConfig
 from flink_job.datasets import Record, ReplayStats, records
-from flink_job.kafka_local import MAX_MESSAGE_BYTES, admin_properties, create_topics
+from flink_job.kafka_local import MAX_MESSAGE_BYTES, client_properties, create_topics
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,16 @@ def replay(
 
     k = cfg.kafka
     create_topics(bootstrap, k.topics(), k.partitions, k.properties)
-    kw = admin_properties(bootstrap, k.properties)
     producer = KafkaProducer(
-        **kw,
-        acks="all",
-        linger_ms=20,
-        batch_size=256 * 1024,
-        max_request_size=MAX_MESSAGE_BYTES,
+        **client_properties(
+            bootstrap,
+            k.properties,
+            KafkaProducer,
+            acks="all",
+            linger_ms=20,
+            batch_size=256 * 1024,
+            max_request_size=MAX_MESSAGE_BYTES,
+        )
     )
     topic_of = {"events": k.events_topic, "items": k.items_topic}
     stats = ReplayStats()
