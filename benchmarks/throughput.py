@@ -18,8 +18,10 @@ work); every run reads it from the beginning as a bounded source.
   keyed ValueState counter, all no-op Python functions, same parallelism and
   checkpointing; rate between the first and the last record reaching the last stage.
 - baseline compute-only: the trainer's learn loop alone (``train_and_maybe_export`` on
-  the same samples, same batch size and export cadence, catalogue ingested in order,
-  through ``flink_job.offline``), no Flink; samples/s of the whole loop.
+  the same samples, same step size (below) and export cadence, catalogue ingested in order,
+  through ``flink_job.offline``), no Flink; samples/s of the whole loop. Batches of
+  ``catchup_factor x batch_size``: the replay is a backlog, which the job learns in catch-up
+  steps (``models.online.step_due``).
 
 Printed per (parallelism, text encoder): job events/s, job/pass-through, job/compute-only.
 """
@@ -205,7 +207,11 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
     n = versions = 0
     t0 = time.perf_counter()
     first: tuple[float, int] | None = None  # (time, samples) at the end of the first firing
-    for items, samples in batches(stream, cfg.trainer.batch_size):
+    # The whole stream is a backlog, which the job's trainer learns in catch-up steps
+    # (models.online.step_due): the ceiling is the loop at that step size.
+    t = cfg.trainer
+    step = t.batch_size * (1 if t.deterministic else max(1, t.catchup_factor))
+    for items, samples in batches(stream, step):
         f = train_and_maybe_export(
             learner, meta, samples, lambda: None, lambda: (), cfg.export.top_k, {},
             new_items=items, encoder=encoder,

@@ -350,6 +350,7 @@ def validate(cfg: AppConfig) -> None:
         ("job.parallelism", cfg.job.parallelism),
         ("export.top_k", cfg.export.top_k),
         ("trainer.export_every_steps", cfg.trainer.export_every_steps),
+        ("trainer.catchup_factor", cfg.trainer.catchup_factor),
     ):
         if v <= 0:
             raise ConfigError(f"{name} must be > 0, got {v}")

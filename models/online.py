@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from models.config import TrainerConfig
 from models.events import Item
 from models.export import ModelVersion, NonFiniteModelError, build_version
 from models.history import Sample
@@ -97,6 +98,23 @@ def catalogue_horizon(watermark: int, meta: dict[str, Any], deterministic: bool)
     must agree on exactly.
     """
     return watermark if deterministic else max(watermark, int(meta.get("hwm_ts", 0)))
+
+
+def step_due(buffered: int, cfg: TrainerConfig, idle_s: float, last_step_s: float) -> bool:
+    """Whether a trainer holding ``buffered`` samples takes its step now (catch-up steps).
+
+    At ``cfg.batch_size`` samples the step is due while the trainer keeps up with its
+    input: more processing time has passed since its previous step ended (``idle_s``)
+    than that step took (``last_step_s``). Otherwise samples are arriving faster than it
+    learns them, and the step waits for more, up to ``cfg.catchup_factor x batch_size``;
+    it is due as soon as the wait grows longer than a step would take. Deterministic mode
+    (fixed batches) does not use this. The trainer's flush timer still bounds the wait.
+    """
+    if buffered < cfg.batch_size:
+        return False
+    if buffered >= cfg.batch_size * max(1, cfg.catchup_factor):
+        return True
+    return idle_s >= last_step_s
 
 
 def train_and_maybe_export(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 
 from pyflink.common import Types
 from pyflink.datastream import KeyedCoProcessFunction, OutputTag, TimeDomain
@@ -27,7 +28,7 @@ from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, Va
 
 from models.config import ModelConfig, TrainerConfig
 from models.metrics import TensorBoardLog
-from models.online import catalogue_horizon, train_and_maybe_export
+from models.online import catalogue_horizon, step_due, train_and_maybe_export
 from models.text_encoder import lazy_encoder
 from models.trainer import OnlineLearner, new_meta
 from udfs.buffer import KeyedBuffer
@@ -84,6 +85,10 @@ class OnlineTrainer(KeyedCoProcessFunction):
         self._armed: set[str] = set()  # end-of-input timer registered (or meta exists)
         self._flush_at: dict[str, int] = {}  # the pending flush timer
         self._migrated: set[str] = set()  # keys whose legacy pending rows were moved over
+        # (end, duration) of each key's last step, monotonic seconds: whether the trainer
+        # keeps up with its input (models.online.step_due). Processing time, not state: a
+        # restored instance starts as keeping up.
+        self._pace: dict[str, tuple[float, float]] = {}
         # Items arrive embedded (udfs/embed.py): the transformer loads only if one does not.
         self.encoder = lazy_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
         self._open_metrics(rc.get_metrics_group().add_group("prequential"))
@@ -160,7 +165,9 @@ class OnlineTrainer(KeyedCoProcessFunction):
             return
         n = self.buffer.add(key, value)
         if n >= self.cfg.batch_size:
-            yield from self._fire(key, ctx.timer_service().current_watermark())
+            ended, took = self._pace.get(key, (0.0, 0.0))
+            if step_due(n, self.cfg, time.monotonic() - ended, took):
+                yield from self._fire(key, ctx.timer_service().current_watermark())
 
     def process_element2(self, value, ctx):
         # Catalogue records take effect in event time: an item is ingested once the
@@ -225,6 +232,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
 
     def _fire(self, key: str, watermark: int, samples=None, final: bool = False):
         """One learner call; ``samples`` None = everything in the (non-deterministic) buffer."""
+        started = time.monotonic()
         meta = self._meta(key)
         learner = self.learners.get(key)
         if learner is None:
@@ -261,6 +269,8 @@ class OnlineTrainer(KeyedCoProcessFunction):
         if r.dense_blob is not None:
             self.dense.update(r.dense_blob)
         self.meta.update(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
+        ended = time.monotonic()
+        self._pace[key] = (ended, ended - started)
         if firing.metrics is not None:
             yield METRICS_TAG, self._report(firing.metrics)
         if firing.version is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -9,7 +10,7 @@ from pyflink.common import Types, WatermarkStrategy
 from pyflink.common.watermark_strategy import TimestampAssigner
 
 from flink_job.datasets import hostile_payloads
-from flink_job.job import build_pipeline, make_env, registry_sink
+from flink_job.job import build_graph, make_env, registry_sink
 from models.registry import list_versions, read_latest
 from models.serving import HotSwapRecommender
 
@@ -45,7 +46,7 @@ def topic_events(n: int, seed: int = 1) -> list[bytes]:
 
 def run_on_collection(cfg, records: list[bytes], to_bytes=None) -> list[dict]:
     """The job graph on ``records`` (event time = their "ts", monotonous watermarks):
-    registry statuses and dead letters, as JSON objects."""
+    registry statuses, dead letters and metrics records, as JSON objects."""
     env = make_env(cfg)
     # PyFlink cannot ship byte arrays in from_collection; carry them as latin-1 text instead.
     raw = (
@@ -59,8 +60,9 @@ def run_on_collection(cfg, records: list[bytes], to_bytes=None) -> list[dict]:
             WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
         )
     )
-    versions, dead = build_pipeline(raw, cfg)
-    with registry_sink(versions, cfg).union(dead).execute_and_collect() as results:
+    versions, dead, metrics = build_graph(raw, cfg)
+    out = registry_sink(versions, cfg).union(dead, metrics)
+    with out.execute_and_collect() as results:
         return [json.loads(r) for r in results]
 
 
@@ -96,6 +98,13 @@ def test_pipeline_trains_exports_and_dead_letters(make_cfg, tmp_path):
     )
     assert manifest["events_seen"] == len(valid)
     assert manifest["event_time_hwm_ms"] == 1_700_000_000_000 + 1999 * 500
+    # The whole input arrives at once, faster than the trainer learns it: catch-up steps
+    # of up to catchup_factor (4) x batch_size samples (models.online.step_due).
+    metrics = sorted((o for o in out if "batch" in o), key=lambda o: o["step"])
+    seen = [0] + [m["events_seen"] for m in metrics]
+    steps = [b - a for a, b in itertools.pairwise(seen) if b > a]
+    assert sum(steps) == len(valid) and max(steps) <= 4 * 32
+    assert max(steps) > 32, steps
 
     rec = HotSwapRecommender(registry, "default")
     assert rec.refresh()

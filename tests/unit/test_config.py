@@ -38,6 +38,7 @@ def test_int_accepted_for_float():
         ("trainer.batch_size=true", "expected int, got boolean"),
         ("trainer.optimizer='rmsprop'", "trainer.optimizer must be one of"),
         ("trainer.batch_size=0", "trainer.batch_size must be > 0"),
+        ("trainer.catchup_factor=0", "trainer.catchup_factor must be > 0"),
         ("job.python_mode='fork'", "job.python_mode"),
         ("job.python_mode='thread'", "hangs this job"),
         ("job.local_python_workers='threads'", "job.local_python_workers must be"),
@@ -137,3 +138,31 @@ def test_an_embedding_slot_group_adds_slots_only_with_a_text_encoder():
     assert slots("job.embed_slot_group='embed'") == "6"
     assert slots("job.embed_slot_group='embed'", "model.text_encoder='none'") == "4"
     assert slots("job.embed_slot_group='embed'", "job.trainer_slot_group=''") == "4"
+
+
+def test_kafka_properties_reach_each_python_client_as_it_takes_them():
+    """kafka.properties also configure the job's Flink clients: a property a kafka-python
+    client does not take is left out (not an error), text numbers become numbers, and the
+    caller's own settings win."""
+    from kafka import KafkaAdminClient, KafkaConsumer
+
+    from flink_job.kafka_local import client_properties
+
+    props = {
+        "security.protocol": "PLAINTEXT",
+        "max.partition.fetch.bytes": "65536",
+        "check.crcs": "false",
+        "transaction.timeout.ms": "900000",  # a producer setting of the job's Kafka sink
+    }
+    admin = client_properties("h:1", props, KafkaAdminClient)
+    assert admin == {"bootstrap_servers": "h:1", "security_protocol": "PLAINTEXT"}
+    consumer = client_properties("h:1", props, KafkaConsumer, enable_auto_commit=False)
+    assert consumer["max_partition_fetch_bytes"] == 65536
+    assert consumer["check_crcs"] is False and consumer["enable_auto_commit"] is False
+    assert "transaction_timeout_ms" not in consumer
+    assert (
+        client_properties("h:1", props, KafkaConsumer, max_partition_fetch_bytes=9)[
+            "max_partition_fetch_bytes"
+        ]
+        == 9
+    )

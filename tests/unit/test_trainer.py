@@ -135,6 +135,24 @@ def test_label_zero_samples_are_counted_not_learned():
     assert meta["hwm_ts"] == 7
 
 
+def test_steps_grow_while_the_trainer_is_behind_its_input():
+    """Catch-up steps: batch_size samples make a step while the trainer keeps up (it has
+    waited longer than its last step took); while samples arrive faster, the step waits
+    for up to catchup_factor x batch_size, or until the wait outgrows a step."""
+    from models.online import step_due
+
+    cfg = TrainerConfig(batch_size=64, catchup_factor=4)
+    assert not step_due(63, cfg, idle_s=9.0, last_step_s=0.0)  # never below batch_size
+    assert step_due(64, cfg, idle_s=0.0, last_step_s=0.0)  # first step: keeping up
+    assert step_due(64, cfg, idle_s=0.5, last_step_s=0.03)  # live rate
+    assert not step_due(64, cfg, idle_s=0.01, last_step_s=0.03)  # a backlog: wait
+    assert not step_due(255, cfg, idle_s=0.02, last_step_s=0.03)
+    assert step_due(130, cfg, idle_s=0.04, last_step_s=0.03)  # waited longer than a step
+    assert step_due(256, cfg, idle_s=0.0, last_step_s=0.03)  # the largest step
+    fixed = TrainerConfig(batch_size=64, catchup_factor=1)
+    assert step_due(64, fixed, idle_s=0.0, last_step_s=1.0)
+
+
 def test_catalogue_horizon_follows_the_events_learned_unless_deterministic():
     """Catalogue records take effect at the watermark or, outside deterministic mode, at
     the newest event time already learned (the watermark can stand still under load)."""
