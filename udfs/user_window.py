@@ -6,7 +6,7 @@ function, built on keyed state + one event-time timer per (user, window): PyFlin
 operator keeps each window's contents in a state namespace of its own, which the Python
 state cache never holds, so every window cost a blocking round trip to the JVM to read its
 contents (the job's largest Flink overhead, see README "Optimisations"). Here a user's
-not-yet-fired events live in one list that the cache keeps.
+not-yet-fired events live beside their history in one value that the cache keeps.
 
 - An event belongs to the window [start, start + window_ms) of its record timestamp.
 - It is late (-> ``late_tag``) when its window's last millisecond is <= the watermark,
@@ -27,8 +27,6 @@ from pyflink.datastream.state import ListStateDescriptor, StateTtlConfig, ValueS
 from models.config import UserStageConfig
 from models.history import advance_user
 from udfs.records import EVENT_TYPE, row_to_event, sample_to_row
-
-_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
 class UserWindows(KeyedProcessFunction):
@@ -66,13 +64,29 @@ class UserWindows(KeyedProcessFunction):
                 .cleanup_full_snapshot()
                 .build()
             )
+        # One value per user: [history, pending], pending = (record timestamp, event row) of
+        # the windows not fired yet, in arrival order. Kept as the Python object (pickled
+        # when the bundle commits), so the state cache answers every read after a user's
+        # first: a separate list state of pending events had to be fetched from the JVM,
+        # one blocking round trip, whenever it had been appended to without being read.
         self.user = runtime_context.get_state(user)
-        # (record timestamp, event row) of windows not fired yet, in arrival order: appended
-        # per event (no read), read once per window. No TTL: every entry is removed by its
-        # window's timer.
-        self.pending = runtime_context.get_list_state(
+        # State of releases before that: the history as pickled bytes in "user" and the
+        # pending events in this list (moved over on a user's first touch).
+        self.legacy_pending = runtime_context.get_list_state(
             ListStateDescriptor("pending", Types.TUPLE([Types.LONG(), EVENT_TYPE]))
         )
+
+    def _load(self) -> list:
+        """[history or None, pending] of the current user (state of an earlier release is
+        moved into this layout; the caller writes it back)."""
+        value = self.user.value()
+        if isinstance(value, list):
+            return value
+        history = pickle.loads(value) if value is not None else None
+        pending = list(self.legacy_pending.get())
+        if pending:
+            self.legacy_pending.clear()
+        return [history, pending]
 
     def process_element(self, value, ctx):
         ts = ctx.timestamp()
@@ -80,25 +94,25 @@ class UserWindows(KeyedProcessFunction):
         if last_ms <= ctx.timer_service().current_watermark():
             yield self.late_tag, value
             return
-        self.pending.add((ts, value))
+        state = self._load()
+        state[1].append((ts, value))
+        self.user.update(state)
         ctx.timer_service().register_event_time_timer(last_ms)
 
     def on_timer(self, timestamp, ctx):
-        pending = list(self.pending.get())
+        history, pending = self._load()
         # Earlier windows' timers fired before this one: what is due is this window's events.
         due = [row for ts, row in pending if ts <= timestamp]
         rest = [(ts, row) for ts, row in pending if ts > timestamp]
-        if rest:
-            self.pending.update(rest)
-        else:
-            self.pending.clear()
-        if not due:
-            return
-        raw = self.user.value()
-        user = pickle.loads(raw) if raw is not None else None
-        user, samples = advance_user(
-            user, [row_to_event(r) for r in due], self.cfg, self.history_length, self.model_key
-        )
-        self.user.update(pickle.dumps(user, protocol=_PICKLE))
+        samples = []
+        if due:
+            history, samples = advance_user(
+                history,
+                [row_to_event(r) for r in due],
+                self.cfg,
+                self.history_length,
+                self.model_key,
+            )
+        self.user.update([history, rest])
         for s in samples:
             yield sample_to_row(s)

@@ -1,0 +1,110 @@
+"""The user-window function against in-memory keyed state (no JVM): its state layout, and
+state written by earlier releases."""
+
+import pickle
+
+from models.config import UserStageConfig
+from models.events import Event
+from models.history import advance_user
+from udfs.records import event_to_row
+from udfs.user_window import UserWindows
+
+WINDOW_MS = 1000
+
+
+class Value:
+    def __init__(self, v=None) -> None:
+        self.v = v
+
+    def value(self):
+        return self.v
+
+    def update(self, v) -> None:
+        self.v = v
+
+
+class ListOf:
+    def __init__(self, rows=()) -> None:
+        self.rows = list(rows)
+        self.reads = 0
+
+    def get(self):
+        self.reads += 1
+        return iter(list(self.rows))
+
+    def clear(self) -> None:
+        self.rows = []
+
+
+class Context:
+    """One key's runtime context, timer service and element context at once."""
+
+    def __init__(self, user=None, pending=()) -> None:
+        self.state, self.pending = Value(user), ListOf(pending)
+        self.ts, self.timers = 0, []
+
+    def get_state(self, descriptor):
+        assert descriptor.name == "user"
+        return self.state
+
+    def get_list_state(self, descriptor):
+        assert descriptor.name == "pending"
+        return self.pending
+
+    def timestamp(self):
+        return self.ts
+
+    def timer_service(self):
+        return self
+
+    def current_watermark(self):
+        return -(2**63)
+
+    def register_event_time_timer(self, t):
+        self.timers.append(t)
+
+
+def event(i: int, item: str, ts: int) -> tuple:
+    return event_to_row(Event(f"e{i}", "u1", item, "click", ts))
+
+
+def windows(ctx: Context) -> UserWindows:
+    fn = UserWindows(UserStageConfig(), 5, "m", WINDOW_MS, late_tag=None)
+    fn.open(ctx)
+    return fn
+
+
+def test_pending_events_wait_beside_the_history_in_one_value():
+    ctx = Context()
+    fn = windows(ctx)
+    for i, ts in enumerate((100, 900, 1500)):
+        ctx.ts = ts
+        assert list(fn.process_element(event(i, f"i{i}", ts), ctx)) == []
+    assert ctx.timers == [999, 999, 1999]
+    history, pending = ctx.state.value()
+    assert history is None and [ts for ts, _ in pending] == [100, 900, 1500]
+
+    samples = list(fn.on_timer(999, ctx))
+    assert [(s[3], s[1]) for s in samples] == [("i0", "u1"), ("i1", "u1")]  # (target, user)
+    history, pending = ctx.state.value()
+    assert [ts for ts, _ in pending] == [1500]
+    assert [s[3] for s in fn.on_timer(1999, ctx)] == ["i2"]
+    assert ctx.state.value()[1] == []
+    # Only a user's first touch looks for state of an earlier release.
+    assert ctx.pending.reads == 1
+
+
+def test_state_of_the_earlier_layout_is_moved_over_without_losing_an_event():
+    """Before: the history pickled as bytes in "user", pending events in a list state."""
+    history, _ = advance_user(
+        None, [Event("e0", "u1", "i0", "click", 50)], UserStageConfig(), 5, "m"
+    )
+    ctx = Context(pickle.dumps(history), [(1200, event(1, "i1", 1200))])
+    fn = windows(ctx)
+    ctx.ts = 1300
+    list(fn.process_element(event(2, "i2", 1300), ctx))
+    assert ctx.pending.rows == []  # moved into the user's value
+    samples = list(fn.on_timer(1999, ctx))
+    assert [s[3] for s in samples] == ["i1", "i2"]
+    assert samples[0][2].split("\x1f") == ["i0"]  # the earlier history carried over
+    assert samples[1][2].split("\x1f") == ["i0", "i1"]
