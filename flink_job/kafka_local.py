@@ -342,6 +342,24 @@ def create_topics(
         admin.close()
 
 
+def _reader(bootstrap: str, properties: dict[str, str] | None, committed_only: bool):
+    """A KafkaConsumer that reads whole topics (no group, no commits, fetches as large as
+    the largest record: a model version)."""
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(
+        **client_properties(
+            bootstrap,
+            properties or {},
+            KafkaConsumer,
+            enable_auto_commit=False,
+            fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
+            isolation_level="read_committed" if committed_only else "read_uncommitted",
+        )
+    )
+
+
 def read_topic(
     bootstrap: str,
     topic: str,
@@ -354,19 +372,9 @@ def read_topic(
     Reads until each partition's position reaches the end offset taken at the start (the
     last stable offset with ``committed_only``), so the result does not depend on timing.
     """
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    consumer = KafkaConsumer(
-        **client_properties(
-            bootstrap,
-            properties or {},
-            KafkaConsumer,
-            enable_auto_commit=False,
-            fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
-            max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
-            isolation_level="read_committed" if committed_only else "read_uncommitted",
-        )
-    )
+    consumer = _reader(bootstrap, properties, committed_only)
     try:
         n = partition_count(bootstrap, topic, properties)
         tps = [TopicPartition(topic, p) for p in range(n)]
@@ -409,19 +417,9 @@ def read_time_range(
 ) -> list[tuple[int, bytes, bytes]]:
     """(timestamp, key, value) of every record of ``topic`` with from_ts <= ts < to_ts,
     sorted by timestamp (all partitions)."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    consumer = KafkaConsumer(
-        **client_properties(
-            bootstrap,
-            properties or {},
-            KafkaConsumer,
-            enable_auto_commit=False,
-            fetch_max_bytes=MAX_MESSAGE_BYTES * 2,
-            max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
-            isolation_level="read_committed",
-        )
-    )
+    consumer = _reader(bootstrap, properties, committed_only=True)
     try:
         n = partition_count(bootstrap, topic, properties)
         tps = [TopicPartition(topic, p) for p in range(n)]
