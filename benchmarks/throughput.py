@@ -194,7 +194,7 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
 
     from flink_job.datasets import records
     from flink_job.offline import batches, to_stream
-    from models.online import train_and_maybe_export
+    from models.online import largest_step, train_and_maybe_export
     from models.text_encoder import load_encoder
     from models.trainer import OnlineLearner, new_meta
 
@@ -209,9 +209,7 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
     first: tuple[float, int] | None = None  # (time, samples) at the end of the first firing
     # The whole stream is a backlog, which the job's trainer learns in catch-up steps
     # (models.online.step_due): the ceiling is the loop at that step size.
-    t = cfg.trainer
-    step = t.batch_size * (1 if t.deterministic else max(1, t.catchup_factor))
-    for items, samples in batches(stream, step):
+    for items, samples in batches(stream, largest_step(cfg.trainer)):
         f = train_and_maybe_export(
             learner, meta, samples, lambda: None, lambda: (), cfg.export.top_k, {},
             new_items=items, encoder=encoder,

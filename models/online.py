@@ -100,6 +100,12 @@ def catalogue_horizon(watermark: int, meta: dict[str, Any], deterministic: bool)
     return watermark if deterministic else max(watermark, int(meta.get("hwm_ts", 0)))
 
 
+def largest_step(cfg: TrainerConfig) -> int:
+    """The most samples one step learns from: ``batch_size``, times ``catchup_factor``
+    outside deterministic mode (catch-up steps, :func:`step_due`)."""
+    return cfg.batch_size * (1 if cfg.deterministic else max(1, cfg.catchup_factor))
+
+
 def step_due(buffered: int, cfg: TrainerConfig, idle_s: float, last_step_s: float) -> bool:
     """Whether a trainer holding ``buffered`` samples takes its step now (catch-up steps).
 
@@ -112,7 +118,7 @@ def step_due(buffered: int, cfg: TrainerConfig, idle_s: float, last_step_s: floa
     """
     if buffered < cfg.batch_size:
         return False
-    if buffered >= cfg.batch_size * max(1, cfg.catchup_factor):
+    if buffered >= largest_step(cfg):
         return True
     return idle_s >= last_step_s
 
