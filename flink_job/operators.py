@@ -4,8 +4,10 @@ PyFlink 2.2 (process mode) registers the timers a Python function sets asynchron
 mailbox mails that run after the checkpoint which flushed their bundle. That checkpoint then
 holds keyed state (e.g. a user's pending window events) without the timer that would fire
 it: after a restore the state waits forever and the events are lost. The subclasses in
-flink_job/java drain those registrations into the checkpoint; this module makes PyFlink's
-graph builder instantiate them for every keyed process / keyed co-process function.
+flink_job/java drain those registrations into the checkpoint (and the keyed process one
+ends a bundle of timers by the bundle time, which PyFlink's does only for elements); this
+module makes PyFlink's graph builder instantiate them for every keyed process / keyed
+co-process function.
 
 The operator jar (flink_job.jars.operators_jar) must be in ``pipeline.jars`` of the job;
 flink_job.job.make_env adds it and calls :func:`use_checkpointed_timers`.

@@ -1,0 +1,89 @@
+"""A watermark that fires many timers releases their output as the bundle time passes.
+
+Flink fires every timer a watermark makes due in one call, so PyFlink's bundle-time check
+(a mailbox action) never ran in between, and a keyed stage's bundle of timers ended only
+at the bundle size. Its output reaches the next stage when a bundle ends: in the job, the
+samples of thousands of user windows reached the trainer seconds late, all at once, while
+it idled. rtrec's keyed process operator (flink_job/java) checks the bundle's age after
+each timer, and ends a bundle of timers at as many as the function fired in one bundle
+time before (1,000 before it knows). Here one end-of-input watermark fires KEYS timers of
+~1 ms each (~3 s), with a bundle size far above that and bundles of 100 ms: the next stage
+must receive outputs while the timers are still firing, and every output exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pyflink.common import Types, WatermarkStrategy
+from pyflink.common.watermark_strategy import TimestampAssigner
+from pyflink.datastream import KeyedProcessFunction
+
+from flink_job.job import make_env
+
+pytestmark = pytest.mark.flink
+
+KEYS = 3000
+TIMER_S = 0.001
+
+
+class ValueTs(TimestampAssigner):
+    def extract_timestamp(self, value, record_timestamp):
+        return int(value[1])
+
+
+class FireSlowly(KeyedProcessFunction):
+    """One event-time timer per key at its element's ts; firing takes TIMER_S and emits
+    (key, wall time of the firing)."""
+
+    def process_element(self, value, ctx):
+        ctx.timer_service().register_event_time_timer(ctx.timestamp())
+        return iter(())
+
+    def on_timer(self, timestamp, ctx):
+        time.sleep(TIMER_S)
+        yield ctx.get_current_key(), time.time()
+
+
+class Arrival(KeyedProcessFunction):
+    """(key, fired at, wall time it reached this stage)."""
+
+    def process_element(self, value, ctx):
+        yield value[0], value[1], time.time()
+
+
+def test_timers_fired_by_one_watermark_stream_their_output(make_cfg):
+    cfg = make_cfg(
+        "job.parallelism=1",
+        "job.checkpoint_interval_ms=0",
+        "job.bundle_size=1000000",
+        "job.bundle_time_ms=100",
+    )
+    env = make_env(cfg)
+    rows = [(f"k{i:04d}", 1000 + i) for i in range(KEYS)]
+    # No watermark until the input ends: its final watermark fires every timer at once.
+    out = (
+        env.from_collection(rows, type_info=Types.TUPLE([Types.STRING(), Types.LONG()]))
+        .assign_timestamps_and_watermarks(
+            WatermarkStrategy.no_watermarks().with_timestamp_assigner(ValueTs())
+        )
+        .key_by(lambda r: r[0], key_type=Types.STRING())
+        .process(FireSlowly(), output_type=Types.TUPLE([Types.STRING(), Types.DOUBLE()]))
+        .key_by(lambda r: r[0], key_type=Types.STRING())
+        .process(
+            Arrival(), output_type=Types.TUPLE([Types.STRING(), Types.DOUBLE(), Types.DOUBLE()])
+        )
+    )
+    with out.execute_and_collect() as results:
+        got = [tuple(r) for r in results]
+
+    assert sorted(k for k, _, _ in got) == [k for k, _ in rows]  # each output once
+    first_arrival = min(a for _, _, a in got)
+    fired = sorted(f for _, f, _ in got)
+    assert fired[-1] - fired[0] > 2.0, "the timers fired faster than this test assumes"
+    # Without the bundle-time check every output arrives after the last timer has fired.
+    assert first_arrival < fired[-1] - 1.0, (
+        f"the first output reached the next stage {first_arrival - fired[0]:.2f} s after "
+        f"the first timer fired, and the timers fired for {fired[-1] - fired[0]:.2f} s"
+    )
