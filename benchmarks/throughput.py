@@ -89,20 +89,21 @@ def _passthrough_functions():
 
 def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> dict[str, Any]:
     from flink_job.job import _kafka_bytes, make_env
+    from flink_job.operators import key_by_field
 
     Types, HashKey, CountPerKey = _passthrough_functions()
     record_dir.mkdir(parents=True, exist_ok=True)
     env = make_env(cfg)
     raw = _kafka_bytes(env, cfg, bootstrap, cfg.kafka.events_topic)
     pair = Types.TUPLE([Types.STRING(), Types.LONG()])
-    (
-        raw.map(HashKey(), output_type=pair)
-        .key_by(lambda r: r[0], key_type=Types.STRING())
-        .process(CountPerKey(out_key=cfg.job.model_key), output_type=pair)
-        .key_by(lambda r: r[0], key_type=Types.STRING())
-        .process(CountPerKey(record_dir=str(record_dir)), output_type=pair)
-        .print()
+    # Keyed as the job keys (in the JVM, flink_job.operators.key_by_field).
+    hashed = raw.map(HashKey(), output_type=pair)
+    counted = key_by_field(hashed, 0).process(
+        CountPerKey(out_key=cfg.job.model_key), output_type=pair
     )
+    key_by_field(counted, 0).process(
+        CountPerKey(record_dir=str(record_dir)), output_type=pair
+    ).print()
     t0 = time.monotonic()
     client = env.execute_async("rtrec-bench-passthrough")
     done = threading.Thread(target=lambda: client.get_job_execution_result().result(), daemon=True)

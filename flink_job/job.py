@@ -32,7 +32,7 @@ from pyflink.java_gateway import get_gateway
 
 from flink_job.config import AppConfig, to_dict
 from flink_job.jars import kafka_connector_jar, operators_jar
-from flink_job.operators import use_checkpointed_timers
+from flink_job.operators import key_by_field, use_checkpointed_timers
 from models.text_encoder import encoder_off
 from udfs.embed import EmbedItemTexts, bucket_key
 from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
@@ -298,7 +298,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
     dead = parsed.get_side_output(DLQ_TAG)
 
     samples = (
-        parsed.key_by(lambda r: r[1], key_type=Types.STRING())
+        key_by_field(parsed, 1)  # user id
         .process(
             UserWindows(
                 cfg.user, cfg.model.history_length, cfg.job.model_key, cfg.job.window_ms, LATE_TAG
@@ -337,8 +337,8 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
     else:  # no catalogue topic: an empty, immediately finished second input
         items = raw.get_execution_environment().from_collection([], type_info=ITEM_TYPE)
     trainer = (
-        samples.connect(items)
-        .key_by(lambda r: r[0], lambda r: r[0], key_type=Types.STRING())
+        key_by_field(samples, 0)  # model key
+        .connect(key_by_field(items, 0))
         .process(
             OnlineTrainer(
                 cfg.model,

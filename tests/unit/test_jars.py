@@ -12,6 +12,7 @@ def test_the_operator_sources_ship_with_the_package():
     assert names == {
         "CheckpointedTimersKeyedProcessOperator.java",
         "CheckpointedTimersKeyedCoProcessOperator.java",
+        "FieldAsKey.java",
     }
 
 
