@@ -66,7 +66,12 @@ class Arrival(KeyedProcessFunction):
         yield value[0], value[1], time.time()
 
 
-def test_timers_fired_by_one_watermark_stream_their_output(make_cfg):
+ARRIVAL_TYPE = Types.TUPLE([Types.STRING(), Types.DOUBLE(), Types.DOUBLE()])
+
+
+def _fired_at_end(make_cfg, fire: KeyedProcessFunction):
+    """(rows, stream of ``fire``'s timer outputs): KEYS keys whose timers one end-of-input
+    watermark fires (no watermark before it), bundles of 100 ms and a huge bundle size."""
     cfg = make_cfg(
         "job.parallelism=1",
         "job.checkpoint_interval_ms=0",
@@ -75,18 +80,21 @@ def test_timers_fired_by_one_watermark_stream_their_output(make_cfg):
     )
     env = make_env(cfg)
     rows = [(f"k{i:04d}", 1000 + i) for i in range(KEYS)]
-    # No watermark until the input ends: its final watermark fires every timer at once.
-    out = (
+    fired = (
         env.from_collection(rows, type_info=Types.TUPLE([Types.STRING(), Types.LONG()]))
         .assign_timestamps_and_watermarks(
             WatermarkStrategy.no_watermarks().with_timestamp_assigner(ValueTs())
         )
         .key_by(lambda r: r[0], key_type=Types.STRING())
-        .process(FireSlowly(), output_type=Types.TUPLE([Types.STRING(), Types.DOUBLE()]))
-        .key_by(lambda r: r[0], key_type=Types.STRING())
-        .process(
-            Arrival(), output_type=Types.TUPLE([Types.STRING(), Types.DOUBLE(), Types.DOUBLE()])
-        )
+        .process(fire, output_type=Types.TUPLE([Types.STRING(), Types.DOUBLE()]))
+    )
+    return rows, fired
+
+
+def test_timers_fired_by_one_watermark_stream_their_output(make_cfg):
+    rows, fired = _fired_at_end(make_cfg, FireSlowly())
+    out = fired.key_by(lambda r: r[0], key_type=Types.STRING()).process(
+        Arrival(), output_type=ARRIVAL_TYPE
     )
     # Without the bundle-time check every output arrives after the last timer has fired.
     _assert_streamed(out, rows)
@@ -115,24 +123,7 @@ def test_timer_output_streams_through_a_key_by_after_a_side_output(make_cfg):
     timers (with PyFlink's key_by in place of ``key_by_field`` this test fails: the outputs
     arrive with the last timers). ``key_by_field`` keys the records in the JVM instead.
     """
-    cfg = make_cfg(
-        "job.parallelism=1",
-        "job.checkpoint_interval_ms=0",
-        "job.bundle_size=1000000",
-        "job.bundle_time_ms=100",
-    )
-    env = make_env(cfg)
-    rows = [(f"k{i:04d}", 1000 + i) for i in range(KEYS)]
-    fired = (
-        env.from_collection(rows, type_info=Types.TUPLE([Types.STRING(), Types.LONG()]))
-        .assign_timestamps_and_watermarks(
-            WatermarkStrategy.no_watermarks().with_timestamp_assigner(ValueTs())
-        )
-        .key_by(lambda r: r[0], key_type=Types.STRING())
-        .process(FireSlowlyWithSide(), output_type=Types.TUPLE([Types.STRING(), Types.DOUBLE()]))
-    )
+    rows, fired = _fired_at_end(make_cfg, FireSlowlyWithSide())
     fired.get_side_output(SIDE).print()
-    out = key_by_field(fired, 0).process(
-        Arrival(), output_type=Types.TUPLE([Types.STRING(), Types.DOUBLE(), Types.DOUBLE()])
-    )
+    out = key_by_field(fired, 0).process(Arrival(), output_type=ARRIVAL_TYPE)
     _assert_streamed(out, rows)
