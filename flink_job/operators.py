@@ -18,6 +18,8 @@ flink_job.job.make_env adds it and calls :func:`use_checkpointed_timers`.
 
 from __future__ import annotations
 
+from pyflink.common import Types
+from pyflink.common.typeinfo import _from_java_type
 from pyflink.datastream import data_stream as _ds
 from pyflink.fn_execution.flink_fn_execution_pb2 import UserDefinedDataStreamFunction
 from pyflink.java_gateway import get_gateway
@@ -79,10 +81,6 @@ def key_by_field(stream, field: int, key_type=None):
     one Python pass per record less, and no Python map whose bundle holds the records it has
     keyed while the operator before it fires timers (see FieldAsKey.java).
     """
-    from pyflink.common import Types
-    from pyflink.common.typeinfo import _from_java_type
-    from pyflink.datastream.data_stream import KeyedStream
-
     key_type = key_type or Types.STRING()
     jvm = get_gateway().jvm
     j_stream = stream._j_data_stream
@@ -92,4 +90,4 @@ def key_by_field(stream, field: int, key_type=None):
         Types.ROW([key_type, record_type]).get_java_type_info(),
     ).name(f"key-by-field-{field}")
     j_keyed = keyed_rows.keyBy(jvm.KeyByKeySelector(), Types.ROW([key_type]).get_java_type_info())
-    return KeyedStream(j_keyed, record_type, stream)
+    return _ds.KeyedStream(j_keyed, record_type, stream)
