@@ -14,11 +14,11 @@ from typing import Any
 from flink_job.config import AppConfig
 from flink_job.datasets import Record
 from models.events import Event, InvalidRecord, Item, parse_event, parse_item, pseudonymise
-from models.export import ModelVersion
 from models.history import Sample, UserState, advance_user
 from models.online import train_and_maybe_export
 from models.text_encoder import TextEncoder
 from models.trainer import OnlineLearner, new_meta
+from models.version import ModelVersion
 
 
 def to_stream(records: Iterable[Record], cfg: AppConfig) -> Iterator[Item | Sample]:

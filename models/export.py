@@ -18,7 +18,6 @@ import math
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from torch import nn
 from models.metrics import summary
 from models.trainer import OnlineLearner
 from models.two_tower import TopKModel, TwoTower
+from models.version import ModelVersion
 
 ONNX_OPSET = 18
 MANIFEST_FORMAT = 1
@@ -38,21 +38,6 @@ MANIFEST_FORMAT = 1
 
 class NonFiniteModelError(RuntimeError):
     """The model holds NaN/inf values; it must not be published."""
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    model_key: str
-    version: int
-    onnx_bytes: bytes
-    manifest: dict[str, Any]
-    # Extra files of the version directory (user encoder graph, item matrix for ANN serving).
-    extras: dict[str, bytes] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        """Directory name: version number plus content hash, unique per content."""
-        return f"v{self.version:06d}-{self.manifest['content_hash'][:12]}"
 
 
 class AsmTopKModel(nn.Module):

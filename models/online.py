@@ -19,11 +19,12 @@ import torch
 
 from models.config import TrainerConfig
 from models.events import Item
-from models.export import ModelVersion, NonFiniteModelError, build_version
+from models.export import NonFiniteModelError, build_version
 from models.history import Sample
 from models.metrics import metrics_record, prequential_step
 from models.text_encoder import EncodesText
 from models.trainer import OnlineLearner, StepResult, restore_meta
+from models.version import ModelVersion
 
 log = logging.getLogger(__name__)
 INITIAL_STATE_FORMAT = 1

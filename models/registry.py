@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from models.export import ModelVersion
+from models.version import ModelVersion
 
 _VERSION_RE = re.compile(r"^v(\d{6,})-[0-9a-f]+$")
 

@@ -9,8 +9,8 @@ import pickle
 
 from pyflink.datastream import MapFunction
 
-from models.export import ModelVersion
 from models.registry import publish
+from models.version import ModelVersion
 
 log = logging.getLogger(__name__)
 

@@ -36,3 +36,16 @@ def test_importing_models_does_not_load_pyflink():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "False"
+
+
+def test_version_sinks_and_serving_do_not_load_torch():
+    """The registry sink runs in the parsing stages' Python worker and serving is its own
+    process: neither needs torch (~2-3 s of CPU per process start, i.e. per recovery)."""
+    code = (
+        "import sys, udfs.publish, models.serving, flink_job.serve\n"
+        "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'transformers'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"
