@@ -153,26 +153,29 @@ def load_encoder(spec: str, max_length: int = 64, memo_size: int = 0) -> TextEnc
 class LazyTextEncoder:
     """The encoder of a model directory, loaded on the first :meth:`encode` only.
 
-    For the trainer of a job whose items arrive embedded (udfs/embed.py): it needs the
-    vector width ``dim`` (from config.json) but the transformer itself only for catalogue
-    records without a vector, e.g. ones in state from before the embedding stage.
+    The trainer of a job whose items arrive embedded (udfs/embed.py) needs the vector
+    width ``dim`` (from config.json) but the transformer itself only for catalogue records
+    without a vector, e.g. ones in state from before the embedding stage. The embedding
+    stage needs it only once a catalogue record arrives: a restart that restores no new
+    catalogue records (the usual recovery) never loads it, and the stage's task is up
+    without waiting for the weights (seconds of CPU on the cores the restart shares).
     """
 
-    def __init__(self, model_dir: Path, max_length: int = 64) -> None:
+    def __init__(self, model_dir: Path, max_length: int = 64, why: str = "") -> None:
         import json
 
-        self.model_dir, self.max_length = model_dir, max_length
+        self.model_dir, self.max_length, self.why = model_dir, max_length, why
         self.dim = int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
         self.loaded: TextEncoder | None = None
 
     def encode(self, texts: list[str]) -> FloatArray:
         if self.loaded is None:
-            log.info("loading text encoder %s: items arrived without text vectors", self.model_dir)
+            log.info("loading text encoder %s%s", self.model_dir, self.why and f": {self.why}")
             self.loaded = TextEncoder(self.model_dir, max_length=self.max_length)
         return self.loaded.encode(texts)
 
 
-def embed_items(items: list[Item], encoder: TextEncoder) -> list[Item]:
+def embed_items(items: list[Item], encoder: EncodesText) -> list[Item]:
     """The same items with ``text_vector`` set ([T] float32 bytes; items without text keep
     an empty one), embedded in length-sorted batches. What udfs/embed.py calls, so that
     the trainer ingests ready vectors instead of running the transformer itself."""
@@ -185,7 +188,8 @@ def embed_items(items: list[Item], encoder: TextEncoder) -> list[Item]:
     return out
 
 
-def lazy_encoder(spec: str, max_length: int = 64) -> LazyTextEncoder | None:
-    """:class:`LazyTextEncoder` for ``model.text_encoder`` (None for "none")."""
+def lazy_encoder(spec: str, max_length: int = 64, why: str = "") -> LazyTextEncoder | None:
+    """:class:`LazyTextEncoder` for ``model.text_encoder`` (None for "none"); ``why`` is
+    logged when it loads."""
     path = resolve_model_dir(spec)
-    return None if path is None else LazyTextEncoder(path, max_length)
+    return None if path is None else LazyTextEncoder(path, max_length, why)

@@ -22,7 +22,7 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from models.config import ModelConfig
 from models.device import set_cpu_threads
-from models.text_encoder import embed_items, load_encoder
+from models.text_encoder import embed_items, lazy_encoder
 from udfs.buffer import KeyedBuffer
 from udfs.records import ITEM_TYPE, item_to_row, row_to_item
 
@@ -47,7 +47,11 @@ class EmbedItemTexts(KeyedProcessFunction):
         self.flush_at = rc.get_state(ValueStateDescriptor("flush_at", Types.LONG()))
         if self.torch_threads > 0:  # as the trainer (and offline runs) embed: same bits
             set_cpu_threads(self.torch_threads)
-        self.encoder = load_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
+        # Loaded by the first batch: a restart that restores no new catalogue records
+        # (the usual recovery) never pays for the weights.
+        self.encoder = lazy_encoder(
+            self.model_cfg.text_encoder, self.model_cfg.text_max_length, why="first catalogue batch"
+        )
 
     def process_element(self, value, ctx):
         key = ctx.get_current_key()

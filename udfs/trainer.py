@@ -90,7 +90,11 @@ class OnlineTrainer(KeyedCoProcessFunction):
         # restored instance starts as keeping up.
         self._pace: dict[str, tuple[float, float]] = {}
         # Items arrive embedded (udfs/embed.py): the transformer loads only if one does not.
-        self.encoder = lazy_encoder(self.model_cfg.text_encoder, self.model_cfg.text_max_length)
+        self.encoder = lazy_encoder(
+            self.model_cfg.text_encoder,
+            self.model_cfg.text_max_length,
+            why="catalogue records arrived without text vectors",
+        )
         self._open_metrics(rc.get_metrics_group().add_group("prequential"))
         self.tensorboard = TensorBoardLog(self.tensorboard_dir) if self.tensorboard_dir else None
 

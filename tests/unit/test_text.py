@@ -87,6 +87,17 @@ def test_items_embedded_upstream_give_the_same_catalogue_without_the_transformer
         Item("i3", "", "", (), 5),  # no text: nothing to embed
     ]
     embedded = embed_items(items, enc)
+    # The stage's own encoder is lazy too: a batch with no text does not load it, the
+    # first with text does, and gives the vectors of an encoder loaded up front (on its
+    # own device: CUDA where present, hence close rather than equal).
+    stage = lazy_encoder(str(tiny_bert_dir))
+    assert stage is not None
+    assert embed_items(items[2:], stage) == items[2:] and stage.loaded is None
+    for a, b in zip(embed_items(items, stage), embedded, strict=True):
+        va, vb = (np.frombuffer(x.text_vector, np.float32) for x in (a, b))
+        assert a.item_id == b.item_id and va.shape == vb.shape
+        np.testing.assert_allclose(va, vb, atol=1e-5)
+    assert stage.loaded is not None
     assert [len(it.text_vector) for it in embedded] == [4 * enc.dim, 4 * enc.dim, 0]
     assert [(it.item_id, it.full_text) for it in embedded] == [
         (it.item_id, it.full_text) for it in items
