@@ -223,6 +223,15 @@ def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str
     ).uid(name)
 
 
+def restores_saved_state(env: StreamExecutionEnvironment) -> bool:
+    """Whether the job starts from a savepoint or retained checkpoint: ``job.from_savepoint``,
+    ``job.flink``'s ``execution.state-recovery.path`` (or its old name) or ``flink run -s``.
+    Only then can its state hold layouts of earlier releases; a restart after a failure
+    restores the job's own checkpoints."""
+    option = get_gateway().jvm.org.apache.flink.configuration.StateRecoveryOptions.SAVEPOINT_PATH
+    return bool(env._j_stream_execution_environment.getConfiguration().get(option))
+
+
 def embeds_items(cfg: AppConfig) -> bool:
     """Whether the graph has the item-text embedding stage (a text encoder and a catalogue
     topic)."""
@@ -301,7 +310,12 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
         key_by_field(parsed, 1)  # user id
         .process(
             UserWindows(
-                cfg.user, cfg.model.history_length, cfg.job.model_key, cfg.job.window_ms, LATE_TAG
+                cfg.user,
+                cfg.model.history_length,
+                cfg.job.model_key,
+                cfg.job.window_ms,
+                LATE_TAG,
+                earlier_layout=restores_saved_state(raw.get_execution_environment()),
             ),
             output_type=SAMPLE_TYPE,
         )

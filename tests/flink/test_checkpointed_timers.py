@@ -192,3 +192,15 @@ def test_every_keyed_stage_of_the_job_uses_the_checkpointed_timer_operators(make
     assert ops["embed-items"] == "rtrec.flink.CheckpointedTimersKeyedProcessOperator"
     assert ops["trainer"] == "rtrec.flink.CheckpointedTimersKeyedCoProcessOperator"
     assert ops["parse-events"].startswith("org.apache.flink.")
+
+
+def test_only_a_job_started_from_saved_state_looks_for_earlier_layouts(make_cfg, tmp_path):
+    """restores_saved_state decides whether the user windows read the state layout of
+    earlier releases; every way of naming a savepoint counts."""
+    from flink_job.job import restores_saved_state
+
+    cfg = make_cfg()
+    assert not restores_saved_state(make_env(cfg))
+    for key in ("execution.savepoint.path", "execution.state-recovery.path"):
+        assert restores_saved_state(make_env(cfg, {key: (tmp_path / "sp").as_uri()}))
+    assert restores_saved_state(make_env(make_cfg(f"job.from_savepoint='{tmp_path}'")))
