@@ -166,6 +166,21 @@ class StandaloneCluster:
         os.kill(pids[0], signal.SIGKILL)
         return pids[0]
 
+    def add_taskmanager(self, timeout_s: float = 90.0) -> int:
+        """Start one more TaskManager (e.g. a spare: a job restarts on its free slots at
+        once when another TaskManager is lost) and wait until it has registered; returns
+        its index."""
+        self.tms.append(self._spawn("taskmanager.sh", f"taskmanager-{len(self.tms)}"))
+        deadline = time.monotonic() + timeout_s
+        while self.overview()["taskmanagers"] < len(self.tms):
+            if time.monotonic() > deadline:
+                raise SetupError(
+                    f"TaskManager {len(self.tms) - 1} did not register within {timeout_s:.0f}s; "
+                    f"logs in {self.workdir / 'log'}"
+                )
+            time.sleep(0.5)
+        return len(self.tms) - 1
+
     def restart_taskmanager(self, i: int = 0) -> None:
         self.tms[i] = self._spawn("taskmanager.sh", f"taskmanager-{i}-r")
 
