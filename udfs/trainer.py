@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import threading
 import time
 
 from pyflink.common import Types
@@ -30,7 +31,7 @@ from models.config import ModelConfig, TrainerConfig
 from models.metrics import TensorBoardLog
 from models.online import catalogue_horizon, step_due, train_and_maybe_export
 from models.text_encoder import lazy_encoder
-from models.trainer import OnlineLearner, new_meta
+from models.trainer import OnlineLearner, new_meta, preload
 from udfs.buffer import KeyedBuffer
 from udfs.records import ITEM_TYPE, LEGACY_ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
 
@@ -59,6 +60,8 @@ class OnlineTrainer(KeyedCoProcessFunction):
 
     def open(self, runtime_context):
         rc = runtime_context
+        # The first learner's lazy imports run while the task waits for its first batch.
+        threading.Thread(target=preload, name="rtrec-preload", daemon=True).start()
         self.buffer = KeyedBuffer(rc.get_list_state(ListStateDescriptor("buffer", SAMPLE_TYPE)))
         self.pending_items = rc.get_list_state(ListStateDescriptor("pending_catalogue", ITEM_TYPE))
         self.legacy_pending = rc.get_list_state(

@@ -49,3 +49,22 @@ def test_version_sinks_and_serving_do_not_load_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_preload_imports_what_the_first_learner_needs():
+    """models.trainer.preload (run in the background when the job's trainer opens) leaves
+    the first OnlineLearner almost nothing to import: without it torch.optim's first
+    optimizer imports torch._dynamo, hundreds of modules, before the first step."""
+    code = (
+        "import sys\n"
+        "from models.config import ModelConfig, TrainerConfig\n"
+        "from models.trainer import OnlineLearner, preload\n"
+        "preload()\n"
+        "before = set(sys.modules)\n"
+        "OnlineLearner(ModelConfig(), TrainerConfig(), text_dim=0)\n"
+        "print(len(set(sys.modules) - before))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert int(out.stdout.strip().splitlines()[-1]) < 20
