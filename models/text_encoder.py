@@ -12,14 +12,16 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from models.device import pick_device
 from models.events import Item
+
+if TYPE_CHECKING:  # imported where used: the embedding stage's worker starts without torch
+    import torch
 
 log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float32]
@@ -112,6 +114,8 @@ class TextEncoder:
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         """Differentiable embedding of ``texts`` -> [N, T] (used when fine-tuning)."""
+        import torch
+
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
@@ -122,6 +126,8 @@ class TextEncoder:
 
     def encode(self, texts: list[str]) -> FloatArray:
         """[N, T] float32 embeddings, computed in batches without gradients."""
+        import torch
+
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Texts of similar length share a batch: less padding (~25% faster on short
         # catalogue titles). Each text's vector does not depend on its batch mates.

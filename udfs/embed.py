@@ -45,8 +45,6 @@ class EmbedItemTexts(KeyedProcessFunction):
         rc = runtime_context
         self.buffer = KeyedBuffer(rc.get_list_state(ListStateDescriptor("buffer", ITEM_TYPE)))
         self.flush_at = rc.get_state(ValueStateDescriptor("flush_at", Types.LONG()))
-        if self.torch_threads > 0:  # as the trainer (and offline runs) embed: same bits
-            set_cpu_threads(self.torch_threads)
         # Loaded by the first batch: a restart that restores no new catalogue records
         # (the usual recovery) never pays for the weights.
         self.encoder = lazy_encoder(
@@ -75,6 +73,10 @@ class EmbedItemTexts(KeyedProcessFunction):
             return
         items = [row_to_item(r) for r in rows]
         if self.encoder is not None:
+            if self.encoder.loaded is None and self.torch_threads > 0:
+                # Before the encoder loads (and with it torch): threads as the trainer
+                # and offline runs embed with, for the same bits.
+                set_cpu_threads(self.torch_threads)
             items = embed_items(items, self.encoder)
         for r, it in zip(rows, items, strict=True):
             yield item_to_row(r[0], it)

@@ -38,11 +38,13 @@ def test_importing_models_does_not_load_pyflink():
     assert out.stdout.strip() == "False"
 
 
-def test_version_sinks_and_serving_do_not_load_torch():
-    """The registry sink runs in the parsing stages' Python worker and serving is its own
-    process: neither needs torch (~2-3 s of CPU per process start, i.e. per recovery)."""
+def test_the_parsing_stages_worker_and_serving_do_not_load_torch():
+    """Parsing, user windows, the embedding stage (until its first catalogue batch) and the
+    registry sink share a Python worker, and serving is its own process: none of them
+    imports torch (~2-3 s of CPU per process start, i.e. per worker on every recovery)."""
     code = (
-        "import sys, udfs.publish, models.serving, flink_job.serve\n"
+        "import sys, udfs.parse, udfs.user_window, udfs.embed, udfs.publish\n"
+        "import models.serving, flink_job.serve\n"
         "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'transformers'}))"
     )
     out = subprocess.run(
