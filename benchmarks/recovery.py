@@ -9,12 +9,15 @@ Once the job has published a version and completed a checkpoint (+ ``--settle`` 
 TaskManager 0 process group (its Python workers included) is killed with SIGKILL and a
 replacement TaskManager is started at once (what a supervisor would do).
 
-``--spare-taskmanagers`` (default 1) TaskManagers join after the cold start, so they hold
+``--spare-taskmanagers`` (default 0) TaskManagers join after the cold start, so they hold
 no tasks: a spare's free slots let the job restart at once instead of waiting for the
 replacement to start and register (~10 s of JVM start-up on a busy 2-core machine), as
-Flink's ``slotmanager.redundant-taskmanager-num`` does on Kubernetes / YARN. 0 measures
-recovery that waits for the replacement. Measured from
-the kill, through the JobManager REST API and the registry:
+Flink's ``slotmanager.redundant-taskmanager-num`` does on Kubernetes / YARN. On one
+2-core machine the replacement's start-up then competes with the restarting workers for
+the same cores, so the spare gains little here (README, tenth round); with TaskManagers
+on machines of their own it takes the replacement's start-up out of recovery.
+
+Measured from the kill, through the JobManager REST API and the registry:
 
 - detected_s: the job leaves RUNNING (failure detected, restart begins);
 - running_s: the job and every one of its tasks are RUNNING again (state restored);
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=15.0, help="s after the first checkpoint")
     p.add_argument("--timeout", type=float, default=300.0, help="s per phase")
     p.add_argument(
-        "--spare-taskmanagers", type=int, default=1, help="idle TaskManagers (2 slots each)"
+        "--spare-taskmanagers", type=int, default=0, help="idle TaskManagers (2 slots each)"
     )
     p.add_argument("--workdir", default="")
     args = p.parse_args(argv)
