@@ -1,4 +1,4 @@
-"""models/ is pure PyTorch/transformers/ONNX: it never imports pyflink."""
+"""Layering: models/ never imports pyflink, and which of our Python processes import torch."""
 
 import ast
 import subprocess
@@ -6,6 +6,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _last_line(code: str) -> str:
+    """The last line ``code`` prints, run by a fresh interpreter (nothing imported yet)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return out.stdout.strip().splitlines()[-1]
 
 
 def test_no_pyflink_import_in_models_source():
@@ -32,10 +40,7 @@ def test_importing_models_does_not_load_pyflink():
         "    importlib.import_module('models.' + m.name)\n"
         "print(any(k.startswith('pyflink') for k in sys.modules))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    assert out.stdout.strip() == "False"
+    assert _last_line(code) == "False"
 
 
 def test_the_parsing_stages_worker_and_serving_do_not_load_torch():
@@ -47,10 +52,7 @@ def test_the_parsing_stages_worker_and_serving_do_not_load_torch():
         "import models.serving, flink_job.serve\n"
         "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'transformers'}))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    assert out.stdout.strip() == "[]"
+    assert _last_line(code) == "[]"
 
 
 def test_preload_imports_what_the_first_learner_needs():
@@ -66,7 +68,4 @@ def test_preload_imports_what_the_first_learner_needs():
         "OnlineLearner(ModelConfig(), TrainerConfig(), text_dim=0)\n"
         "print(len(set(sys.modules) - before))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    assert int(out.stdout.strip().splitlines()[-1]) < 20
+    assert int(_last_line(code)) < 20
