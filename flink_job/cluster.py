@@ -109,21 +109,28 @@ class StandaloneCluster:
         self.jm = self._spawn("jobmanager.sh", "jobmanager")
         for i in range(self.n_tm):
             self.tms.append(self._spawn("taskmanager.sh", f"taskmanager-{i}"))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if self.overview()["taskmanagers"] >= self.n_tm:
-                    log.info("standalone Flink cluster ready at %s", self.address)
-                    return self.address
-            except OSError:
-                pass
-            if self.jm.poll() is not None:
-                break
-            time.sleep(0.5)
+        if self._registered(self.n_tm, timeout_s):
+            log.info("standalone Flink cluster ready at %s", self.address)
+            return self.address
         self.stop()
         raise SetupError(
             f"Flink cluster did not start within {timeout_s:.0f}s; logs in {self.workdir / 'log'}"
         )
+
+    def _registered(self, n: int, timeout_s: float) -> bool:
+        """Wait until ``n`` TaskManagers have registered with the JobManager (False: not
+        within ``timeout_s``, or the JobManager exited)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.overview()["taskmanagers"] >= n:
+                    return True
+            except OSError:
+                pass
+            if self.jm is None or self.jm.poll() is not None:
+                return False
+            time.sleep(0.5)
+        return False
 
     @property
     def address(self) -> str:
@@ -171,14 +178,11 @@ class StandaloneCluster:
         once when another TaskManager is lost) and wait until it has registered; returns
         its index."""
         self.tms.append(self._spawn("taskmanager.sh", f"taskmanager-{len(self.tms)}"))
-        deadline = time.monotonic() + timeout_s
-        while self.overview()["taskmanagers"] < len(self.tms):
-            if time.monotonic() > deadline:
-                raise SetupError(
-                    f"TaskManager {len(self.tms) - 1} did not register within {timeout_s:.0f}s; "
-                    f"logs in {self.workdir / 'log'}"
-                )
-            time.sleep(0.5)
+        if not self._registered(len(self.tms), timeout_s):
+            raise SetupError(
+                f"TaskManager {len(self.tms) - 1} did not register within {timeout_s:.0f}s; "
+                f"logs in {self.workdir / 'log'}"
+            )
         return len(self.tms) - 1
 
     def restart_taskmanager(self, i: int = 0) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from models.device import pick_device
+from models.device import pick_device, set_cpu_threads
 from models.events import Item
 
 if TYPE_CHECKING:  # imported where used: the embedding stage's worker starts without torch
@@ -167,16 +167,24 @@ class LazyTextEncoder:
     without waiting for the weights (seconds of CPU on the cores the restart shares).
     """
 
-    def __init__(self, model_dir: Path, max_length: int = 64, why: str = "") -> None:
+    def __init__(
+        self, model_dir: Path, max_length: int = 64, why: str = "", threads: int = 0
+    ) -> None:
+        """``threads`` > 0: torch's intra-op CPU threads for this process, set just before
+        the load (the embedding stage embeds with as many as the trainer and offline runs,
+        for the same bits)."""
         import json
 
         self.model_dir, self.max_length, self.why = model_dir, max_length, why
+        self.threads = threads
         self.dim = int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
         self.loaded: TextEncoder | None = None
 
     def encode(self, texts: list[str]) -> FloatArray:
         if self.loaded is None:
             log.info("loading text encoder %s%s", self.model_dir, self.why and f": {self.why}")
+            if self.threads > 0:
+                set_cpu_threads(self.threads)
             self.loaded = TextEncoder(self.model_dir, max_length=self.max_length)
         return self.loaded.encode(texts)
 
@@ -194,8 +202,10 @@ def embed_items(items: list[Item], encoder: EncodesText) -> list[Item]:
     return out
 
 
-def lazy_encoder(spec: str, max_length: int = 64, why: str = "") -> LazyTextEncoder | None:
+def lazy_encoder(
+    spec: str, max_length: int = 64, why: str = "", threads: int = 0
+) -> LazyTextEncoder | None:
     """:class:`LazyTextEncoder` for ``model.text_encoder`` (None for "none"); ``why`` is
     logged when it loads."""
     path = resolve_model_dir(spec)
-    return None if path is None else LazyTextEncoder(path, max_length, why)
+    return None if path is None else LazyTextEncoder(path, max_length, why, threads)

@@ -21,7 +21,6 @@ from pyflink.datastream import KeyedProcessFunction, TimeDomain
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from models.config import ModelConfig
-from models.device import set_cpu_threads
 from models.text_encoder import embed_items, lazy_encoder
 from udfs.buffer import KeyedBuffer
 from udfs.records import ITEM_TYPE, item_to_row, row_to_item
@@ -48,7 +47,10 @@ class EmbedItemTexts(KeyedProcessFunction):
         # Loaded by the first batch: a restart that restores no new catalogue records
         # (the usual recovery) never pays for the weights.
         self.encoder = lazy_encoder(
-            self.model_cfg.text_encoder, self.model_cfg.text_max_length, why="first catalogue batch"
+            self.model_cfg.text_encoder,
+            self.model_cfg.text_max_length,
+            why="first catalogue batch",
+            threads=self.torch_threads,
         )
 
     def process_element(self, value, ctx):
@@ -73,10 +75,6 @@ class EmbedItemTexts(KeyedProcessFunction):
             return
         items = [row_to_item(r) for r in rows]
         if self.encoder is not None:
-            if self.encoder.loaded is None and self.torch_threads > 0:
-                # Before the encoder loads (and with it torch): threads as the trainer
-                # and offline runs embed with, for the same bits.
-                set_cpu_threads(self.torch_threads)
             items = embed_items(items, self.encoder)
         for r, it in zip(rows, items, strict=True):
             yield item_to_row(r[0], it)
