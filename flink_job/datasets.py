@@ -128,6 +128,10 @@ def hostile_payloads(rng: random.Random, ts: int) -> list[bytes]:
         variant(type="rating", value=99),
         b'{"event_id":"x","user_id":"u","item_id":"i","type":"click","ts":1,"value":NaN}',
         variant(user_id="a\x00b"),
+        # Lone UTF-16 surrogate escapes ("\\ud800"): valid JSON, but not text.
+        variant(user_id="u\ud800"),
+        variant(event_id="e\udc00"),
+        variant(item_id="\ud83d"),
         variant(item_id="x" * 5000),
         b"[" * 100_000,
     ]

@@ -70,7 +70,22 @@ def _id(obj: dict[str, Any], key: str) -> str:
         raise InvalidRecord(f"field '{key}' is longer than {MAX_ID_LEN} characters")
     if any(ord(c) < 32 for c in s):
         raise InvalidRecord(f"field '{key}' contains control characters")
+    _check_text(s, key)
     return s
+
+
+def _check_text(s: str, key: str) -> None:
+    """JSON can escape a lone UTF-16 surrogate ("\\ud800"); Python's json decodes it into a
+    str that cannot be encoded as UTF-8, so it would fail later, in Flink's string
+    serializer or the HMAC, and take the job down with it."""
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRecord(
+                f"field '{key}' contains a lone UTF-16 surrogate escape "
+                f"({s[e.start]!r} at character {e.start}), which is not text"
+            ) from None
 
 
 def _ts(obj: dict[str, Any], key: str = "ts") -> int:
@@ -151,6 +166,8 @@ def parse_item(raw: str | bytes) -> Item:
         raise InvalidRecord("fields 'title' and 'text' must be strings")
     if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
         raise InvalidRecord("field 'categories' must be a list of strings")
+    for key, s in (("title", title), ("text", text), *(("categories", c) for c in cats)):
+        _check_text(s, key)
     return Item(_id(obj, "item_id"), title, text, tuple(cats), _ts(obj))
 
 

@@ -60,3 +60,19 @@ def test_item_record():
     assert it.categories == ("a",)
     with pytest.raises(InvalidRecord):
         parse_item('{"item_id":"m1","categories":"a","ts":5}')
+
+
+def test_lone_surrogate_escapes_are_rejected_not_passed_on():
+    # Valid JSON whose decoded strings cannot be encoded as UTF-8: Flink's string
+    # serializer (and the HMAC) would raise on them downstream and fail the job.
+    event = '{"event_id":"e","user_id":"u\\ud800","item_id":"i","type":"view","ts":1}'
+    with pytest.raises(InvalidRecord, match="'user_id' contains a lone UTF-16 surrogate"):
+        parse_event(event)
+    item = '{"item_id":"i","title":"t","text":"x","categories":["ok","c\\udfff"],"ts":1}'
+    with pytest.raises(InvalidRecord, match="'categories' contains a lone UTF-16 surrogate"):
+        parse_item(item)
+    # A surrogate pair is one character (here an emoji), and valid.
+    ok = parse_event(
+        '{"event_id":"e","user_id":"\\ud83d\\ude00","item_id":"i","type":"view","ts":1}'
+    )
+    assert ok.user_id == "\U0001f600"
