@@ -88,7 +88,7 @@ def _passthrough_functions():
 
 
 def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> dict[str, Any]:
-    from flink_job.job import _kafka_bytes, make_env
+    from flink_job.job import TRAINER_PARALLELISM, _kafka_bytes, make_env
     from flink_job.operators import key_by_field
 
     Types, HashKey, CountPerKey = _passthrough_functions()
@@ -101,9 +101,10 @@ def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> 
     counted = key_by_field(hashed, 0).process(
         CountPerKey(out_key=cfg.job.model_key), output_type=pair
     )
+    # At the trainer's parallelism (flink_job.job.TRAINER_PARALLELISM), as in the job.
     key_by_field(counted, 0).process(
         CountPerKey(record_dir=str(record_dir)), output_type=pair
-    ).print()
+    ).set_parallelism(TRAINER_PARALLELISM).print().set_parallelism(TRAINER_PARALLELISM)
     t0 = time.monotonic()
     client = env.execute_async("rtrec-bench-passthrough")
     done = threading.Thread(target=lambda: client.get_job_execution_result().result(), daemon=True)

@@ -71,8 +71,9 @@ class JobConfig:
     local_python_workers: str = "process"
     # Slot-sharing group of the trainer (and the sinks after it): its own slots, hence its own
     # Python worker process and GIL, instead of sharing them with parsing and user windows;
-    # "" = share. The job then needs 2 x parallelism slots (a local run sizes its mini-cluster
-    # so; a cluster needs them). With both: +31% events/s at p1 (README "Optimisations").
+    # "" = share. The job then needs parallelism + 1 slots (the trainer runs at parallelism
+    # 1; a local run sizes its mini-cluster so; a cluster needs them). With local worker
+    # processes: +31% events/s at p1 (README "Optimisations").
     trainer_slot_group: str = "trainer"
     # Slot-sharing group of the item-text embedding stage (udfs/embed.py; only with a text
     # encoder). "" = the parsing stages' slots (default: on 2 cores a third Python worker per

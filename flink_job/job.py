@@ -89,10 +89,10 @@ def flink_settings(
         # queued behind the backlog the Kafka source reads ahead.
         "taskmanager.network.memory.buffer-debloat.enabled": "true",
     }
-    groups = slot_groups(cfg)
-    if groups > 1:
+    slots = task_slots(cfg)
+    if slots > cfg.job.parallelism:
         # Sizes a local mini-cluster (one TaskManager); a cluster's own setting wins there.
-        settings["taskmanager.numberOfTaskSlots"] = str(groups * cfg.job.parallelism)
+        settings["taskmanager.numberOfTaskSlots"] = str(slots)
     settings["state.backend.type"] = cfg.job.state_backend
     if cfg.job.checkpoint_interval_ms > 0:
         ckpt_dir = cfg.job.checkpoint_dir or str(Path(".rtrec/checkpoints").resolve())
@@ -238,12 +238,25 @@ def embeds_items(cfg: AppConfig) -> bool:
     return not encoder_off(cfg.model.text_encoder) and bool(cfg.kafka.items_topic)
 
 
-def slot_groups(cfg: AppConfig) -> int:
-    """Slot-sharing groups of the job: it needs this many x parallelism task slots."""
-    groups = {"default", cfg.job.trainer_slot_group or "default"}
+# The trainer and everything after it (version timestamps, registry and Kafka sinks) run
+# at parallelism 1 whatever job.parallelism is: a job trains one model key, so every sample
+# and catalogue record goes to one trainer subtask. More subtasks would only idle (a Python
+# worker each to start, at every deploy and restart), and the sinks stay a forward chain of
+# that subtask, which keeps a model's versions in order.
+TRAINER_PARALLELISM = 1
+
+
+def task_slots(cfg: AppConfig) -> int:
+    """Task slots the job needs: ``job.parallelism`` per slot-sharing group of the
+    parsing, user-window (and embedding) stages, and the trainer's one when it has a
+    group of its own."""
+    groups = {"default"}
     if embeds_items(cfg):
         groups.add(cfg.job.embed_slot_group or "default")
-    return len(groups)
+    slots = len(groups) * cfg.job.parallelism
+    if (cfg.job.trainer_slot_group or "default") not in groups:
+        slots += TRAINER_PARALLELISM
+    return slots
 
 
 def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -> None:
@@ -253,10 +266,14 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
     raw_items = _kafka_bytes(env, cfg, bootstrap, k.items_topic) if k.items_topic else None
 
     versions, dead, metrics = build_graph(raw, cfg, raw_items)
-    registry_sink(versions, cfg).print("model-version").uid("registry-log").name("registry-log")
+    registry_sink(versions, cfg).print("model-version").uid("registry-log").name(
+        "registry-log"
+    ).set_parallelism(TRAINER_PARALLELISM)
 
     if cfg.export.publish_kafka:
-        versions.map(to_kafka_record, output_type=Types.STRING()).uid("models-record").sink_to(
+        versions.map(to_kafka_record, output_type=Types.STRING()).uid(
+            "models-record"
+        ).set_parallelism(TRAINER_PARALLELISM).sink_to(
             _sink(
                 cfg,
                 bootstrap,
@@ -264,7 +281,7 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
                 cfg.export.kafka_delivery == "exactly_once",
                 f"{cfg.job.name}-models",
             )
-        ).uid("models-sink").name("models-sink")
+        ).uid("models-sink").name("models-sink").set_parallelism(TRAINER_PARALLELISM)
 
     dead.sink_to(_sink(cfg, bootstrap, k.dlq_topic, exactly_once=False, tx_prefix="")).uid(
         "dlq-sink"
@@ -273,7 +290,7 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
     if k.metrics_topic:  # prequential metrics, one JSON record per trainer firing
         metrics.sink_to(
             _sink(cfg, bootstrap, k.metrics_topic, exactly_once=False, tx_prefix="")
-        ).uid("metrics-sink").name("metrics-sink")
+        ).uid("metrics-sink").name("metrics-sink").set_parallelism(TRAINER_PARALLELISM)
 
 
 class Pipeline(NamedTuple):
@@ -365,6 +382,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
         )
         .uid("trainer")
         .name("trainer")
+        .set_parallelism(TRAINER_PARALLELISM)
     )
     if cfg.job.trainer_slot_group:
         trainer = trainer.slot_sharing_group(cfg.job.trainer_slot_group)
@@ -383,8 +401,25 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
         .uid("version-time")
         .name("version-time")
     )
+    _after_trainer(metrics, trainer)
+    _after_trainer(versions, trainer)
 
     return Pipeline(versions, dead.union(late), metrics)
+
+
+def _after_trainer(stream, trainer) -> None:
+    """Run every operator between ``trainer`` and ``stream`` at the trainer's parallelism.
+
+    PyFlink's assign_timestamps_and_watermarks with a Python assigner adds operators of its
+    own (a Python "Extract-Timestamp" process and Flink's watermark operator) that take the
+    job's parallelism: behind a single trainer subtask they would spread its versions
+    round-robin over several subtasks and could reorder them before the sinks.
+    """
+    stop = trainer._j_data_stream.getTransformation().getId()
+    t = stream._j_data_stream.getTransformation()
+    while t.getId() != stop:
+        t.setParallelism(TRAINER_PARALLELISM)
+        (t,) = t.getInputs()
 
 
 def registry_sink(versions, cfg: AppConfig):
@@ -396,6 +431,7 @@ def registry_sink(versions, cfg: AppConfig):
         )
         .uid("registry-sink")
         .name("registry-sink")
+        .set_parallelism(TRAINER_PARALLELISM)
     )
 
 

@@ -159,3 +159,26 @@ def test_late_events_go_to_the_dead_letter_output(make_cfg):
     ]
     assert all(d["reason"].startswith("late event") for d in dead_letters)
     assert max(o["events_seen"] for o in out if "published" in o) == len(valid)
+
+
+def test_the_trainer_and_its_sinks_run_once_per_model_key(make_cfg):
+    """At job.parallelism 2 the parsing and user-window stages run twice, the trainer and
+    everything after it once: a job trains one model key, so a second trainer subtask would
+    only idle, and the version sinks stay a forward chain that keeps versions in order."""
+    from flink_job.job import build_job, task_slots
+
+    cfg = make_cfg("job.parallelism=2", "kafka.metrics_topic='metrics'")
+    env = make_env(cfg)
+    build_job(env, cfg, "127.0.0.1:9")  # the graph only: nothing connects before execute
+    nodes = json.loads(env.get_execution_plan())["nodes"]
+    at = {p: sorted(n["contents"] for n in nodes if n["parallelism"] == p) for p in (1, 2)}
+    for name in ("parse-events", "user-window", "embed-items", "dlq-sink: Writer"):
+        assert name in at[2], at
+    for name in ("trainer", "version-time", "registry-sink", "models-sink: Writer"):
+        assert name in at[1], at
+    # Including the operators PyFlink adds to assign the versions' timestamps.
+    assert sum("Extract-Timestamp" in c for c in at[1]) == 2, at
+    assert sum("Timestamps/Watermarks" in c for c in at[1]) == 2, at
+    assert not [c for c in at[2] if "Timestamp" in c or "metrics" in c], at
+    # Slots: 2 for the parsing / user-window / embedding group, 1 for the trainer's.
+    assert task_slots(cfg) == 3

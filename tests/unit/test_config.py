@@ -115,12 +115,13 @@ def test_rtrec_config_command_rejects_unknown_key():
 
 
 def test_trainer_slot_group_sizes_the_local_mini_cluster():
-    """A separate slot-sharing group for the trainer needs 2 x parallelism slots; without
-    one the mini-cluster keeps Flink's own sizing (one slot per parallel subtask)."""
+    """A separate slot-sharing group for the trainer (at parallelism 1) needs parallelism +
+    1 slots; without one the mini-cluster keeps Flink's own sizing (one slot per parallel
+    subtask)."""
     from flink_job.job import flink_settings
 
     got = flink_settings(load_config(None, ["job.parallelism=3"]), "file:///x.jar")
-    assert got["taskmanager.numberOfTaskSlots"] == "6"
+    assert got["taskmanager.numberOfTaskSlots"] == "4"
     shared = load_config(None, ["job.parallelism=3", "job.trainer_slot_group=''"])
     assert "taskmanager.numberOfTaskSlots" not in flink_settings(shared, "file:///x.jar")
     mine = load_config(None, ['job.flink={"taskmanager.numberOfTaskSlots"="8"}'])
@@ -134,9 +135,9 @@ def test_an_embedding_slot_group_adds_slots_only_with_a_text_encoder():
         cfg = load_config(None, ["job.parallelism=2", *ov])
         return flink_settings(cfg, "file:///x.jar").get("taskmanager.numberOfTaskSlots")
 
-    assert slots() == "4"  # default: embedding shares the parsing stages' slots
-    assert slots("job.embed_slot_group='embed'") == "6"
-    assert slots("job.embed_slot_group='embed'", "model.text_encoder='none'") == "4"
+    assert slots() == "3"  # default: embedding shares the parsing stages' slots
+    assert slots("job.embed_slot_group='embed'") == "5"
+    assert slots("job.embed_slot_group='embed'", "model.text_encoder='none'") == "3"
     assert slots("job.embed_slot_group='embed'", "job.trainer_slot_group=''") == "4"
 
 
