@@ -16,6 +16,8 @@ Flink's ``slotmanager.redundant-taskmanager-num`` does on Kubernetes / YARN. On 
 2-core machine the replacement's start-up then competes with the restarting workers for
 the same cores, so the spare gains little here (README, tenth round); with TaskManagers
 on machines of their own it takes the replacement's start-up out of recovery.
+``--replace after-recovery`` (with spares) starts the replacement once the job runs
+again, as when it comes up on another machine.
 
 Measured from the kill, through the JobManager REST API and the registry:
 
@@ -74,8 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--spare-taskmanagers", type=int, default=0, help="idle TaskManagers (2 slots each)"
     )
+    p.add_argument(
+        "--replace",
+        choices=("at-kill", "after-recovery"),
+        default="at-kill",
+        help="when the replacement TaskManager starts: at the kill (on one machine its JVM "
+        "start-up then shares the cores with the recovery), or once the job runs again (with "
+        "spares, as when the replacement comes up on another machine)",
+    )
     p.add_argument("--workdir", default="")
     args = p.parse_args(argv)
+    if args.replace == "after-recovery" and args.spare_taskmanagers < 1:
+        p.error("--replace after-recovery needs --spare-taskmanagers >= 1 (free slots)")
     if args.quick:
         args.rate, args.encoder, args.settle = 30, "none", 3
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rtrec-bench-recovery-"))
@@ -132,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                     cluster.add_taskmanager()
                 time.sleep(args.settle)
                 seen_before = set(watcher.seen)
-                C.log("kill -9 TaskManager 0 (and its Python workers); starting a replacement")
+                C.log(f"kill -9 TaskManager 0 (and its Python workers); replacement {args.replace}")
                 t_kill_wall, t_kill = time.time(), time.monotonic()
                 cluster.kill_taskmanager(0)
-                cluster.restart_taskmanager(0)
+                if args.replace == "at-kill":
+                    cluster.restart_taskmanager(0)
                 kill_ms = int(t_kill_wall * 1000)
                 # The JobManager's own record of when it started the failover (its clock is
                 # this machine's), the first one after the kill: exact, unlike polling a
@@ -150,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                     return bool(failovers) and all_running(address, jid, kill_ms)
 
                 t_back = wait_for(recovered, args.timeout, "recovery")
+                if args.replace == "after-recovery":
+                    cluster.restart_taskmanager(0)
                 t_det_wall = failovers[0] / 1000
                 wait_for(lambda: set(watcher.seen) - seen_before, args.timeout, "new version")
                 t_new = min(t for n, (t, _) in watcher.seen.items() if n not in seen_before)
@@ -162,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     "restored_checkpoint": restored.get("id"),
                     "failovers": len(failovers),
                     "spare_taskmanagers": args.spare_taskmanagers,
+                    "replacement": args.replace,
                 }
                 C.cancel_job(address, jid)
             finally:
@@ -189,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(C.table(rows, cols))
     headline = (
-        f"kill -9 TaskManager ({args.spare_taskmanagers} spare): detected "
+        f"kill -9 TaskManager ({args.spare_taskmanagers} spare, replacement {args.replace}): "
+        f"detected "
         f"{rec['detected_s']:.1f}s, tasks running "
         f"{rec['running_s']:.1f}s, new version {rec['resumed_s']:.1f}s "
         f"({rows[1]['version_vs_cold']:.2f}x cold start {cold['first_version_s']:.1f}s)"
