@@ -242,7 +242,8 @@ def embeds_items(cfg: AppConfig) -> bool:
 # at parallelism 1 whatever job.parallelism is: a job trains one model key, so every sample
 # and catalogue record goes to one trainer subtask. More subtasks would only idle (a Python
 # worker each to start, at every deploy and restart), and the sinks stay a forward chain of
-# that subtask, which keeps a model's versions in order.
+# that subtask, which keeps a model's versions in order. (A job training several model
+# keys, DESIGN.md's tenants or regions, would use min(job.parallelism, number of keys).)
 TRAINER_PARALLELISM = 1
 
 

@@ -76,3 +76,16 @@ def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
     assert cfg.job.flink == {"pipeline.auto-watermark-interval": "50 ms"}
     assert cfg.trainer.flush_after_seconds == 0.25
     assert cfg.job.window_ms == 300  # a later --set wins
+
+
+def test_recovery_refuses_a_late_replacement_without_a_standby() -> None:
+    """``--replace after-recovery`` needs free slots to recover on (a standby TaskManager):
+    without one the job could only wait for a replacement that is not started yet."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "recovery.py"), "--replace", "after-recovery"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--replace after-recovery needs --spare-taskmanagers >= 1" in proc.stderr
