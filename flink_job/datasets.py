@@ -133,6 +133,10 @@ def hostile_payloads(rng: random.Random, ts: int) -> list[bytes]:
         variant(event_id="e\udc00"),
         variant(item_id="\ud83d"),
         variant(item_id="x" * 5000),
+        # An integer of more digits than CPython converts (4,300).
+        b'{"event_id":"big","user_id":"u1","item_id":"i1","type":"click","ts":'
+        + b"9" * 5000
+        + b"}",
         b"[" * 100_000,
     ]
 

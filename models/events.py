@@ -124,6 +124,8 @@ def _load_object(raw: str | bytes) -> dict[str, Any]:
         obj = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as e:
         raise InvalidRecord(f"record is not valid JSON: {e}") from e
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits (CPython's limit)
+        raise InvalidRecord(f"record has a number Python refuses to read: {e}") from e
     if not isinstance(obj, dict):
         raise InvalidRecord(f"record must be a JSON object, got {type(obj).__name__}")
     return obj
