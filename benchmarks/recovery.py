@@ -206,9 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print(C.table(rows, cols))
     headline = (
         f"kill -9 TaskManager ({args.spare_taskmanagers} spare, replacement {args.replace}): "
-        f"detected "
-        f"{rec['detected_s']:.1f}s, tasks running "
-        f"{rec['running_s']:.1f}s, new version {rec['resumed_s']:.1f}s "
+        f"detected {rec['detected_s']:.1f}s, tasks running {rec['running_s']:.1f}s, "
+        f"new version {rec['resumed_s']:.1f}s "
         f"({rows[1]['version_vs_cold']:.2f}x cold start {cold['first_version_s']:.1f}s)"
     )
     print(headline)
