@@ -178,6 +178,172 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
+# --------------------------------------------------------------------------- CPU accounting
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_table() -> dict[tuple[int, int], tuple[int, str, float]]:
+    """(pid, start time) -> (parent pid, command line, CPU seconds so far) of every process
+    this user can read in /proc. The start time tells a reused pid from the process before."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone, or not ours to read
+            continue
+        # Fields after the command name, which is in parentheses and may hold spaces:
+        # state(0) ppid(1) ... utime(11) stime(12) ... starttime(19).
+        f = stat.rsplit(")", 1)[1].split()
+        cpu = (int(f[11]) + int(f[12])) / _CLK_TCK
+        table[(int(entry), int(f[19]))] = (int(f[1]), cmd, cpu)
+    return table
+
+
+def cpu_kind(cmd: str) -> str:
+    """What a process of a benchmark run is, from its command line."""
+    exe = cmd.split(" ", 1)[0]
+    if exe.endswith("java"):
+        return "kafka" if " kafka.Kafka " in f"{cmd} " else "flink_jvm"
+    if "pyflink.fn_execution" in cmd:
+        return "python_worker"
+    return "other"
+
+
+class ProcessCPU(threading.Thread):
+    """CPU seconds that this process and its descendants (the local Flink JVM, its Python
+    workers, the embedded Kafka broker) use between start() and result(), per process kind:
+    where a run's CPU goes, measured rather than assumed.
+
+    Linux only (/proc); elsewhere result() is None. Polled every ``interval_s``: a process
+    that ends between two polls is counted up to the last poll that saw it. A process that
+    existed at start() counts only what it used after that. Every poll also records the
+    total so far, so that :meth:`rate` can give the cores in use in a window of the run
+    (the steady state, without start-up).
+    """
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        super().__init__(name="rtrec-bench-cpu", daemon=True)
+        self.interval_s = interval_s
+        self.available = os.path.isfile("/proc/self/stat")
+        self._stop_event = threading.Event()
+        self._base: dict[tuple[int, int], float] = {}
+        self._seen: dict[tuple[int, int], tuple[str, float]] = {}
+        self._root = os.getpid()
+        self._self_t0 = 0.0
+        self.timeline: list[tuple[float, float]] = []  # (time.time(), total CPU-s so far)
+        # (time.time(), {process: CPU-s so far}), "client" = this process.
+        self._per_process: list[tuple[float, dict[Any, float]]] = []
+
+    def start(self) -> None:
+        if self.available:
+            self._base = {k: v[2] for k, v in _proc_table().items()}
+        t = os.times()
+        self._self_t0 = t.user + t.system
+        super().start()
+
+    def _poll(self) -> None:
+        table = _proc_table()
+        parents = {pid: ppid for (pid, _), (ppid, _, _) in table.items()}
+        for key, (_, cmd, cpu) in table.items():
+            pid, hops = key[0], 0
+            while pid not in (self._root, 0, 1) and pid in parents and hops < 64:
+                pid, hops = parents[pid], hops + 1
+            if pid == self._root and key[0] != self._root:
+                # An exited process not reaped yet (a zombie) has an empty command line.
+                cmd = cmd or self._seen.get(key, ("", 0.0))[0]
+                self._seen[key] = (cmd, cpu - self._base.get(key, 0.0))
+        t = os.times()
+        own = t.user + t.system - self._self_t0
+        now = time.time()
+        self.timeline.append((now, own + sum(c for _, c in self._seen.values())))
+        self._per_process.append(
+            (now, {"client": own, **{k: c for k, (_, c) in self._seen.items()}})
+        )
+
+    def run(self) -> None:
+        while self.available and not self._stop_event.is_set():
+            self._poll()
+            self._stop_event.wait(self.interval_s)
+
+    def rate(self, t0: float, t1: float) -> float | None:
+        """Cores in use (CPU seconds per second) by the whole run between wall times ``t0``
+        and ``t1`` (time.time()), from the first and last poll inside that window; None
+        without /proc or with fewer than two polls in it."""
+        inside = [(t, c) for t, c in self.timeline if t0 <= t <= t1]
+        if not self.available or len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        (ta, ca), (tb, cb) = inside[0], inside[-1]
+        return (cb - ca) / (tb - ta)
+
+    def cores(self, t0: float, t1: float) -> dict[str, Any] | None:
+        """Like :meth:`rate`, per process kind: {"client", "flink_jvm", "kafka", "other":
+        cores, "python_workers": [cores of each worker, busiest first]}. A single process
+        near 1.0 (one core; a Python worker is one GIL) is the stage that limits the run."""
+        inside = [(t, c) for t, c in self._per_process if t0 <= t <= t1]
+        if not self.available or len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        (ta, ca), (tb, cb) = inside[0], inside[-1]
+        out: dict[str, Any] = {"client": 0.0, "flink_jvm": 0.0, "kafka": 0.0, "other": 0.0}
+        workers = []
+        for key, c in cb.items():
+            r = round((c - ca.get(key, 0.0)) / (tb - ta), 2)
+            kind = "client" if key == "client" else cpu_kind(self._seen[key][0])
+            if kind == "python_worker":
+                workers.append(r)
+            else:
+                out[kind] = round(out[kind] + r, 2)
+        out["python_workers"] = sorted(workers, reverse=True)
+        return out
+
+    def result(self) -> dict[str, Any] | None:
+        """{"client_s", "flink_jvm_s", "kafka_s", "other_s", "python_workers_s" (one
+        figure per worker process, largest first), "total_s"}; None without /proc."""
+        self._stop_event.set()
+        self.join()
+        if not self.available:
+            return None
+        self._poll()
+        t = os.times()
+        out: dict[str, Any] = {
+            "client_s": t.user + t.system - self._self_t0,
+            "flink_jvm_s": 0.0,
+            "kafka_s": 0.0,
+            "other_s": 0.0,
+        }
+        workers = []
+        for cmd, cpu in self._seen.values():
+            kind = cpu_kind(cmd)
+            if kind == "python_worker":
+                workers.append(cpu)
+            else:
+                out[f"{kind}_s"] += cpu
+        out["python_workers_s"] = sorted(workers, reverse=True)
+        out["total_s"] = sum(v for k, v in out.items() if k != "python_workers_s") + sum(workers)
+        return {
+            k: ([round(x, 2) for x in v] if isinstance(v, list) else round(v, 2))
+            for k, v in out.items()
+        }
+
+
+def cpu_line(cpu: dict[str, Any] | None, events: int) -> str:
+    """One log line: a run's CPU seconds per process kind and per event."""
+    if cpu is None:
+        return "CPU accounting needs /proc (Linux)"
+    workers = " + ".join(f"{w:.1f}" for w in cpu["python_workers_s"]) or "none"
+    per_event = cpu["total_s"] * 1e6 / events if events else float("nan")
+    return (
+        f"CPU: Flink JVM {cpu['flink_jvm_s']:.1f} s, Python workers {workers} s, "
+        f"Kafka {cpu['kafka_s']:.1f} s, client {cpu['client_s']:.1f} s, other "
+        f"{cpu['other_s']:.1f} s = {cpu['total_s']:.1f} CPU-s, {per_event:,.0f} us/event "
+        "(start-up included)"
+    )
+
+
 # --------------------------------------------------------------------------- Kafka + registry
 
 

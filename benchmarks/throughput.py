@@ -23,7 +23,13 @@ work); every run reads it from the beginning as a bounded source.
   ``catchup_factor x batch_size``: the replay is a backlog, which the job learns in catch-up
   steps (``models.online.step_due``).
 
-Printed per (parallelism, text encoder): job events/s, job/pass-through, job/compute-only.
+- CPU: each Flink run's CPU seconds per process (Flink JVM, every Python worker, Kafka
+  broker, client; ``benchmarks/_common.ProcessCPU``, from /proc) and per event, with
+  start-up and in the steady-state window (JSON; the table shows the steady figures), and
+  compute-only's own CPU per sample. Where an event's CPU goes, measured.
+
+Printed per (parallelism, text encoder): job events/s, job/pass-through, job/compute-only,
+and CPU us per event of the job, the pass-through and compute-only.
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> 
     key_by_field(counted, 0).process(
         CountPerKey(record_dir=str(record_dir)), output_type=pair
     ).set_parallelism(TRAINER_PARALLELISM).print().set_parallelism(TRAINER_PARALLELISM)
+    cpu = C.ProcessCPU()
+    cpu.start()
     t0 = time.monotonic()
     client = env.execute_async("rtrec-bench-passthrough")
     done = threading.Thread(target=lambda: client.get_job_execution_result().result(), daemon=True)
@@ -114,15 +122,22 @@ def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> 
         client.cancel().result()
         raise TimeoutError(f"pass-through job did not finish within {timeout_s:.0f}s; cancelled")
     elapsed = time.monotonic() - t0
+    cpu_s = cpu.result()
     stages = [json.loads(p.read_text()) for p in record_dir.glob("stage-*.json")]
     n = sum(s["n"] for s in stages)
+    C.log(C.cpu_line(cpu_s, n))
     first = min(s["first"] for s in stages)
     last = max(s["last"] for s in stages)
+    events_per_s = (n - 1) / (last - first) if last > first else None
     return {
         "records": n,
         "steady_s": last - first,
-        "events_per_s": (n - 1) / (last - first) if last > first else None,
+        "events_per_s": events_per_s,
         "elapsed_s": elapsed,
+        "cpu": cpu_s,
+        "steady_cores": cpu.rate(first, last),
+        "steady_cores_by_process": cpu.cores(first, last),
+        "steady_cpu_us_per_event": _us_per_event(cpu.rate(first, last), events_per_s),
     }
 
 
@@ -159,10 +174,13 @@ def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, A
     log_dir.mkdir(parents=True, exist_ok=True)
     original = job.OnlineTrainer
     job.OnlineTrainer = timed_trainer(str(log_dir))
+    cpu = C.ProcessCPU()
+    cpu.start()
     try:
         res = run_local(cfg, bootstrap, progress_every_s=10.0, timeout_s=timeout_s)
     finally:
         job.OnlineTrainer = original
+        cpu_s = cpu.result()
     if res.status != "FINISHED":
         raise RuntimeError(f"job ended {res.status}")
     versions = C.manifests_by_mtime(Path(cfg.export.registry_dir), cfg.job.model_key)
@@ -177,16 +195,23 @@ def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, A
         raise RuntimeError(f"{len(firings)} trainer firing(s): too few events to measure")
     (t_a, n_a), (t_b, n_b) = firings[0], max(firings, key=lambda f: (f[1], -f[0]))
     threads = log_dir / "torch-threads"
+    C.log(C.cpu_line(cpu_s, n_b))
+    C.log(f"steady state: cores in use {cpu.cores(t_a, t_b)}")
+    events_per_s = (n_b - n_a) / (t_b - t_a)
     return {
         "trainer_torch_threads": int(threads.read_text()) if threads.exists() else None,
         "events_seen": n_b,
         "versions": len(versions),
         "firings": len(firings),
         "steady_s": t_b - t_a,
-        "events_per_s": (n_b - n_a) / (t_b - t_a),
+        "events_per_s": events_per_s,
         "elapsed_s": res.elapsed_s,
         "first_version_s": res.first_version_s,
         "overall_events_per_s": n_b / res.elapsed_s,
+        "cpu": cpu_s,
+        "steady_cores": cpu.rate(t_a, t_b),
+        "steady_cores_by_process": cpu.cores(t_a, t_b),
+        "steady_cpu_us_per_event": _us_per_event(cpu.rate(t_a, t_b), events_per_s),
     }
 
 
@@ -207,6 +232,7 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
     learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=encoder.dim if encoder else 0)
     meta = new_meta(cfg.job.model_key)
     n = versions = 0
+    c0 = os.times()
     t0 = time.perf_counter()
     first: tuple[float, int] | None = None  # (time, samples) at the end of the first firing
     # The whole stream is a backlog, which the job's trainer learns in catch-up steps
@@ -225,6 +251,7 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
     )
     versions += f.version is not None
     end = time.perf_counter()
+    c1 = os.times()
     # Same definition as the job's: from the first published version to the last one
     # (the first firing's one-off costs - allocations, first catalogue - are excluded).
     t_a, n_a = first or (t0, 0)
@@ -235,6 +262,7 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
         "elapsed_s": end - t0,
         "events_per_s": (n - n_a) / (end - t_a),
         "overall_events_per_s": n / (end - t0),
+        "cpu_us_per_sample": (c1.user + c1.system - c0.user - c0.system) * 1e6 / max(n, 1),
     }
 
 
@@ -318,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
                         "compute_only_events_per_s": comp["events_per_s"],
                         "job_vs_passthrough": C.ratio(job["events_per_s"], pt["events_per_s"]),
                         "job_vs_compute_only": C.ratio(job["events_per_s"], comp["events_per_s"]),
+                        "job_cpu_us_per_event": _per_event(job["cpu"], job["events_seen"]),
+                        "job_steady_cpu_us_per_event": job["steady_cpu_us_per_event"],
+                        "passthrough_cpu_us_per_event": _per_event(pt["cpu"], pt["records"]),
+                        "passthrough_steady_cpu_us_per_event": pt["steady_cpu_us_per_event"],
+                        "compute_only_cpu_us_per_sample": comp["cpu_us_per_sample"],
                         "job_steady_s": job["steady_s"],
                         "job_versions": job["versions"],
                         "job_first_version_s": job["first_version_s"],
@@ -347,9 +380,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _us_per_event(cores: float | None, events_per_s: float | None) -> float | None:
+    """CPU microseconds per event from the cores in use and the events per second."""
+    return cores * 1e6 / events_per_s if cores is not None and events_per_s else None
+
+
+def _per_event(cpu: dict[str, Any] | None, events: int) -> float | None:
+    """A run's CPU microseconds per event (start-up included); None without /proc."""
+    return cpu["total_s"] * 1e6 / events if cpu and events else None
+
+
 _COLS = [
     "parallelism", "encoder", "job_events_per_s", "passthrough_events_per_s",
     "compute_only_events_per_s", "job_vs_passthrough", "job_vs_compute_only",
+    "job_steady_cpu_us_per_event", "passthrough_steady_cpu_us_per_event",
+    "compute_only_cpu_us_per_sample",
     "job_steady_s", "job_versions",
 ]  # fmt: skip
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,14 +59,19 @@ def test_gpu_script_writes_json(tmp_path: Path) -> None:
     assert row["trainer_samples_per_s"] > 0 and row["trainer_vs_cpu"] == pytest.approx(1.0)
 
 
-def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
-    """``--config F`` turns every key of F into a ``--set`` override the config loader
-    accepts, nested tables (``[job.flink]``) included."""
+def _common():
     sys.path.insert(0, str(BENCH))
     try:
         import _common as C
     finally:
         sys.path.remove(str(BENCH))
+    return C
+
+
+def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
+    """``--config F`` turns every key of F into a ``--set`` override the config loader
+    accepts, nested tables (``[job.flink]``) included."""
+    C = _common()
     f = tmp_path / "profile.toml"
     f.write_text(
         '[job]\nwindow_ms = 100\n[job.flink]\n"pipeline.auto-watermark-interval" = "50 ms"\n'
@@ -89,3 +95,87 @@ def test_recovery_refuses_a_late_replacement_without_a_standby() -> None:
     )
     assert proc.returncode == 2
     assert "--replace after-recovery needs --spare-taskmanagers >= 1" in proc.stderr
+
+
+# A child that burns CPU for a while; the trailing argument puts a Python worker's module
+# name in its command line, as PyFlink's workers have.
+_BURN = (
+    "import sys, time\n"
+    "t = time.process_time()\n"
+    "while time.process_time() - t < float(sys.argv[1]): pass"
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
+def test_process_cpu_counts_descendants_by_kind_and_only_after_start() -> None:
+    """ProcessCPU charges a run with the CPU its child processes use after start(), per
+    kind (a process that ended between polls is counted up to its last poll), and not with
+    what a process used before start()."""
+    C = _common()
+    assert C.cpu_kind("/usr/bin/java -cp x kafka.Kafka server.properties") == "kafka"
+    assert C.cpu_kind("/opt/jdk/bin/java -cp flink.jar org.apache.flink.Foo") == "flink_jvm"
+    assert C.cpu_kind("/usr/bin/python -m pyflink.fn_execution.beam.beam_boot --id=1") == (
+        "python_worker"
+    )
+    # Runs before and during the measurement: only the part after start() counts.
+    early = subprocess.Popen([sys.executable, "-c", _BURN, "1.2", "pyflink.fn_execution.x"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until it has used 0.6 s (however busy the machine)
+        mine = [v for (pid, _), v in C._proc_table().items() if pid == early.pid]
+        if mine and mine[0][2] >= 0.6:
+            break
+        time.sleep(0.02)
+    cpu = C.ProcessCPU(interval_s=0.05)
+    cpu.start()
+    worker = [sys.executable, "-c", _BURN, "0.5", "pyflink.fn_execution.y"]
+    subprocess.run(worker, check=True, timeout=60)
+    other = subprocess.run([sys.executable, "-c", _BURN, "0.3"], check=True, timeout=60)
+    early.wait(timeout=60)
+    time.sleep(0.2)
+    r = cpu.result()
+    assert other.returncode == 0 and r is not None
+    assert len(r["python_workers_s"]) == 2, r
+    # The 0.5 s worker (plus its interpreter's start-up), and the early one, of whose 1.2 s
+    # at most 0.6 s fell after start().
+    assert all(0.4 <= w <= 0.95 for w in r["python_workers_s"]), r
+    assert r["other_s"] >= 0.25  # the plain child
+    assert r["flink_jvm_s"] == 0 and r["kafka_s"] == 0
+    total = r["client_s"] + r["other_s"] + sum(r["python_workers_s"])
+    assert r["total_s"] == pytest.approx(total, abs=0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
+def test_process_cpu_rate_uses_the_polls_inside_the_window() -> None:
+    """The steady-state figure: cores in use between the first and the last poll inside
+    the window, so that start-up before it and the tail after it are left out."""
+    cpu = _common().ProcessCPU()
+    cpu.timeline = [(0.0, 0.0), (1.0, 0.5), (2.0, 1.5), (3.0, 1.6)]
+    assert cpu.rate(0.5, 2.5) == pytest.approx(1.0)
+    assert cpu.rate(0.0, 3.0) == pytest.approx(1.6 / 3)
+    assert cpu.rate(1.5, 2.5) is None  # one poll: no rate
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
+def test_process_cpu_cores_per_process_kind() -> None:
+    """Per-kind cores in a window: each Python worker on its own (the one near 1.0 is the
+    limiting stage), the JVMs and this process summed by kind."""
+    cpu = _common().ProcessCPU()
+    w1, w2, jvm = (10, 1), (11, 1), (12, 1)
+    cpu._seen = {
+        w1: ("python -m pyflink.fn_execution.beam.beam_boot", 0.0),
+        w2: ("python -m pyflink.fn_execution.beam.beam_boot", 0.0),
+        jvm: ("/usr/bin/java -cp flink.jar Main", 0.0),
+    }
+    cpu._per_process = [
+        (0.0, {"client": 0.0, w1: 1.0, jvm: 2.0}),
+        (1.0, {"client": 0.1, w1: 1.5, jvm: 2.5, w2: 0.0}),
+        (3.0, {"client": 0.3, w1: 3.5, jvm: 3.5, w2: 0.6}),
+    ]
+    r = cpu.cores(0.5, 3.0)  # between the polls at 1.0 and 3.0
+    assert r == {
+        "client": 0.1,
+        "flink_jvm": 0.5,
+        "kafka": 0.0,
+        "other": 0.0,
+        "python_workers": [1.0, 0.3],
+    }
