@@ -59,17 +59,40 @@ def _target(directory: str) -> str:
     return directory if "://" in directory else Path(directory).resolve().as_uri()
 
 
+# Flink declines a checkpoint or savepoint while one of the job's tasks is starting or
+# finishing (a bounded side input such as an empty catalogue source, a task restarting).
+# That passes within seconds on a job that keeps running.
+TRANSIENT_DECLINES = ("task is closing", "Not all required tasks are currently running")
+
+
 def trigger_savepoint(
-    address: str, job_id: str, directory: str, fmt: str = "CANONICAL", timeout_s: float = 300
+    address: str,
+    job_id: str,
+    directory: str,
+    fmt: str = "CANONICAL",
+    timeout_s: float = 300,
+    retry_every_s: float = 1.0,
 ) -> str:
-    """Take a savepoint of a running job; returns its location."""
-    res = _call(
-        address,
-        "POST",
-        f"/jobs/{job_id}/savepoints",
-        {"target-directory": _target(directory), "cancel-job": False, "formatType": fmt},
-    )
-    return _await(address, job_id, res["request-id"], timeout_s)
+    """Take a savepoint of a running job; returns its location. A savepoint Flink declines
+    only because a task is starting or finishing is triggered again while the job is
+    RUNNING, until ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        res = _call(
+            address,
+            "POST",
+            f"/jobs/{job_id}/savepoints",
+            {"target-directory": _target(directory), "cancel-job": False, "formatType": fmt},
+        )
+        try:
+            return _await(address, job_id, res["request-id"], deadline - time.monotonic())
+        except SavepointError as e:
+            transient = any(reason in str(e) for reason in TRANSIENT_DECLINES)
+            if not transient or time.monotonic() + retry_every_s > deadline:
+                raise
+            if _call(address, "GET", f"/jobs/{job_id}")["state"] != "RUNNING":
+                raise
+        time.sleep(retry_every_s)
 
 
 def stop_with_savepoint(
