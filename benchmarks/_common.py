@@ -221,9 +221,9 @@ class ProcessCPU(threading.Thread):
 
     Linux only (/proc); elsewhere result() is None. Polled every ``interval_s``: a process
     that ends between two polls is counted up to the last poll that saw it. A process that
-    existed at start() counts only what it used after that. Every poll also records the
-    total so far, so that :meth:`rate` can give the cores in use in a window of the run
-    (the steady state, without start-up).
+    existed at start() counts only what it used after that. Every poll is kept, so that
+    :meth:`rate` and :meth:`cores` can give the cores in use in a window of the run (the
+    steady state, without start-up).
     """
 
     def __init__(self, interval_s: float = 0.5) -> None:
@@ -235,8 +235,7 @@ class ProcessCPU(threading.Thread):
         self._seen: dict[tuple[int, int], tuple[str, float]] = {}
         self._root = os.getpid()
         self._self_t0 = 0.0
-        self.timeline: list[tuple[float, float]] = []  # (time.time(), total CPU-s so far)
-        # (time.time(), {process: CPU-s so far}), "client" = this process.
+        # (time.time(), {process key: CPU-s so far}), "client" = this process.
         self._per_process: list[tuple[float, dict[Any, float]]] = []
 
     def start(self) -> None:
@@ -259,10 +258,8 @@ class ProcessCPU(threading.Thread):
                 self._seen[key] = (cmd, cpu - self._base.get(key, 0.0))
         t = os.times()
         own = t.user + t.system - self._self_t0
-        now = time.time()
-        self.timeline.append((now, own + sum(c for _, c in self._seen.values())))
         self._per_process.append(
-            (now, {"client": own, **{k: c for k, (_, c) in self._seen.items()}})
+            (time.time(), {"client": own, **{k: c for k, (_, c) in self._seen.items()}})
         )
 
     def run(self) -> None:
@@ -270,35 +267,48 @@ class ProcessCPU(threading.Thread):
             self._poll()
             self._stop_event.wait(self.interval_s)
 
-    def rate(self, t0: float, t1: float) -> float | None:
-        """Cores in use (CPU seconds per second) by the whole run between wall times ``t0``
-        and ``t1`` (time.time()), from the first and last poll inside that window; None
-        without /proc or with fewer than two polls in it."""
-        inside = [(t, c) for t, c in self.timeline if t0 <= t <= t1]
-        if not self.available or len(inside) < 2 or inside[-1][0] <= inside[0][0]:
-            return None
-        (ta, ca), (tb, cb) = inside[0], inside[-1]
-        return (cb - ca) / (tb - ta)
+    def _by_kind(self, cpu: dict[Any, float]) -> dict[str, Any]:
+        """{process key: figure} -> {"client", "flink_jvm", "kafka", "other": sum,
+        "python_workers": [one figure per worker, largest first]}."""
+        out: dict[str, Any] = {"client": 0.0, "flink_jvm": 0.0, "kafka": 0.0, "other": 0.0}
+        workers = []
+        for key, c in cpu.items():
+            kind = "client" if key == "client" else cpu_kind(self._seen[key][0])
+            if kind == "python_worker":
+                workers.append(c)
+            else:
+                out[kind] += c
+        out["python_workers"] = sorted(workers, reverse=True)
+        return out
 
-    def cores(self, t0: float, t1: float) -> dict[str, Any] | None:
-        """Like :meth:`rate`, per process kind: {"client", "flink_jvm", "kafka", "other":
-        cores, "python_workers": [cores of each worker, busiest first]}. A single process
-        near 1.0 (one core; a Python worker is one GIL) is the stage that limits the run."""
+    def _window(self, t0: float, t1: float) -> dict[Any, float] | None:
+        """Cores each process used between the first and last poll inside wall times
+        ``t0``..``t1`` (time.time()); None without /proc or with fewer than two polls."""
         inside = [(t, c) for t, c in self._per_process if t0 <= t <= t1]
         if not self.available or len(inside) < 2 or inside[-1][0] <= inside[0][0]:
             return None
         (ta, ca), (tb, cb) = inside[0], inside[-1]
-        out: dict[str, Any] = {"client": 0.0, "flink_jvm": 0.0, "kafka": 0.0, "other": 0.0}
-        workers = []
-        for key, c in cb.items():
-            r = round((c - ca.get(key, 0.0)) / (tb - ta), 2)
-            kind = "client" if key == "client" else cpu_kind(self._seen[key][0])
-            if kind == "python_worker":
-                workers.append(r)
-            else:
-                out[kind] = round(out[kind] + r, 2)
-        out["python_workers"] = sorted(workers, reverse=True)
-        return out
+        return {k: (c - ca.get(k, 0.0)) / (tb - ta) for k, c in cb.items()}
+
+    def rate(self, t0: float, t1: float) -> float | None:
+        """Cores in use (CPU seconds per second) by the whole run in a window (see
+        :meth:`cores`)."""
+        w = self._window(t0, t1)
+        return sum(w.values()) if w is not None else None
+
+    def cores(self, t0: float, t1: float) -> dict[str, Any] | None:
+        """Cores in use per process kind between wall times ``t0`` and ``t1``, from the
+        first and last poll inside that window: {"client", "flink_jvm", "kafka", "other":
+        cores, "python_workers": [cores of each worker, busiest first]}. A single process
+        near 1.0 (one core; a Python worker is one GIL) is the stage that limits the run."""
+        w = self._window(t0, t1)
+        if w is None:
+            return None
+        out = self._by_kind(w)
+        return {
+            k: ([round(x, 2) for x in v] if isinstance(v, list) else round(v, 2))
+            for k, v in out.items()
+        }
 
     def result(self) -> dict[str, Any] | None:
         """{"client_s", "flink_jvm_s", "kafka_s", "other_s", "python_workers_s" (one
@@ -308,22 +318,9 @@ class ProcessCPU(threading.Thread):
         if not self.available:
             return None
         self._poll()
-        t = os.times()
-        out: dict[str, Any] = {
-            "client_s": t.user + t.system - self._self_t0,
-            "flink_jvm_s": 0.0,
-            "kafka_s": 0.0,
-            "other_s": 0.0,
-        }
-        workers = []
-        for cmd, cpu in self._seen.values():
-            kind = cpu_kind(cmd)
-            if kind == "python_worker":
-                workers.append(cpu)
-            else:
-                out[f"{kind}_s"] += cpu
-        out["python_workers_s"] = sorted(workers, reverse=True)
-        out["total_s"] = sum(v for k, v in out.items() if k != "python_workers_s") + sum(workers)
+        _, latest = self._per_process[-1]
+        out = {f"{k}_s": v for k, v in self._by_kind(latest).items()}
+        out["total_s"] = sum(latest.values())
         return {
             k: ([round(x, 2) for x in v] if isinstance(v, list) else round(v, 2))
             for k, v in out.items()

@@ -135,9 +135,7 @@ def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> 
         "events_per_s": events_per_s,
         "elapsed_s": elapsed,
         "cpu": cpu_s,
-        "steady_cores": cpu.rate(first, last),
-        "steady_cores_by_process": cpu.cores(first, last),
-        "steady_cpu_us_per_event": _us_per_event(cpu.rate(first, last), events_per_s),
+        **_steady_cpu(cpu, first, last, events_per_s),
     }
 
 
@@ -196,8 +194,9 @@ def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, A
     (t_a, n_a), (t_b, n_b) = firings[0], max(firings, key=lambda f: (f[1], -f[0]))
     threads = log_dir / "torch-threads"
     C.log(C.cpu_line(cpu_s, n_b))
-    C.log(f"steady state: cores in use {cpu.cores(t_a, t_b)}")
     events_per_s = (n_b - n_a) / (t_b - t_a)
+    steady = _steady_cpu(cpu, t_a, t_b, events_per_s)
+    C.log(f"steady state: cores in use {steady['steady_cores_by_process']}")
     return {
         "trainer_torch_threads": int(threads.read_text()) if threads.exists() else None,
         "events_seen": n_b,
@@ -209,9 +208,7 @@ def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, A
         "first_version_s": res.first_version_s,
         "overall_events_per_s": n_b / res.elapsed_s,
         "cpu": cpu_s,
-        "steady_cores": cpu.rate(t_a, t_b),
-        "steady_cores_by_process": cpu.cores(t_a, t_b),
-        "steady_cpu_us_per_event": _us_per_event(cpu.rate(t_a, t_b), events_per_s),
+        **steady,
     }
 
 
@@ -380,9 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _us_per_event(cores: float | None, events_per_s: float | None) -> float | None:
-    """CPU microseconds per event from the cores in use and the events per second."""
-    return cores * 1e6 / events_per_s if cores is not None and events_per_s else None
+def _steady_cpu(cpu, t0: float, t1: float, events_per_s: float | None) -> dict[str, Any]:
+    """The steady-state window's cores in use (all, and per process) and CPU us per event."""
+    cores = cpu.rate(t0, t1)
+    return {
+        "steady_cores": cores,
+        "steady_cores_by_process": cpu.cores(t0, t1),
+        "steady_cpu_us_per_event": (
+            cores * 1e6 / events_per_s if cores is not None and events_per_s else None
+        ),
+    }
 
 
 def _per_event(cpu: dict[str, Any] | None, events: int) -> float | None:

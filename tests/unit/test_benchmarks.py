@@ -153,7 +153,8 @@ def test_process_cpu_rate_uses_the_polls_inside_the_window() -> None:
     """The steady-state figure: cores in use between the first and the last poll inside
     the window, so that start-up before it and the tail after it are left out."""
     cpu = _common().ProcessCPU()
-    cpu.timeline = [(0.0, 0.0), (1.0, 0.5), (2.0, 1.5), (3.0, 1.6)]
+    polls = [(0.0, 0.0), (1.0, 0.5), (2.0, 1.5), (3.0, 1.6)]
+    cpu._per_process = [(t, {"client": c}) for t, c in polls]
     assert cpu.rate(0.5, 2.5) == pytest.approx(1.0)
     assert cpu.rate(0.0, 3.0) == pytest.approx(1.6 / 3)
     assert cpu.rate(1.5, 2.5) is None  # one poll: no rate
