@@ -344,6 +344,14 @@ def validate(cfg: AppConfig) -> None:
             "kafka.bounded=false and stop the job with `rtrec stop JOB --savepoint` once it "
             "has caught up"
         )
+    if cfg.model.transition_pairs > cfg.model.history_length:
+        # The transition memory counts pairs among the history the user tower reads.
+        raise ConfigError(
+            f"model.transition_pairs ({cfg.model.transition_pairs}) must be <= "
+            f"model.history_length ({cfg.model.history_length}): a positive's transitions "
+            "are counted from the newest history items the model reads; lower "
+            "transition_pairs or raise history_length"
+        )
     for name, v in (
         ("trainer.batch_size", cfg.trainer.batch_size),
         ("model.dim", cfg.model.dim),

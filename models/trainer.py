@@ -607,7 +607,7 @@ class OnlineLearner:
             result.loss = lv
             result.dense_blob = self.dense_blob()
             touched_rows.update(rows.tolist())
-            self._remember_transitions(pos, touched_rows)
+            self._remember_transitions(hist, target_idx, touched_rows)
         meta["step"] += 1
         if self.asm is not None and meta["step"] % max(1, self.cfg.adaptive_resort_steps) == 0:
             moved = resort_by_frequency(self.asm, self.opt, cat)
@@ -863,47 +863,54 @@ class OnlineLearner:
         live = torch.from_numpy(cat.live[idx.cpu().numpy()]).to(self.device)
         return idx[live] if len(idx) else empty
 
-    def _remember_transitions(self, pos: list[Sample], touched_rows: set[int]) -> None:
+    def _remember_transitions(
+        self, hist: torch.Tensor, targets: npt.NDArray[np.int64], touched_rows: set[int]
+    ) -> None:
         """Count "h_d -> target" in the row of each of the ``model.transition_pairs`` newest
         history items h_d of each positive (weight 1 / (d + 1): the nearer, the stronger),
         and with ``model.transition_symmetric`` "target -> h_d" in the target's row too. A
-        new neighbour replaces the least counted one when all M slots are used."""
+        new neighbour replaces the least counted one when all M slots are used.
+
+        hist [B, H]: the positives' histories (catalogue indices, newest first, 0 =
+        padding), targets [B] their catalogue indices; the history items older than H are
+        not counted (``transition_pairs`` is at most ``history_length``)."""
         m, cat = self.trans_m, self.catalog
         if m == 0:
             return
-        pairs = max(1, self.model_cfg.transition_pairs)
-        counts: list[tuple[int, int, float]] = []  # (id row, neighbour index, weight), in order
-        for s in pos:
-            t = cat.index.get(s.target)
-            if t is None:
-                continue
-            rt = int(cat.row_of[t])
-            for d, item in enumerate(reversed(s.history[-pairs:])):
-                h = cat.index.get(item)
-                if h is None or h == t:
-                    continue
-                w = 1.0 / (d + 1)
-                counts.append((int(cat.row_of[h]), t, w))
-                if self.model_cfg.transition_symmetric:
-                    counts.append((rt, h, w))
-        rows = sorted({r for r, _, _ in counts if r})  # row 0 = no id row: not counted
-        if not rows:
+        pairs = min(max(1, self.model_cfg.transition_pairs), hist.shape[1])
+        h = hist[:, :pairs].cpu().numpy()  # [B, P]: h[:, d] is the d-th newest item
+        t = np.broadcast_to(targets[:, None], h.shape)  # [B, P]
+        w = np.broadcast_to(1.0 / (np.arange(pairs) + 1.0), h.shape)
+        valid = (h > 0) & (h != t)
+        # (id row, neighbour, weight) per count, in the order they are applied: sample by
+        # sample, nearest history item first, "h -> t" before "t -> h".
+        if self.model_cfg.transition_symmetric:
+            rows_of = np.stack([cat.row_of[h], cat.row_of[t]], axis=2)  # [B, P, 2]
+            nbrs = np.stack([t, h], axis=2)
+            w, valid = np.stack([w, w], axis=2), np.stack([valid, valid], axis=2)
+        else:
+            rows_of, nbrs = cat.row_of[h], t
+        keep = valid & (rows_of > 0)  # row 0 = no id row: not counted
+        r_all, j_all, w_all = rows_of[keep], nbrs[keep], w[keep]  # C order = applying order
+        if not len(r_all):
             return
         # The slot replacement depends on the order of the counts, so they are applied one
-        # by one - on a host copy of the touched rows' memory (one transfer each way;
-        # per-element tensor indexing cost ~20 us a count, a third of a CPU step).
+        # by one, row by row (a stable sort keeps each row's order) - on a host copy of the
+        # touched rows' memory (one transfer each way; per-element tensor indexing cost
+        # ~20 us a count, a third of a CPU step).
+        order = np.argsort(r_all, kind="stable")
+        r_sorted = r_all[order]
+        rows, starts = np.unique(r_sorted, return_index=True)
+        ends = [*starts[1:].tolist(), len(r_sorted)]
+        j_list, w_list = j_all[order].tolist(), w_all[order].tolist()
         off = self.trans_off
-        rows_t = torch.tensor(rows, device=self.device)
+        rows_t = torch.from_numpy(rows.astype(np.int64)).to(self.device)
         block = self.table.data[rows_t, off : off + 2 * m].cpu().numpy().copy()  # [R, 2M]
-        per_row: dict[int, list[tuple[int, float]]] = {r: [] for r in rows}
-        for r, j, w in counts:
-            if r:
-                per_row[r].append((j, w))
-        for i, r in enumerate(rows):
-            _count_all(block[i], m, per_row[r])
+        for i, (a, b) in enumerate(zip(starts.tolist(), ends, strict=True)):
+            _count_all(block[i], m, list(zip(j_list[a:b], w_list[a:b], strict=True)))
         with torch.no_grad():
             self.table.data[rows_t, off : off + 2 * m] = torch.from_numpy(block).to(self.device)
-        touched_rows.update(rows)
+        touched_rows.update(rows.tolist())
 
     def _sparse_update(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Apply the configured optimizer to the touched id rows only ([R, D] grads)."""

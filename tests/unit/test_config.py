@@ -76,6 +76,12 @@ def test_bounded_restore_is_refused_with_the_way_out():
     assert load_config(None, ["job.from_savepoint='/tmp/sp'"]).job.from_savepoint == "/tmp/sp"
 
 
+def test_transition_pairs_must_fit_the_history():
+    load_config(None, ["model.transition_pairs=4", "model.history_length=4"])
+    with pytest.raises(ConfigError, match=r"model.transition_pairs \(5\) must be <= "):
+        load_config(None, ["model.transition_pairs=5", "model.history_length=4"])
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
