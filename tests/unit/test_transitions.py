@@ -115,3 +115,40 @@ def test_batched_counting_matches_one_count_at_a_time_bit_for_bit():
         for j, w in counts:
             _count_reference(slow, m, j, w)
         assert fast.tobytes() == slow.tobytes(), m
+
+
+def test_a_step_counts_every_pair_in_sample_order():
+    """The counts of a step, built from the batch's index arrays, equal counting each
+    positive's pairs one by one in batch order (nearest history item first, "h -> t"
+    before "t -> h"): skipped are history items equal to the target and padding, and
+    duplicates in a history count twice."""
+    mc = ModelConfig(dim=8, history_length=4, hidden=8, transition_slots=3, transition_pairs=3)
+    learner = OnlineLearner(mc, TrainerConfig(num_negatives=2), CPU)
+    meta = new_meta("m")
+    s = lambda h, t, i: Sample("m", "u", h, t, 1, 1.0, i, f"e{i}")  # noqa: E731
+    learner.learn([s((), x, i) for i, x in enumerate("abcdefg")], meta)  # id rows for all
+    batch = [
+        s(("a", "b", "c"), "d", 10),
+        s(("e", "d", "d"), "a", 11),  # a duplicate, nearest first
+        s(("b",), "b", 12),  # the target itself: nothing counted
+        s(("f", "g", "a", "c"), "e", 13),  # longer than transition_pairs
+        s(("c", "b"), "a", 14),
+    ]
+    cat, m, off = learner.catalog, learner.trans_m, learner.trans_off
+    before = learner.table.data[:, off : off + 2 * m].clone().numpy()
+    expected: dict[int, list[tuple[int, float]]] = {}
+    for x in batch:
+        t = cat.index[x.target]
+        for d, item in enumerate(reversed(x.history[-3:])):
+            h = cat.index[item]
+            if h != t:
+                expected.setdefault(int(cat.row_of[h]), []).append((t, 1.0 / (d + 1)))
+                expected.setdefault(int(cat.row_of[t]), []).append((h, 1.0 / (d + 1)))
+    learner.learn(batch, meta)
+    after = learner.table.data[:, off : off + 2 * m].numpy()
+    for row, counts in expected.items():
+        want = before[row].copy()
+        _count_all(want, m, counts)
+        np.testing.assert_array_equal(after[row], want)
+    untouched = [r for r in range(1, len(before)) if r not in expected]
+    np.testing.assert_array_equal(after[untouched], before[untouched])
