@@ -11,6 +11,7 @@ serving at larger catalogues: ``user_encoder.onnx`` (same inputs -> ``user_vecto
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -102,9 +103,24 @@ _GRAPH_CACHE_SIZE = 8
 _GRAPHS_LOCK = threading.Lock()  # PyFlink may run bundles of one worker in threads
 
 
-def _signature(model: nn.Module, history_length: int, outputs: list[str]) -> tuple[Any, ...]:
+def _item_axis(model: nn.Module) -> list[str]:
+    """The model's own buffers with one row per exported item (``item_rows``, the
+    transition memory, the never-interacted mask, adaptive-softmax classes): their first
+    dimension is V + 1, which changes whenever the catalogue does."""
+    rows = getattr(model, "item_rows", None)
+    if not isinstance(rows, torch.Tensor):
+        return []
+    n = rows.shape[0]
+    return [k for k, b in model.named_buffers(recurse=False) if b.dim() and b.shape[0] == n]
+
+
+def _signature(
+    model: nn.Module, history_length: int, outputs: list[str], any_items: bool = False
+) -> tuple[Any, ...]:
     """Everything a traced graph depends on besides tensor values: module types, their
-    scalar and config attributes (e.g. TopKModel.k), state shapes and dtypes, inputs."""
+    scalar and config attributes (e.g. TopKModel.k), state shapes and dtypes, inputs.
+    With ``any_items`` the number of items (:func:`_item_axis`) is left out: the key of a
+    graph that was found not to depend on it."""
     mods = []
     for name, mod in model.named_modules():
         attrs: list[tuple[str, Any]] = []
@@ -118,8 +134,12 @@ def _signature(model: nn.Module, history_length: int, outputs: list[str]) -> tup
             elif k == "cfg":
                 attrs.append((k, repr(v)))
         mods.append((name, type(mod).__qualname__, tuple(attrs)))
-    state = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
-    return (tuple(mods), state, history_length, tuple(outputs), ONNX_OPSET)
+    free = set(_item_axis(model)) if any_items else set()
+    state = tuple(
+        (k, (-1, *v.shape[1:]) if k in free else tuple(v.shape), str(v.dtype))
+        for k, v in model.state_dict().items()
+    )
+    return (tuple(mods), state, history_length, tuple(outputs), ONNX_OPSET, any_items)
 
 
 def _trace(model: nn.Module, history_length: int, outputs: list[str]) -> onnx.ModelProto:
@@ -158,15 +178,55 @@ def _distinct(state: dict[str, torch.Tensor]) -> bool:
     return True
 
 
+def _one_item_more(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose item-axis buffers (:func:`_item_axis`) have one row more
+    (a copy of their last row): traced, it shows whether the graph depends on V."""
+    grown = copy.deepcopy(model)
+    for name in _item_axis(model):
+        buf = getattr(grown, name)
+        setattr(grown, name, torch.cat([buf, buf[-1:]]))
+    return grown
+
+
+def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """The same nodes (ops, wiring, attributes and constants), inputs and outputs."""
+    ga, gb = a.graph, b.graph
+    return (
+        [n.SerializeToString() for n in ga.node] == [n.SerializeToString() for n in gb.node]
+        and [i.SerializeToString() for i in ga.input] == [i.SerializeToString() for i in gb.input]
+        and [o.SerializeToString() for o in ga.output] == [o.SerializeToString() for o in gb.output]
+    )
+
+
+def _skeleton(proto: onnx.ModelProto, any_items: bool) -> onnx.ModelProto:
+    """``proto`` without weights (initializers keep their names), for the cache; a graph
+    reused for other item counts also drops the traced intermediate shapes (onnxruntime
+    infers them when it loads the model)."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(proto)
+    for init in skeleton.graph.initializer:
+        init.CopyFrom(onnx.TensorProto(name=init.name))
+    if any_items:
+        del skeleton.graph.value_info[:]
+    return skeleton
+
+
 def _onnx_proto(model: nn.Module, history_length: int, outputs: list[str]) -> onnx.ModelProto:
     """The model as ONNX (a proto of its own): a cached graph given this model's weights,
-    else a new trace."""
+    else a new trace.
+
+    A catalogue that grows changes the item-axis shapes (V + 1) of every version, so a
+    cache keyed by exact shapes would trace every version of a live catalogue. On a miss
+    the model is traced a second time with one item more: when both graphs are the same,
+    it is cached for any number of items, else for this one only.
+    """
     model = model.eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    key = _signature(model, history_length, outputs)
+    keys = [_signature(model, history_length, outputs, any_items=True)]
+    keys.append(_signature(model, history_length, outputs))
     with _GRAPHS_LOCK:
-        cached = _GRAPHS.get(key)
-        if cached is not None:
+        key, cached = next(((k, _GRAPHS[k]) for k in keys if k in _GRAPHS), (None, None))
+        if key is not None:
             _GRAPHS.move_to_end(key)
     if cached is not None:
         proto = onnx.ModelProto()
@@ -176,12 +236,11 @@ def _onnx_proto(model: nn.Module, history_length: int, outputs: list[str]) -> on
         return proto
     proto = _trace(model, history_length, outputs)
     if _distinct(state) and all(i.name in state for i in proto.graph.initializer):
-        skeleton = onnx.ModelProto()
-        skeleton.CopyFrom(proto)
-        for init in skeleton.graph.initializer:
-            init.CopyFrom(onnx.TensorProto(name=init.name))
+        any_items = bool(_item_axis(model)) and _same_graph(
+            proto, _trace(_one_item_more(model), history_length, outputs)
+        )
         with _GRAPHS_LOCK:
-            _GRAPHS[key] = skeleton
+            _GRAPHS[keys[0] if any_items else keys[1]] = _skeleton(proto, any_items)
             while len(_GRAPHS) > _GRAPH_CACHE_SIZE:
                 _GRAPHS.popitem(last=False)
     return proto

@@ -182,15 +182,18 @@ def transition_scores(
     history_ids: torch.Tensor,
     mask: torch.Tensor,
     n_items: int,
+    zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Transition-memory scores [B, n_items]: sum over the P newest history items h_p of
     ``weight[p] * log(1 + count(h_p -> j))`` for each remembered successor j of h_p.
 
     succ_idx [N, M] int64 successor indices (0 = empty slot), succ_cnt [N, M] their counts,
     history_ids [B, H] indices (newest first, 0 = padding), mask [B, H], weight [P].
+    ``zeros`` [B, n_items]: zeros to add the scores to (an exported graph derives them
+    from a tensor's shape, so that it does not hold n_items as a constant).
     """
     hist = history_ids[:, : weight.shape[0]]  # [B, P]
-    return history_transition_scores(weight, succ_idx[hist], succ_cnt[hist], mask, n_items)
+    return history_transition_scores(weight, succ_idx[hist], succ_cnt[hist], mask, n_items, zeros)
 
 
 def history_transition_scores(
@@ -199,6 +202,7 @@ def history_transition_scores(
     hist_cnt: torch.Tensor,
     mask: torch.Tensor,
     n_items: int,
+    zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`transition_scores` from the memories of the P newest history items only:
     hist_idx [B, P, M] successor indices, hist_cnt [B, P, M] counts, mask [B, H],
@@ -209,7 +213,7 @@ def history_transition_scores(
         weight.view(1, p, 1) * mask[:, :p].to(weight.dtype).unsqueeze(-1)
     )  # [B, P, M]
     b = hist_idx.shape[0]
-    out = torch.zeros(b, n_items, dtype=w.dtype, device=w.device)
+    out = torch.zeros(b, n_items, dtype=w.dtype, device=w.device) if zeros is None else zeros
     return out.scatter_add(1, hist_idx.reshape(b, -1), w.reshape(b, -1))
 
 
@@ -299,7 +303,13 @@ class TopKModel(nn.Module):
             assert isinstance(weight, torch.Tensor) and isinstance(succ_idx, torch.Tensor)
             assert isinstance(succ_cnt, torch.Tensor)
             trans = transition_scores(
-                weight, succ_idx, succ_cnt, history_ids, history_mask, rows.shape[0]
+                weight,
+                succ_idx,
+                succ_cnt,
+                history_ids,
+                history_mask,
+                rows.shape[0],
+                torch.zeros_like(scores),  # (the graph takes V from the scores' shape)
             )
         seen = torch.zeros_like(scores).scatter(1, history_ids, 1.0)
         seen[:, 0] = 1.0

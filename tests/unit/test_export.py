@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -221,6 +222,54 @@ def test_reused_graph_with_new_weights_matches_a_fresh_trace(monkeypatch):
     assert reused.onnx_bytes != first.onnx_bytes  # new weights
     feeds = {
         "history_ids": np.array([[1, 2, 3, 0], [4, 0, 0, 0]], dtype=np.int64),
+        "history_mask": np.array([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=bool),
+    }
+    for a, b in (
+        (reused.onnx_bytes, fresh.onnx_bytes),
+        (reused.extras["user_encoder.onnx"], fresh.extras["user_encoder.onnx"]),
+    ):
+        out_a = ort.InferenceSession(a, providers=["CPUExecutionProvider"]).run(None, feeds)
+        out_b = ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, feeds)
+        for x, y in zip(out_a, out_b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_a_grown_catalogue_reuses_the_graph_and_matches_a_fresh_trace(monkeypatch):
+    """Graphs that do not depend on the number of items (checked by tracing one item
+    more) are reused when the catalogue grows; onnxruntime gives what a fresh trace of the
+    same model gives. A live catalogue grows all the time: without this, every version
+    would be traced again."""
+    import onnxruntime as ort
+
+    from models import export as E
+
+    mc = ModelConfig(dim=16, history_length=4, hidden=32, transition_slots=8)
+    learner = OnlineLearner(mc, TrainerConfig(batch_size=16), torch.device("cpu"))
+    meta = new_meta("m")
+    data = topic_samples(320)
+    for i in range(0, len(data), 16):
+        learner.learn(data[i : i + 16], meta)
+    E._GRAPHS.clear()
+    first = build_version(learner, meta, 5, {})
+    assert [key[-1] for key in E._GRAPHS] == [True, True]  # both graphs: any item count
+    assert all(not g.graph.value_info for g in E._GRAPHS.values())
+    grown = [
+        dataclasses.replace(s, target=f"new{i}") for i, s in enumerate(topic_samples(32, seed=5))
+    ]
+    for i in range(0, len(grown), 16):
+        learner.learn(grown[i : i + 16], meta)
+    meta["version"] = first.version
+    trace = E._trace
+    with monkeypatch.context() as m:
+        m.setattr(E, "_trace", lambda *a: pytest.fail("traced again: the graph was not reused"))
+        reused = build_version(learner, meta, 5, {})
+    n = reused.manifest["num_items"]
+    assert n == first.manifest["num_items"] + 32
+    E._GRAPHS.clear()
+    assert E._trace is trace
+    fresh = build_version(learner, meta, 5, {})
+    feeds = {
+        "history_ids": np.array([[n, 2, 3, 0], [n - 1, 0, 0, 0]], dtype=np.int64),
         "history_mask": np.array([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=bool),
     }
     for a, b in (
