@@ -188,20 +188,56 @@ def test_ann_serving_files_agree_with_the_topk_graph(trained, tmp_path):
     np.testing.assert_allclose(top_scores, ref, atol=1e-5)
 
 
-def test_reused_graph_with_new_weights_matches_a_fresh_trace(monkeypatch):
-    """A version whose shapes match an earlier one's reuses its traced graph with the new
-    weights; onnxruntime gives what a fresh trace of the same model gives."""
-    import onnxruntime as ort
-
-    from models import export as E
-
-    # With the transition memory: the graph with successors and the never-interacted mask.
+def _learner_with_memory():
+    """A trained learner with the transition memory: the graph with successors and the
+    never-interacted mask."""
     mc = ModelConfig(dim=16, history_length=4, hidden=32, transition_slots=8)
     learner = OnlineLearner(mc, TrainerConfig(batch_size=16), torch.device("cpu"))
     meta = new_meta("m")
     data = topic_samples(320)
     for i in range(0, len(data), 16):
         learner.learn(data[i : i + 16], meta)
+    return learner, meta
+
+
+def _rebuilt_from_cache(E, monkeypatch, learner, meta, previous):
+    """The version after ``previous``, which must not trace a graph."""
+    meta["version"] = previous.version
+    with monkeypatch.context() as m:
+        m.setattr(E, "_trace", lambda *a: pytest.fail("traced again: the graph was not reused"))
+        return build_version(learner, meta, 5, {})
+
+
+def _assert_same_as_fresh_trace(E, learner, meta, reused, newest: int) -> None:
+    """onnxruntime gives for ``reused`` what a fresh trace of the same model gives, on
+    histories that include item position ``newest``."""
+    import onnxruntime as ort
+
+    trace = E._trace
+    E._GRAPHS.clear()
+    assert E._trace is trace
+    meta["version"] = reused.version - 1
+    fresh = build_version(learner, meta, 5, {})
+    feeds = {
+        "history_ids": np.array([[newest, 2, 3, 0], [4, 0, 0, 0]], dtype=np.int64),
+        "history_mask": np.array([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=bool),
+    }
+    for a, b in (
+        (reused.onnx_bytes, fresh.onnx_bytes),
+        (reused.extras["user_encoder.onnx"], fresh.extras["user_encoder.onnx"]),
+    ):
+        out_a = ort.InferenceSession(a, providers=["CPUExecutionProvider"]).run(None, feeds)
+        out_b = ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, feeds)
+        for x, y in zip(out_a, out_b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_reused_graph_with_new_weights_matches_a_fresh_trace(monkeypatch):
+    """A version whose shapes match an earlier one's reuses its traced graph with the new
+    weights; onnxruntime gives what a fresh trace of the same model gives."""
+    from models import export as E
+
+    learner, meta = _learner_with_memory()
     E._GRAPHS.clear()
     first = build_version(learner, meta, 5, {})
     assert len(E._GRAPHS) == 2  # model.onnx and user_encoder.onnx graphs
@@ -211,27 +247,9 @@ def test_reused_graph_with_new_weights_matches_a_fresh_trace(monkeypatch):
     more = topic_samples(64, seed=3)  # same items: the same shapes
     for i in range(0, len(more), 16):
         learner.learn(more[i : i + 16], meta)
-    meta["version"] = first.version
-    trace = E._trace
-    with monkeypatch.context() as m:
-        m.setattr(E, "_trace", lambda *a: pytest.fail("traced again: the graph was not reused"))
-        reused = build_version(learner, meta, 5, {})
-    E._GRAPHS.clear()
-    assert E._trace is trace
-    fresh = build_version(learner, meta, 5, {})
+    reused = _rebuilt_from_cache(E, monkeypatch, learner, meta, first)
     assert reused.onnx_bytes != first.onnx_bytes  # new weights
-    feeds = {
-        "history_ids": np.array([[1, 2, 3, 0], [4, 0, 0, 0]], dtype=np.int64),
-        "history_mask": np.array([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=bool),
-    }
-    for a, b in (
-        (reused.onnx_bytes, fresh.onnx_bytes),
-        (reused.extras["user_encoder.onnx"], fresh.extras["user_encoder.onnx"]),
-    ):
-        out_a = ort.InferenceSession(a, providers=["CPUExecutionProvider"]).run(None, feeds)
-        out_b = ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, feeds)
-        for x, y in zip(out_a, out_b, strict=True):
-            np.testing.assert_array_equal(x, y)
+    _assert_same_as_fresh_trace(E, learner, meta, reused, newest=1)
 
 
 def test_a_grown_catalogue_reuses_the_graph_and_matches_a_fresh_trace(monkeypatch):
@@ -239,16 +257,9 @@ def test_a_grown_catalogue_reuses_the_graph_and_matches_a_fresh_trace(monkeypatc
     more) are reused when the catalogue grows; onnxruntime gives what a fresh trace of the
     same model gives. A live catalogue grows all the time: without this, every version
     would be traced again."""
-    import onnxruntime as ort
-
     from models import export as E
 
-    mc = ModelConfig(dim=16, history_length=4, hidden=32, transition_slots=8)
-    learner = OnlineLearner(mc, TrainerConfig(batch_size=16), torch.device("cpu"))
-    meta = new_meta("m")
-    data = topic_samples(320)
-    for i in range(0, len(data), 16):
-        learner.learn(data[i : i + 16], meta)
+    learner, meta = _learner_with_memory()
     E._GRAPHS.clear()
     first = build_version(learner, meta, 5, {})
     assert [key[-1] for key in E._GRAPHS] == [True, True]  # both graphs: any item count
@@ -258,25 +269,7 @@ def test_a_grown_catalogue_reuses_the_graph_and_matches_a_fresh_trace(monkeypatc
     ]
     for i in range(0, len(grown), 16):
         learner.learn(grown[i : i + 16], meta)
-    meta["version"] = first.version
-    trace = E._trace
-    with monkeypatch.context() as m:
-        m.setattr(E, "_trace", lambda *a: pytest.fail("traced again: the graph was not reused"))
-        reused = build_version(learner, meta, 5, {})
+    reused = _rebuilt_from_cache(E, monkeypatch, learner, meta, first)
     n = reused.manifest["num_items"]
     assert n == first.manifest["num_items"] + 32
-    E._GRAPHS.clear()
-    assert E._trace is trace
-    fresh = build_version(learner, meta, 5, {})
-    feeds = {
-        "history_ids": np.array([[n, 2, 3, 0], [n - 1, 0, 0, 0]], dtype=np.int64),
-        "history_mask": np.array([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=bool),
-    }
-    for a, b in (
-        (reused.onnx_bytes, fresh.onnx_bytes),
-        (reused.extras["user_encoder.onnx"], fresh.extras["user_encoder.onnx"]),
-    ):
-        out_a = ort.InferenceSession(a, providers=["CPUExecutionProvider"]).run(None, feeds)
-        out_b = ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, feeds)
-        for x, y in zip(out_a, out_b, strict=True):
-            np.testing.assert_array_equal(x, y)
+    _assert_same_as_fresh_trace(E, learner, meta, reused, newest=n)
