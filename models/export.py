@@ -95,7 +95,8 @@ class UserEncoder(nn.Module):
 
 # Traced graphs by model signature (:func:`_signature`). A version whose modules and
 # tensor shapes match an earlier one's only swaps the graph's initializers: tracing costs
-# ~80-120 ms a graph and each version has two, which the trainer paid every 50 steps.
+# ~80-120 ms a graph and each version has two, which the trainer paid every 50 steps. A
+# graph found not to depend on the number of items is keyed without it (see _onnx_proto).
 # The cached graphs hold no weights (an initializer is its name only), so a 100k-item
 # catalogue's ~130 MB of item vectors is not kept per entry.
 _GRAPHS: OrderedDict[tuple[Any, ...], onnx.ModelProto] = OrderedDict()
