@@ -204,6 +204,24 @@ def _proc_table() -> dict[tuple[int, int], tuple[int, str, float]]:
     return table
 
 
+def run_queue_s(pid: int) -> float:
+    """Seconds the threads of process ``pid`` have spent runnable but waiting for a CPU
+    (the scheduler's run_delay in /proc/PID/task/TID/schedstat), summed over the threads
+    alive now; 0.0 when unreadable. A thread that has exited drops out of the sum."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def cpu_kind(cmd: str) -> str:
     """What a process of a benchmark run is, from its command line."""
     exe = cmd.split(" ", 1)[0]
@@ -237,6 +255,9 @@ class ProcessCPU(threading.Thread):
         self._self_t0 = 0.0
         # (time.time(), {process key: CPU-s so far}), "client" = this process.
         self._per_process: list[tuple[float, dict[Any, float]]] = []
+        # (time.time(), {process key: run-queue seconds so far}).
+        self._run_queue: list[tuple[float, dict[Any, float]]] = []
+        self._waited: dict[tuple[int, int], float] = {}
 
     def start(self) -> None:
         if self.available:
@@ -258,37 +279,59 @@ class ProcessCPU(threading.Thread):
                 self._seen[key] = (cmd, cpu - self._base.get(key, 0.0))
         t = os.times()
         own = t.user + t.system - self._self_t0
+        now = time.time()
         self._per_process.append(
-            (time.time(), {"client": own, **{k: c for k, (_, c) in self._seen.items()}})
+            (now, {"client": own, **{k: c for k, (_, c) in self._seen.items()}})
         )
+        # An exited process keeps the figure of the last poll that saw it, as for CPU.
+        self._waited.update({k: run_queue_s(k[0]) for k in self._seen if k in table})
+        self._run_queue.append((now, {"client": run_queue_s(self._root), **self._waited}))
 
     def run(self) -> None:
         while self.available and not self._stop_event.is_set():
             self._poll()
             self._stop_event.wait(self.interval_s)
 
-    def _by_kind(self, cpu: dict[Any, float]) -> dict[str, Any]:
+    def _by_kind(
+        self, cpu: dict[Any, float], rank: dict[Any, float] | None = None
+    ) -> dict[str, Any]:
         """{process key: figure} -> {"client", "flink_jvm", "kafka", "other": sum,
-        "python_workers": [one figure per worker, largest first]}."""
+        "python_workers": [one figure per worker, largest first, or in the order of the
+        workers' ``rank`` figures, largest first]}."""
         out: dict[str, Any] = {"client": 0.0, "flink_jvm": 0.0, "kafka": 0.0, "other": 0.0}
         workers = []
         for key, c in cpu.items():
             kind = "client" if key == "client" else cpu_kind(self._seen[key][0])
             if kind == "python_worker":
-                workers.append(c)
+                workers.append(((rank or cpu).get(key, 0.0), c))
             else:
                 out[kind] += c
-        out["python_workers"] = sorted(workers, reverse=True)
+        out["python_workers"] = [c for _, c in sorted(workers, reverse=True)]
         return out
 
-    def _window(self, t0: float, t1: float) -> dict[Any, float] | None:
-        """Cores each process used between the first and last poll inside wall times
-        ``t0``..``t1`` (time.time()); None without /proc or with fewer than two polls."""
-        inside = [(t, c) for t, c in self._per_process if t0 <= t <= t1]
+    def _window(
+        self, t0: float, t1: float, record: list[tuple[float, dict[Any, float]]] | None = None
+    ) -> dict[Any, float] | None:
+        """Per process, the growth per second of a cumulative figure (CPU seconds by
+        default) between the first and last poll inside wall times ``t0``..``t1``
+        (time.time()); None without /proc or with fewer than two polls."""
+        polls = self._per_process if record is None else record
+        inside = [(t, c) for t, c in polls if t0 <= t <= t1]
         if not self.available or len(inside) < 2 or inside[-1][0] <= inside[0][0]:
             return None
         (ta, ca), (tb, cb) = inside[0], inside[-1]
-        return {k: (c - ca.get(k, 0.0)) / (tb - ta) for k, c in cb.items()}
+        # (Clamped: a run-queue sum shrinks when a thread that had waited exits.)
+        return {k: max(0.0, c - ca.get(k, 0.0)) / (tb - ta) for k, c in cb.items()}
+
+    def _rounded_by_kind(
+        self, w: dict[Any, float] | None, rank: dict[Any, float] | None = None
+    ) -> dict[str, Any] | None:
+        if w is None:
+            return None
+        return {
+            k: ([round(x, 2) for x in v] if isinstance(v, list) else round(v, 2))
+            for k, v in self._by_kind(w, rank).items()
+        }
 
     def rate(self, t0: float, t1: float) -> float | None:
         """Cores in use (CPU seconds per second) by the whole run in a window (see
@@ -301,14 +344,16 @@ class ProcessCPU(threading.Thread):
         first and last poll inside that window: {"client", "flink_jvm", "kafka", "other":
         cores, "python_workers": [cores of each worker, busiest first]}. A single process
         near 1.0 (one core; a Python worker is one GIL) is the stage that limits the run."""
-        w = self._window(t0, t1)
-        if w is None:
-            return None
-        out = self._by_kind(w)
-        return {
-            k: ([round(x, 2) for x in v] if isinstance(v, list) else round(v, 2))
-            for k, v in out.items()
-        }
+        return self._rounded_by_kind(self._window(t0, t1))
+
+    def waiting(self, t0: float, t1: float) -> dict[str, Any] | None:
+        """Like :meth:`cores`, the threads of each kind that were runnable but waiting for
+        a CPU (Linux run queue), on average, between wall times ``t0`` and ``t1``: CPU
+        contention. A stage that waits a lot is slowed by the others, not by its own work.
+        The Python workers are listed in the order of :meth:`cores` (busiest first), so
+        that the two lists line up."""
+        cores = self._window(t0, t1)
+        return self._rounded_by_kind(self._window(t0, t1, self._run_queue), cores)
 
     def result(self) -> dict[str, Any] | None:
         """{"client_s", "flink_jvm_s", "kafka_s", "other_s", "python_workers_s" (one

@@ -197,6 +197,7 @@ def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, A
     events_per_s = (n_b - n_a) / (t_b - t_a)
     steady = _steady_cpu(cpu, t_a, t_b, events_per_s)
     C.log(f"steady state: cores in use {steady['steady_cores_by_process']}")
+    C.log(f"steady state: threads waiting for a CPU {steady['steady_waiting_for_cpu_by_process']}")
     return {
         "trainer_torch_threads": int(threads.read_text()) if threads.exists() else None,
         "events_seen": n_b,
@@ -383,6 +384,7 @@ def _steady_cpu(cpu, t0: float, t1: float, events_per_s: float | None) -> dict[s
     return {
         "steady_cores": cores,
         "steady_cores_by_process": cpu.cores(t0, t1),
+        "steady_waiting_for_cpu_by_process": cpu.waiting(t0, t1),
         "steady_cpu_us_per_event": (
             cores * 1e6 / events_per_s if cores is not None and events_per_s else None
         ),

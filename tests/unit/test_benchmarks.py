@@ -184,3 +184,68 @@ def test_process_cpu_cores_per_process_kind() -> None:
         "other": 0.0,
         "python_workers": [1.0, 0.3],
     }
+
+
+# Two of these on one CPU: each is runnable the whole time and waits about half of it.
+_PINNED_BURN = (
+    "import os, sys, time\n"
+    "os.sched_setaffinity(0, {int(sys.argv[2])})\n"
+    "t = time.process_time()\n"
+    "while time.process_time() - t < float(sys.argv[1]): pass"
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
+def test_process_cpu_measures_the_wait_for_a_cpu() -> None:
+    """Two busy processes pinned to one CPU: each waits in the run queue for about as long
+    as the other runs, which ProcessCPU records per process and :meth:`waiting` reports
+    per kind."""
+    C = _common()
+    cpu_id = min(os.sched_getaffinity(0))
+    cpu = C.ProcessCPU(interval_s=0.05)
+    cpu.start()
+    t0 = time.time()
+    kids = [
+        subprocess.Popen([sys.executable, "-c", _PINNED_BURN, "0.8", str(cpu_id), tag])
+        for tag in ("pyflink.fn_execution.a", "pyflink.fn_execution.b")
+    ]
+    assert all(k.wait(timeout=60) == 0 for k in kids)
+    cpu.result()
+    waited = {k.pid: 0.0 for k in kids}
+    for _, waits in cpu._run_queue:
+        for (pid, _), w in ((key, w) for key, w in waits.items() if key != "client"):
+            if pid in waited:
+                waited[pid] = max(waited[pid], w)
+    # Each ran ~0.8 s while the other was runnable on the same CPU.
+    assert sum(waited.values()) >= 0.6, waited
+    window = cpu.waiting(t0, time.time())
+    assert window is not None and sum(window["python_workers"]) > 0.2, window
+
+
+def test_process_cpu_waiting_per_process_kind() -> None:
+    """The run-queue figure of a window: growth per second per process, by kind, the
+    workers in the order of their cores (busiest first); a sum that shrank (a thread that
+    had waited exited) counts as 0."""
+    cpu = _common().ProcessCPU()
+    w1, w2, jvm = (10, 1), (11, 1), (12, 1)
+    cpu._seen = {
+        w1: ("python -m pyflink.fn_execution.beam.beam_boot", 0.0),
+        w2: ("python -m pyflink.fn_execution.beam.beam_boot", 0.0),
+        jvm: ("/usr/bin/java -cp flink.jar Main", 0.0),
+    }
+    cpu._per_process = [
+        (0.0, {"client": 0.0, w1: 0.0, w2: 0.0, jvm: 0.0}),
+        (2.0, {"client": 0.0, w1: 1.6, w2: 0.4, jvm: 0.0}),
+    ]
+    cpu._run_queue = [
+        (0.0, {"client": 0.0, w1: 1.0, w2: 0.0, jvm: 2.0}),
+        (2.0, {"client": 0.2, w1: 2.0, w2: 1.6, jvm: 1.0}),
+    ]
+    assert cpu.cores(0.0, 2.0)["python_workers"] == [0.8, 0.2]
+    assert cpu.waiting(0.0, 2.0) == {
+        "client": 0.1,
+        "flink_jvm": 0.0,
+        "kafka": 0.0,
+        "other": 0.0,
+        "python_workers": [0.5, 0.8],  # w1, then w2: the order of their cores
+    }
