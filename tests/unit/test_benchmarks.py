@@ -160,10 +160,8 @@ def test_process_cpu_rate_uses_the_polls_inside_the_window() -> None:
     assert cpu.rate(1.5, 2.5) is None  # one poll: no rate
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
-def test_process_cpu_cores_per_process_kind() -> None:
-    """Per-kind cores in a window: each Python worker on its own (the one near 1.0 is the
-    limiting stage), the JVMs and this process summed by kind."""
+def _two_workers_and_a_jvm():
+    """A ProcessCPU that has seen two Python workers and a Flink JVM (no polls yet)."""
     cpu = _common().ProcessCPU()
     w1, w2, jvm = (10, 1), (11, 1), (12, 1)
     cpu._seen = {
@@ -171,6 +169,14 @@ def test_process_cpu_cores_per_process_kind() -> None:
         w2: ("python -m pyflink.fn_execution.beam.beam_boot", 0.0),
         jvm: ("/usr/bin/java -cp flink.jar Main", 0.0),
     }
+    return cpu, w1, w2, jvm
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
+def test_process_cpu_cores_per_process_kind() -> None:
+    """Per-kind cores in a window: each Python worker on its own (the one near 1.0 is the
+    limiting stage), the JVMs and this process summed by kind."""
+    cpu, w1, w2, jvm = _two_workers_and_a_jvm()
     cpu._per_process = [
         (0.0, {"client": 0.0, w1: 1.0, jvm: 2.0}),
         (1.0, {"client": 0.1, w1: 1.5, jvm: 2.5, w2: 0.0}),
@@ -226,13 +232,7 @@ def test_process_cpu_waiting_per_process_kind() -> None:
     """The run-queue figure of a window: growth per second per process, by kind, the
     workers in the order of their cores (busiest first); a sum that shrank (a thread that
     had waited exited) counts as 0."""
-    cpu = _common().ProcessCPU()
-    w1, w2, jvm = (10, 1), (11, 1), (12, 1)
-    cpu._seen = {
-        w1: ("python -m pyflink.fn_execution.beam.beam_boot", 0.0),
-        w2: ("python -m pyflink.fn_execution.beam.beam_boot", 0.0),
-        jvm: ("/usr/bin/java -cp flink.jar Main", 0.0),
-    }
+    cpu, w1, w2, jvm = _two_workers_and_a_jvm()
     cpu._per_process = [
         (0.0, {"client": 0.0, w1: 0.0, w2: 0.0, jvm: 0.0}),
         (2.0, {"client": 0.0, w1: 1.6, w2: 0.4, jvm: 0.0}),
