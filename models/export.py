@@ -191,12 +191,11 @@ def _one_item_more(model: nn.Module) -> nn.Module:
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """The same nodes (ops, wiring, attributes and constants), inputs and outputs."""
-    ga, gb = a.graph, b.graph
-    return (
-        [n.SerializeToString() for n in ga.node] == [n.SerializeToString() for n in gb.node]
-        and [i.SerializeToString() for i in ga.input] == [i.SerializeToString() for i in gb.input]
-        and [o.SerializeToString() for o in ga.output] == [o.SerializeToString() for o in gb.output]
-    )
+
+    def parts(g: onnx.GraphProto) -> list[bytes]:
+        return [x.SerializeToString() for x in (*g.node, *g.input, *g.output)]
+
+    return parts(a.graph) == parts(b.graph)
 
 
 def _skeleton(proto: onnx.ModelProto, any_items: bool) -> onnx.ModelProto:
