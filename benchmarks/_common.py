@@ -283,8 +283,12 @@ class ProcessCPU(threading.Thread):
         self._per_process.append(
             (now, {"client": own, **{k: c for k, (_, c) in self._seen.items()}})
         )
-        # An exited process keeps the figure of the last poll that saw it, as for CPU.
-        self._waited.update({k: run_queue_s(k[0]) for k in self._seen if k in table})
+        # The largest figure seen per process: an exited process keeps it, as for CPU, and
+        # so does one whose threads that had waited have exited since (they drop out of
+        # the sum, which would otherwise shrink).
+        for k in self._seen:
+            if k in table:
+                self._waited[k] = max(self._waited.get(k, 0.0), run_queue_s(k[0]))
         self._run_queue.append((now, {"client": run_queue_s(self._root), **self._waited}))
 
     def run(self) -> None:
@@ -320,8 +324,7 @@ class ProcessCPU(threading.Thread):
         if not self.available or len(inside) < 2 or inside[-1][0] <= inside[0][0]:
             return None
         (ta, ca), (tb, cb) = inside[0], inside[-1]
-        # (Clamped: a run-queue sum shrinks when a thread that had waited exits.)
-        return {k: max(0.0, c - ca.get(k, 0.0)) / (tb - ta) for k, c in cb.items()}
+        return {k: (c - ca.get(k, 0.0)) / (tb - ta) for k, c in cb.items()}
 
     def _rounded_by_kind(
         self, w: dict[Any, float] | None, rank: dict[Any, float] | None = None
