@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from models.config import TrainerConfig
+from models.device import deterministic_kernels
 from models.events import Item
 from models.export import NonFiniteModelError, build_version
 from models.history import Sample
@@ -142,7 +143,29 @@ def train_and_maybe_export(
 
     ``meta`` is updated in place (step, counters, version); the caller persists it
     together with the result's touched/removed rows and catalogue entries and dense blob.
+    In deterministic mode on a GPU the firing runs with deterministic kernels
+    (:func:`models.device.deterministic_kernels`).
     """
+    with deterministic_kernels(learner.device, learner.cfg.deterministic):
+        return _fire(
+            learner, meta, samples, dense_blob, rows, top_k, config,
+            force_export, items_state, new_items, encoder,
+        )  # fmt: skip
+
+
+def _fire(
+    learner: OnlineLearner,
+    meta: dict[str, Any],
+    samples: list[Sample],
+    dense_blob: Callable[[], bytes | None],
+    rows: Callable[[], Iterable[tuple[str, bytes]]],
+    top_k: int,
+    config: dict[str, Any],
+    force_export: bool,
+    items_state: Callable[[], Iterable[tuple[str, bytes]]],
+    new_items: list[Item] | None,
+    encoder: EncodesText | None,
+) -> Firing:
     added = restore_meta(meta)
     if added:
         log.info("trainer state of %s predates %s: filled in defaults", meta["model_key"], added)
