@@ -62,3 +62,21 @@ def test_every_firing_asks_for_deterministic_kernels_in_deterministic_mode(
     for batch in (topic_samples(16, seed=1), topic_samples(16, seed=2)):
         online.train_and_maybe_export(learner, meta, batch, lambda: None, lambda: (), 5, {})
     assert asked == [(torch.device("cpu"), deterministic)] * 2
+
+
+@pytest.mark.parametrize(
+    ("gpu", "available", "want"),
+    [
+        (True, ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider"]),
+        # onnxruntime-gpu lists CUDA on a machine without a usable GPU
+        (False, ["CUDAExecutionProvider", "CPUExecutionProvider"], []),
+        # the CPU build of onnxruntime (the H200 image's) on a GPU machine
+        (True, ["AzureExecutionProvider", "CPUExecutionProvider"], []),
+    ],
+)
+def test_serving_runs_onnx_on_cuda_only_when_both_are_there(monkeypatch, gpu, available, want):
+    import models.serving as serving
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(serving.ort, "get_available_providers", lambda: available)
+    assert serving.providers() == [*want, "CPUExecutionProvider"]
