@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from models.config import TrainerConfig
+from models.device import deterministic_kernels
 from models.drift import PageHinkley
 from models.history import Sample
 from models.trainer import OnlineLearner, StepResult
@@ -146,16 +147,19 @@ def prequential_step(
     moving averages of Recall@K / NDCG@K / MRR and the loss, K = ``trainer.metrics_k``),
     ``meta["recall10_ema"]`` (kept for the manifest's summary when K = 10) and
     the drift detector. When the detector fires and ``trainer.drift_lr_boost`` != 1, the
-    next ``trainer.drift_boost_steps`` steps use ``lr * drift_lr_boost``.
+    next ``trainer.drift_boost_steps`` steps use ``lr * drift_lr_boost``. In deterministic
+    mode on a GPU the step runs with deterministic kernels, as a job's firing does.
     """
     cfg = learner.cfg
     k = cfg.metrics_k
     p = _prequential(meta, k)
     boosting = p["boost_steps_left"] > 0
     learner.lr_scale = cfg.drift_lr_boost if boosting else 1.0
+    # (`rtrec eval` and `rtrec pretrain` call this directly, not through a firing.)
     try:
-        ranks, ranked = learner.rank_batch(positives(samples))  # the test: no update
-        result = learner.learn(samples, meta, ranked)
+        with deterministic_kernels(learner.device, cfg.deterministic):
+            ranks, ranked = learner.rank_batch(positives(samples))  # the test: no update
+            result = learner.learn(samples, meta, ranked)
     finally:
         learner.lr_scale = 1.0
     sums = rank_sums(ranks, k)

@@ -64,6 +64,25 @@ def test_every_firing_asks_for_deterministic_kernels_in_deterministic_mode(
     assert asked == [(torch.device("cpu"), deterministic)] * 2
 
 
+def test_eval_and_pretrain_steps_ask_for_them_too(monkeypatch):
+    """`rtrec eval` and `rtrec pretrain` call prequential_step without a firing."""
+    import models.metrics as metrics
+
+    asked: list[bool] = []
+    monkeypatch.setattr(
+        metrics,
+        "deterministic_kernels",
+        lambda device, enabled: asked.append(enabled) or contextlib.nullcontext(),
+    )
+    learner = OnlineLearner(
+        ModelConfig(dim=8, text_encoder="none"),
+        TrainerConfig(batch_size=16, deterministic=True),
+        device=torch.device("cpu"),
+    )
+    metrics.prequential_step(learner, new_meta("m"), topic_samples(16, seed=3))
+    assert asked == [True]
+
+
 @pytest.mark.parametrize(
     ("gpu", "available", "want"),
     [
