@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyflink
 
+from flink_job.config import JobConfig
 from flink_job.jars import SetupError
 from flink_job.kafka_local import free_port
 
@@ -26,8 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class StandaloneCluster:
-    def __init__(self, workdir: str | Path, taskmanagers: int = 2, slots: int = 2) -> None:
+    def __init__(
+        self,
+        workdir: str | Path,
+        taskmanagers: int = 2,
+        slots: int = 2,
+        jvm_options: str = JobConfig.jvm_options,
+    ) -> None:
+        """``jvm_options``: ``env.java.opts.all`` of its JVMs (``job.jvm_options``)."""
         self.workdir = Path(workdir).resolve()
+        self.jvm_options = jvm_options
         self.n_tm = taskmanagers
         self.slots = slots
         self.home = Path(pyflink.__file__).parent
@@ -58,6 +67,7 @@ class StandaloneCluster:
             # Keep about a second of data in flight instead of full network buffers, so a
             # checkpoint or stop-with-savepoint barrier is not queued behind the backlog.
             "taskmanager.network.memory.buffer-debloat.enabled": "true",
+            **({"env.java.opts.all": self.jvm_options} if self.jvm_options else {}),
         }
 
     def _env(self) -> dict[str, str]:

@@ -106,10 +106,28 @@ def flink_settings(
     return settings
 
 
+def start_gateway(cfg: AppConfig) -> None:
+    """Start PyFlink's JVM (in a local run, the mini-cluster's) with ``job.jvm_options``.
+
+    PyFlink starts it on first use and takes extra options from ``JVM_ARGS`` (Flink's own
+    variable: one set in the environment wins). A JVM already running, or the one of the
+    `flink` CLI that submits the job, keeps its options.
+    """
+    import pyflink.java_gateway as gateway
+
+    if gateway._gateway is None and cfg.job.jvm_options and "JVM_ARGS" not in os.environ:
+        os.environ["JVM_ARGS"] = cfg.job.jvm_options
+        try:
+            get_gateway()
+        finally:
+            del os.environ["JVM_ARGS"]  # not for the JVMs started later (Kafka, clusters)
+
+
 def make_env(
     cfg: AppConfig, extra_conf: dict[str, str] | None = None
 ) -> StreamExecutionEnvironment:
     """A StreamExecutionEnvironment from ``cfg`` (a local mini-cluster unless submitted)."""
+    start_gateway(cfg)
     jars_dir = cfg.job.jars_dir
     kafka = Path(jars_dir) / kafka_connector_jar().name if jars_dir else kafka_connector_jar()
     # The Kafka connector, and rtrec's operators (flink_job/operators.py: timers set by the

@@ -308,6 +308,14 @@ def test_flink_properties_point_at_the_image_python(services):
     assert int(_flink_properties(services["taskmanager"])["taskmanager.numberOfTaskSlots"]) >= 1
 
 
+def test_flink_jvms_get_rtrecs_jvm_options(services):
+    """The compose cluster's JVMs run with the options the local runs and tests use."""
+    from flink_job.config import JobConfig
+
+    for name in ("jobmanager", "taskmanager"):
+        assert _flink_properties(services[name])["env.java.opts.all"] == JobConfig.jvm_options
+
+
 # ------------------------------------------------------------------------------ Dockerfile
 def test_dockerfile_flink_version_matches_installed_pyflink():
     args = _docker_args()

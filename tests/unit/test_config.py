@@ -173,3 +173,15 @@ def test_kafka_properties_reach_each_python_client_as_it_takes_them():
         ]
         == 9
     )
+
+
+def test_jvm_options_reach_the_standalone_cluster_rtrec_starts(tmp_path):
+    """job.jvm_options becomes env.java.opts.all of the cluster's JVMs; '' keeps Flink's."""
+    from flink_job.cluster import StandaloneCluster
+    from flink_job.config import JobConfig
+
+    assert load_config(None, []).job.jvm_options == JobConfig.jvm_options
+    assert "-XX:TieredStopAtLevel=1" in JobConfig.jvm_options.split()
+    conf = StandaloneCluster(tmp_path)._conf()
+    assert conf["env.java.opts.all"] == JobConfig.jvm_options
+    assert "env.java.opts.all" not in StandaloneCluster(tmp_path, jvm_options="")._conf()
