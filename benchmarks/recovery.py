@@ -23,7 +23,9 @@ Measured from the kill, through the JobManager REST API and the registry:
 
 - detected_s: the job leaves RUNNING (failure detected, restart begins);
 - running_s: the job and every one of its tasks are RUNNING again (state restored);
-- resumed_s: the first new model version is published (the trainer is learning again).
+- resumed_s: the first model version of the restarted job is published (the trainer is
+  learning again; one that the failed attempt finished just before the failover, seen
+  before the tasks run again, does not count).
 
 Baseline measured in the same run: the cold start of the same job on the same cluster
 (submit -> all tasks RUNNING, submit -> first version); printed: recovery / cold start.
@@ -166,8 +168,20 @@ def main(argv: list[str] | None = None) -> int:
                 if args.replace == "after-recovery":
                     cluster.restart_taskmanager(0)
                 t_det_wall = failovers[0] / 1000
-                wait_for(lambda: set(watcher.seen) - seen_before, args.timeout, "new version")
-                t_new = min(t for n, (t, _) in watcher.seen.items() if n not in seen_before)
+                # A version of the restarted job: first seen once its tasks all run again.
+                # The failed attempt's trainer, on the surviving TaskManager, can finish one
+                # in the moment before the failover cancels it (seen 0.1 s after a kill).
+                t_back_wall = t_kill_wall + (t_back - t_kill)
+
+                def new_versions() -> list[float]:
+                    return [
+                        t
+                        for n, (t, _) in watcher.seen.items()
+                        if n not in seen_before and t >= t_back_wall
+                    ]
+
+                wait_for(new_versions, args.timeout, "new version")
+                t_new = min(new_versions())
                 ck = C.rest_json(address, f"/jobs/{jid}/checkpoints")
                 restored = (ck.get("latest") or {}).get("restored") or {}
                 rec = {
