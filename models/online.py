@@ -147,62 +147,45 @@ def train_and_maybe_export(
     (:func:`models.device.deterministic_kernels`).
     """
     with deterministic_kernels(learner.device, learner.cfg.deterministic):
-        return _fire(
-            learner, meta, samples, dense_blob, rows, top_k, config,
-            force_export, items_state, new_items, encoder,
-        )  # fmt: skip
-
-
-def _fire(
-    learner: OnlineLearner,
-    meta: dict[str, Any],
-    samples: list[Sample],
-    dense_blob: Callable[[], bytes | None],
-    rows: Callable[[], Iterable[tuple[str, bytes]]],
-    top_k: int,
-    config: dict[str, Any],
-    force_export: bool,
-    items_state: Callable[[], Iterable[tuple[str, bytes]]],
-    new_items: list[Item] | None,
-    encoder: EncodesText | None,
-) -> Firing:
-    added = restore_meta(meta)
-    if added:
-        log.info("trainer state of %s predates %s: filled in defaults", meta["model_key"], added)
-    initial = StepResult()
-    if meta["step"] == 0 and not meta.get("initialised"):
-        meta["initialised"] = True
-        if learner.cfg.initial_state:
-            initial = load_initial_state(learner, meta, learner.cfg.initial_state)
-    learner.ensure_loaded(meta, dense_blob, rows, items_state)
-    ingested = learner.ingest_items(new_items, meta, encoder) if new_items else {}
-    record = None
-    if samples:  # test-then-train: rank with the current weights, then learn
-        batch = prequential_step(learner, meta, samples)
-        result = batch.result
-        record = metrics_record(meta, batch)
-    else:
-        result = StepResult()
-    result.touched_rows = {**initial.touched_rows, **result.touched_rows}
-    result.touched_items = {**initial.touched_items, **ingested, **result.touched_items}
-    for gone in result.removed_items:
-        result.touched_items.pop(gone, None)
-    for gone in result.removed_rows:
-        result.touched_rows.pop(gone, None)
-    if result.dense_blob is None:
-        result.dense_blob = initial.dense_blob
-    version = None
-    due = learner.export_due(meta) or (force_export and meta["step"] > meta["last_export_step"])
-    if ingested and force_export and meta["version"] == 0:
-        due = True  # a catalogue alone is worth publishing (cold start from text)
-    if due and len(learner.catalog) > 0:
-        try:
-            version = build_version(learner, meta, top_k, config)
-        except NonFiniteModelError as e:
-            log.error("%s", e)
+        added = restore_meta(meta)
+        if added:
+            log.info(
+                "trainer state of %s predates %s: filled in defaults", meta["model_key"], added
+            )
+        initial = StepResult()
+        if meta["step"] == 0 and not meta.get("initialised"):
+            meta["initialised"] = True
+            if learner.cfg.initial_state:
+                initial = load_initial_state(learner, meta, learner.cfg.initial_state)
+        learner.ensure_loaded(meta, dense_blob, rows, items_state)
+        ingested = learner.ingest_items(new_items, meta, encoder) if new_items else {}
+        record = None
+        if samples:  # test-then-train: rank with the current weights, then learn
+            batch = prequential_step(learner, meta, samples)
+            result = batch.result
+            record = metrics_record(meta, batch)
         else:
-            meta["version"] = version.version
-            meta["last_export_step"] = meta["step"]
-            meta["last_export_wall"] = time.time()
-            meta["samples_since_export"] = 0
-    return Firing(result, version, record)
+            result = StepResult()
+        result.touched_rows = {**initial.touched_rows, **result.touched_rows}
+        result.touched_items = {**initial.touched_items, **ingested, **result.touched_items}
+        for gone in result.removed_items:
+            result.touched_items.pop(gone, None)
+        for gone in result.removed_rows:
+            result.touched_rows.pop(gone, None)
+        if result.dense_blob is None:
+            result.dense_blob = initial.dense_blob
+        version = None
+        due = learner.export_due(meta) or (force_export and meta["step"] > meta["last_export_step"])
+        if ingested and force_export and meta["version"] == 0:
+            due = True  # a catalogue alone is worth publishing (cold start from text)
+        if due and len(learner.catalog) > 0:
+            try:
+                version = build_version(learner, meta, top_k, config)
+            except NonFiniteModelError as e:
+                log.error("%s", e)
+            else:
+                meta["version"] = version.version
+                meta["last_export_step"] = meta["step"]
+                meta["last_export_wall"] = time.time()
+                meta["samples_since_export"] = 0
+        return Firing(result, version, record)
