@@ -128,7 +128,7 @@ class JobConfig:
     # submit to keeps its own env.java.opts.*. The default suits small TaskManagers, whose
     # JVM work is light next to the Python workers': C1 JIT only (C2 spent 0.2-0.5 of the 2
     # cores for the first minute of every JVM), serial GC (no concurrent GC threads). On 2
-    # cores, recovery after a TaskManager kill: 19.5-26.7 s -> 12.7-16.0 s; events/s
+    # cores, recovery after a TaskManager kill: 19.5-26.7 s -> 12.2-16.0 s; events/s
     # unchanged (README "Optimisations"). "" = the JVM's defaults (better on large
     # TaskManagers).
     jvm_options: str = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
