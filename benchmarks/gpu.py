@@ -124,13 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.device import pick_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = pick_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(
-        f"device: {device} ({name}); torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    # (The learner sets the thread count, --threads or trainer.torch_threads: the table's
+    # torch_threads column, not the process's count before it.)
+    print(f"device: {device} ({name}); torch {torch.__version__}")
     rows = [{"run": "device", "device_name": name, **measure(device, args)}]
     if device.type != "cpu" and not args.no_cpu_baseline:
         rows.append(
