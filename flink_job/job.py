@@ -352,6 +352,8 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
                 cfg.job.window_ms,
                 LATE_TAG,
                 earlier_layout=restores_saved_state(raw.get_execution_environment()),
+                # Deterministic mode's trainer orders samples by their window's end.
+                one_timer_per_user=not cfg.trainer.deterministic,
             ),
             output_type=SAMPLE_TYPE,
         )

@@ -41,7 +41,7 @@ class Context:
 
     def __init__(self, user=None, pending=()) -> None:
         self.state, self.pending = Value(user), ListOf(pending)
-        self.ts, self.timers = 0, []
+        self.ts, self.timers, self.watermark = 0, [], -(2**63)
 
     def get_state(self, descriptor):
         assert descriptor.name == "user"
@@ -58,7 +58,7 @@ class Context:
         return self
 
     def current_watermark(self):
-        return -(2**63)
+        return self.watermark
 
     def register_event_time_timer(self, t):
         self.timers.append(t)
@@ -68,8 +68,10 @@ def event(i: int, item: str, ts: int) -> tuple:
     return event_to_row(Event(f"e{i}", "u1", item, "click", ts))
 
 
-def windows(ctx: Context, earlier_layout: bool = True) -> UserWindows:
-    fn = UserWindows(UserStageConfig(), 5, "m", WINDOW_MS, None, earlier_layout)
+def windows(
+    ctx: Context, earlier_layout: bool = True, one_timer_per_user: bool = False
+) -> UserWindows:
+    fn = UserWindows(UserStageConfig(), 5, "m", WINDOW_MS, None, earlier_layout, one_timer_per_user)
     fn.open(ctx)
     return fn
 
@@ -80,7 +82,7 @@ def test_pending_events_wait_beside_the_history_in_one_value():
     for i, ts in enumerate((100, 900, 1500)):
         ctx.ts = ts
         assert list(fn.process_element(event(i, f"i{i}", ts), ctx)) == []
-    assert ctx.timers == [999, 999, 1999]
+    assert ctx.timers == [999, 1999]  # one per window: the second event's exists already
     history, pending = ctx.state.value()
     assert history is None and [ts for ts, _ in pending] == [100, 900, 1500]
 
@@ -124,3 +126,57 @@ def test_without_a_restore_a_new_user_reads_only_its_own_value():
         runs[earlier] = [*fn.on_timer(999, ctx), *fn.on_timer(1999, ctx)], ctx.pending.reads
     assert runs[False][0] == runs[True][0] and len(runs[False][0]) == 3
     assert (runs[True][1], runs[False][1]) == (1, 0)
+
+
+def feed(fn: UserWindows, ctx: Context, stamps) -> None:
+    for i, ts in enumerate(stamps):
+        ctx.ts = ts
+        assert list(fn.process_element(event(i, f"i{i}", ts), ctx)) == []
+
+
+def test_one_timer_per_user_fires_every_window_the_watermark_passed():
+    ctx = Context()
+    fn = windows(ctx, one_timer_per_user=True)
+    feed(fn, ctx, (100, 1500, 2500, 1600))
+    assert ctx.timers == [999]  # later windows are covered by the earliest one's timer
+    ctx.watermark = 2200  # a backlog: the watermark jumped past two windows at once
+    samples = list(fn.on_timer(999, ctx))
+    assert [s[3] for s in samples] == ["i0", "i1", "i3"]
+    assert [s[2] for s in samples] == ["", "i0", "i0\x1fi1"]  # histories, window by window
+    assert [ts for ts, _ in ctx.state.value()[1]] == [2500]
+    assert ctx.timers == [999, 2999]  # the user's next timer: their earliest pending window
+    ctx.watermark = 2**63 - 1
+    assert [s[3] for s in fn.on_timer(2999, ctx)] == ["i2"]
+    assert ctx.state.value()[1] == [] and ctx.timers == [999, 2999]
+
+
+def test_an_earlier_window_arriving_late_gets_its_own_timer():
+    ctx = Context()
+    fn = windows(ctx, one_timer_per_user=True)
+    feed(fn, ctx, (1500, 300))  # out of order, within the watermark's bound
+    assert ctx.timers == [1999, 999]
+    ctx.watermark = 999
+    assert [s[3] for s in fn.on_timer(999, ctx)] == ["i1"]  # only the window that closed
+    assert [ts for ts, _ in ctx.state.value()[1]] == [1500]
+    ctx.watermark = 1999
+    assert [s[3] for s in fn.on_timer(1999, ctx)] == ["i0"]
+    assert ctx.state.value()[1] == []
+
+
+def test_one_timer_per_user_gives_the_samples_of_one_timer_per_window():
+    stamps = (100, 900, 1500, 2100, 2200, 3900, 5000, 5001, 7300)
+    per_window_ctx, per_user_ctx = Context(), Context()
+    per_window = windows(per_window_ctx)
+    per_user = windows(per_user_ctx, one_timer_per_user=True)
+    feed(per_window, per_window_ctx, stamps)
+    feed(per_user, per_user_ctx, stamps)
+    expected = []
+    for t in sorted(set(per_window_ctx.timers)):  # the watermark passes them one by one
+        per_window_ctx.watermark = t
+        expected += list(per_window.on_timer(t, per_window_ctx))
+    got = []
+    for wm in (2500, 2**63 - 1):  # it jumps twice
+        per_user_ctx.watermark = wm
+        got += list(per_user.on_timer(per_user_ctx.timers[-1], per_user_ctx))
+    assert len(expected) == len(stamps) and got == expected
+    assert len(per_user_ctx.timers) == 2 < len(per_window_ctx.timers) == 6
