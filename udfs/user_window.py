@@ -2,7 +2,7 @@
 history in keyed state -> samples.
 
 Same semantics as ``.window(TumblingEventTimeWindows.of(window_ms))`` with a process window
-function, built on keyed state + one event-time timer per (user, window): PyFlink's window
+function, built on keyed state and event-time timers (see "Timers"): PyFlink's window
 operator keeps each window's contents in a state namespace of its own, which the Python
 state cache never holds, so every window cost a blocking round trip to the JVM to read its
 contents (the job's largest Flink overhead, see README "Optimisations"). Here a user's
@@ -23,8 +23,9 @@ timestamp, not each window's end. While a backlog is read the watermark moves in
 user has several windows pending (sessions of events seconds apart): a timer per window made
 registering and firing timers the largest cost of this stage (a registration goes through
 PyFlink's timer coder: ~40% of the worker's CPU in a profile); one per user registers ~8x
-fewer on the synthetic stream, and the job used ~31% less CPU per event (README). Deterministic mode keeps one timer per window: its trainer
-orders samples by their record timestamp, the window's end.
+fewer on the synthetic stream, and the job used ~31% less CPU per event (README).
+Deterministic mode keeps one timer per window: its trainer orders samples by their record
+timestamp, the window's end.
 """
 
 from __future__ import annotations
