@@ -353,7 +353,9 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
                 LATE_TAG,
                 earlier_layout=restores_saved_state(raw.get_execution_environment()),
                 # Deterministic mode's trainer orders samples by their window's end.
-                one_timer_per_user=not cfg.trainer.deterministic,
+                timer_span_ms=(
+                    cfg.job.window_ms if cfg.trainer.deterministic else cfg.job.user_timer_span_ms
+                ),
             ),
             output_type=SAMPLE_TYPE,
         )

@@ -15,17 +15,19 @@ not-yet-fired events live beside their history in one value that the cache keeps
   user's history in one :func:`models.history.advance_user` call; the samples are emitted
   with that timestamp, as a window's output is.
 
-Timers. With ``one_timer_per_user`` (the default job; not in deterministic mode) a user has
-one pending timer, at the end of their earliest pending window, and its firing applies every
-window the watermark has passed, one ``advance_user`` call per window in window order (the
-same history and samples as one firing per window). Its samples carry the firing's
-timestamp, not each window's end. While a backlog is read the watermark moves in jumps and a
-user has several windows pending (sessions of events seconds apart): a timer per window made
-registering and firing timers the largest cost of this stage (a registration goes through
-PyFlink's timer coder: ~40% of the worker's CPU in a profile); one per user registers ~8x
-fewer on the synthetic stream, and the job used ~31% less CPU per event (README).
-Deterministic mode keeps one timer per window: its trainer orders samples by their record
-timestamp, the window's end.
+Timers. Event time is cut into spans of ``timer_span_ms`` (a multiple of the window,
+aligned like the windows). A user has one pending timer per span that holds pending
+windows, at the end of the earliest of them; its firing applies every window of that span
+(and any earlier one) that the watermark has passed, one ``advance_user`` call per window
+in window order (the same history and samples as one firing per window), then registers
+the next pending window of the span, which the watermark has not passed. The JVM fires
+timers in time order across users, so samples leave this stage in event-time order up to
+the span, grouped by user within it. While a backlog is read the watermark jumps past
+several of a user's windows at once (sessions of events seconds apart): a timer per window
+made registering and firing timers this stage's largest cost (a registration goes through
+PyFlink's timer coder: ~40% of the worker's CPU in a profile). A span of one window is one
+timer per window; deterministic mode uses that, since its trainer orders samples by their
+record timestamp, the firing's, which is then the window's end.
 """
 
 from __future__ import annotations
@@ -53,19 +55,19 @@ class UserWindows(KeyedProcessFunction):
         window_ms: int,
         late_tag: OutputTag,
         earlier_layout: bool = True,
-        one_timer_per_user: bool = False,
+        timer_span_ms: int = 0,
     ) -> None:
         """``earlier_layout``: whether state written by earlier releases may be restored
         (the job starts from a savepoint or retained checkpoint). Without it a user's first
-        touch reads one state from the JVM instead of two. ``one_timer_per_user``: see the
-        module docstring (False = one timer per window)."""
+        touch reads one state from the JVM instead of two. ``timer_span_ms``: see "Timers"
+        above (rounded down to a multiple of ``window_ms``; 0 = one timer per window)."""
         self.cfg = cfg
         self.history_length = history_length
         self.model_key = model_key
         self.window_ms = window_ms
         self.late_tag = late_tag
         self.earlier_layout = earlier_layout
-        self.one_timer_per_user = one_timer_per_user
+        self.span_ms = max(1, timer_span_ms // window_ms) * window_ms
 
     def open(self, runtime_context):
         user = ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY())
@@ -117,6 +119,10 @@ class UserWindows(KeyedProcessFunction):
         """The last millisecond of the window of record timestamp ``ts``."""
         return ts - ts % self.window_ms + self.window_ms - 1
 
+    def _span_of(self, last_ms: int) -> int:
+        """The span (its first millisecond) that holds the window ending at ``last_ms``."""
+        return last_ms - last_ms % self.span_ms
+
     def process_element(self, value, ctx):
         ts = ctx.timestamp()
         last_ms = self._last_ms(ts)
@@ -125,13 +131,13 @@ class UserWindows(KeyedProcessFunction):
             return
         state = self._load()
         pending = state[1]
-        # Register only when no pending timer fires at or before this window yet: with one
-        # timer per user, any pending window ends at or before a timer that is still to
-        # fire (on_timer keeps it so); with one per window, only the same window's does.
-        if self.one_timer_per_user:
-            covered = any(self._last_ms(t) <= last_ms for t, _ in pending)
-        else:
-            covered = any(self._last_ms(t) == last_ms for t, _ in pending)
+        # A pending window of the same span ending at or before this one has a timer that
+        # is still to fire at or before it (on_timer keeps it so): no new timer.
+        span = self._span_of(last_ms)
+        covered = any(
+            lm <= last_ms and self._span_of(lm) == span
+            for lm in (self._last_ms(t) for t, _ in pending)
+        )
         pending.append((ts, value))
         self.user.update(state)
         if not covered:
@@ -139,10 +145,10 @@ class UserWindows(KeyedProcessFunction):
 
     def on_timer(self, timestamp, ctx):
         history, pending = self._load()
-        due_by = timestamp
-        if self.one_timer_per_user:
-            # Every window the watermark has passed is due, not only this timer's.
-            due_by = max(timestamp, ctx.timer_service().current_watermark())
+        # Due: every window of this timer's span (or an earlier one) that the watermark has
+        # passed. One window per span: exactly this timer's window.
+        span_end = self._span_of(timestamp) + self.span_ms - 1
+        due_by = min(max(timestamp, ctx.timer_service().current_watermark()), span_end)
         windows: dict[int, list] = {}
         rest = []
         for ts, row in pending:
@@ -162,8 +168,10 @@ class UserWindows(KeyedProcessFunction):
             )
             samples.extend(window_samples)
         self.user.update([history, rest])
-        if self.one_timer_per_user and rest:
-            # The user's next timer (registering one that exists already is a no-op).
-            ctx.timer_service().register_event_time_timer(min(self._last_ms(t) for t, _ in rest))
+        # The span's next pending window ends after the watermark; later spans have their
+        # own timers. (Registering a timer that exists already is a no-op.)
+        later = [lm for lm in (self._last_ms(t) for t, _ in rest) if lm <= span_end]
+        if later:
+            ctx.timer_service().register_event_time_timer(min(later))
         for s in samples:
             yield sample_to_row(s)

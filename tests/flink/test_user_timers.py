@@ -1,12 +1,12 @@
-"""The user windows with one timer per user give what one timer per window gives, on a real
-Flink timer service.
+"""User-window timers that span several windows give what one timer per window gives, on a
+real Flink timer service, and samples leave in event-time order up to the span.
 
-One timer per user relies on PyFlink handing ``on_timer`` the watermark that fired it
-(every window up to that watermark is applied in that one firing) and on a timer the
-firing registers firing later. Were the watermark seen there stale, a user's later windows
-would wait for a timer registered behind the final watermark, which never fires: samples
-would be missing here. Events trickle through a slow map, so watermarks pass mid-stream
-as well as at the end of the input.
+A span relies on PyFlink handing ``on_timer`` the watermark that fired it (every window of
+the span up to that watermark is applied in that one firing), and on the timer the firing
+registers for the span's next window firing later. Were the watermark seen there stale, a
+user's later windows would wait for a timer registered behind the final watermark, which
+never fires: samples would be missing here. Events trickle through a slow map, so
+watermarks pass mid-stream as well as at the end of the input.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _events() -> list[tuple]:
     return rows
 
 
-def _samples(make_cfg, rows: list[tuple], one_timer_per_user: bool) -> list[tuple]:
+def _samples(make_cfg, rows: list[tuple], span_ms: int) -> list[tuple]:
     cfg = make_cfg(
         "job.parallelism=1",
         "job.checkpoint_interval_ms=0",
@@ -74,23 +74,28 @@ def _samples(make_cfg, rows: list[tuple], one_timer_per_user: bool) -> list[tupl
     )
     windows = UserWindows(
         UserStageConfig(), 5, "m", 1000, LATE, earlier_layout=False,
-        one_timer_per_user=one_timer_per_user,
+        timer_span_ms=span_ms,
     )  # fmt: skip
     samples = key_by_field(events, 1).process(windows, output_type=SAMPLE_TYPE)
     with samples.execute_and_collect() as results:
         return [tuple(r) for r in results]
 
 
-def test_one_timer_per_user_loses_nothing_and_changes_nothing(make_cfg):
+def test_timer_spans_lose_nothing_change_nothing_and_keep_event_time_order(make_cfg):
     rows = _events()
     started = time.monotonic()
-    per_window = _samples(make_cfg, rows, one_timer_per_user=False)
+    per_window = _samples(make_cfg, rows, 0)
     assert time.monotonic() - started > 1.0, "the input did not trickle: no mid-stream watermark"
-    per_user = _samples(make_cfg, rows, one_timer_per_user=True)
     assert len(per_window) == len(rows)  # one sample per event, nothing late
-    # Per user, the same samples in the same order (users interleave differently).
-    for user in sorted({r[1] for r in rows}):
-        mine = [s for s in per_user if s[1] == user]
-        assert mine == [s for s in per_window if s[1] == user], user
-        assert [s[6] for s in mine] == sorted(s[6] for s in mine)
-    assert sorted(per_user) == sorted(per_window)
+    for span in (5000, 10**9):
+        spanned = _samples(make_cfg, rows, span)
+        assert sorted(spanned) == sorted(per_window)
+        # Per user, the same samples in the same order (users interleave differently).
+        for user in sorted({r[1] for r in rows}):
+            mine = [s for s in spanned if s[1] == user]
+            assert mine == [s for s in per_window if s[1] == user], (span, user)
+        # Across users, no sample leaves more than a span (+ a window) after a later one.
+        latest = -(2**63)
+        for s in spanned:
+            assert s[6] > latest - span - 1000, (span, s)
+            latest = max(latest, s[6])

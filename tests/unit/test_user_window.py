@@ -68,10 +68,8 @@ def event(i: int, item: str, ts: int) -> tuple:
     return event_to_row(Event(f"e{i}", "u1", item, "click", ts))
 
 
-def windows(
-    ctx: Context, earlier_layout: bool = True, one_timer_per_user: bool = False
-) -> UserWindows:
-    fn = UserWindows(UserStageConfig(), 5, "m", WINDOW_MS, None, earlier_layout, one_timer_per_user)
+def windows(ctx: Context, earlier_layout: bool = True, span_ms: int = 0) -> UserWindows:
+    fn = UserWindows(UserStageConfig(), 5, "m", WINDOW_MS, None, earlier_layout, span_ms)
     fn.open(ctx)
     return fn
 
@@ -134,49 +132,71 @@ def feed(fn: UserWindows, ctx: Context, stamps) -> None:
         assert list(fn.process_element(event(i, f"i{i}", ts), ctx)) == []
 
 
-def test_one_timer_per_user_fires_every_window_the_watermark_passed():
-    ctx = Context()
-    fn = windows(ctx, one_timer_per_user=True)
+def advance(fn: UserWindows, ctx: Context, watermark: int, fired: set[int]) -> list:
+    """What Flink does when the watermark advances: fire every registered timer up to it,
+    in time order. A timer registered during a firing must be after the watermark (one at
+    or before it would wait for the next watermark, and after the last one, forever)."""
+    ctx.watermark = watermark
+    out = []
+    for t in sorted(set(ctx.timers) - fired):
+        if t <= watermark:
+            fired.add(t)
+            before = len(ctx.timers)
+            out += list(fn.on_timer(t, ctx))
+            assert all(new > watermark for new in ctx.timers[before:])
+    return out
+
+
+def test_a_timer_fires_every_window_of_its_span_the_watermark_passed():
+    ctx, fired = Context(), set()
+    fn = windows(ctx, span_ms=5000)
     feed(fn, ctx, (100, 1500, 2500, 1600))
-    assert ctx.timers == [999]  # later windows are covered by the earliest one's timer
-    ctx.watermark = 2200  # a backlog: the watermark jumped past two windows at once
-    samples = list(fn.on_timer(999, ctx))
+    assert ctx.timers == [999]  # later windows of the span are covered by the earliest's
+    samples = advance(fn, ctx, 2200, fired)  # a backlog: the watermark passed two windows
     assert [s[3] for s in samples] == ["i0", "i1", "i3"]
     assert [s[2] for s in samples] == ["", "i0", "i0\x1fi1"]  # histories, window by window
     assert [ts for ts, _ in ctx.state.value()[1]] == [2500]
-    assert ctx.timers == [999, 2999]  # the user's next timer: their earliest pending window
-    ctx.watermark = 2**63 - 1
-    assert [s[3] for s in fn.on_timer(2999, ctx)] == ["i2"]
-    assert ctx.state.value()[1] == [] and ctx.timers == [999, 2999]
-
-
-def test_an_earlier_window_arriving_late_gets_its_own_timer():
-    ctx = Context()
-    fn = windows(ctx, one_timer_per_user=True)
-    feed(fn, ctx, (1500, 300))  # out of order, within the watermark's bound
-    assert ctx.timers == [1999, 999]
-    ctx.watermark = 999
-    assert [s[3] for s in fn.on_timer(999, ctx)] == ["i1"]  # only the window that closed
-    assert [ts for ts, _ in ctx.state.value()[1]] == [1500]
-    ctx.watermark = 1999
-    assert [s[3] for s in fn.on_timer(1999, ctx)] == ["i0"]
+    assert ctx.timers == [999, 2999]  # the span's next pending window
+    assert [s[3] for s in advance(fn, ctx, 2**63 - 1, fired)] == ["i2"]
     assert ctx.state.value()[1] == []
 
 
-def test_one_timer_per_user_gives_the_samples_of_one_timer_per_window():
+def test_a_window_of_the_next_span_waits_for_its_own_timer():
+    """Samples leave in event-time order up to the span: a user's window of a later span
+    is not pulled ahead of other users' windows before it."""
+    ctx = Context()
+    fn = windows(ctx, span_ms=2000)
+    feed(fn, ctx, (100, 1500, 2500))
+    assert ctx.timers == [999, 2999]
+    ctx.watermark = 2**63 - 1
+    assert [s[3] for s in fn.on_timer(999, ctx)] == ["i0", "i1"]
+    assert [ts for ts, _ in ctx.state.value()[1]] == [2500]
+    assert ctx.timers == [999, 2999]  # nothing new: 2999 has its timer
+    assert [s[3] for s in fn.on_timer(2999, ctx)] == ["i2"]
+
+
+def test_an_earlier_window_arriving_late_gets_its_own_timer():
+    ctx, fired = Context(), set()
+    fn = windows(ctx, span_ms=5000)
+    feed(fn, ctx, (1500, 300))  # out of order, within the watermark's bound
+    assert ctx.timers == [1999, 999]
+    assert [s[3] for s in advance(fn, ctx, 999, fired)] == ["i1"]  # only the closed window
+    assert [ts for ts, _ in ctx.state.value()[1]] == [1500]
+    assert [s[3] for s in advance(fn, ctx, 1999, fired)] == ["i0"]
+    assert ctx.state.value()[1] == []
+
+
+def test_a_span_gives_the_samples_of_one_timer_per_window():
     stamps = (100, 900, 1500, 2100, 2200, 3900, 5000, 5001, 7300)
-    per_window_ctx, per_user_ctx = Context(), Context()
-    per_window = windows(per_window_ctx)
-    per_user = windows(per_user_ctx, one_timer_per_user=True)
-    feed(per_window, per_window_ctx, stamps)
-    feed(per_user, per_user_ctx, stamps)
-    expected = []
-    for t in sorted(set(per_window_ctx.timers)):  # the watermark passes them one by one
-        per_window_ctx.watermark = t
-        expected += list(per_window.on_timer(t, per_window_ctx))
-    got = []
-    for wm in (2500, 2**63 - 1):  # it jumps twice
-        per_user_ctx.watermark = wm
-        got += list(per_user.on_timer(per_user_ctx.timers[-1], per_user_ctx))
-    assert len(expected) == len(stamps) and got == expected
-    assert len(per_user_ctx.timers) == 2 < len(per_window_ctx.timers) == 6
+    runs = {}
+    for span in (0, 5000, 10**9):
+        ctx, fired = Context(), set()
+        fn = windows(ctx, span_ms=span)
+        feed(fn, ctx, stamps)
+        samples = []
+        for wm in (2500, 6200, 2**63 - 1):  # the watermark jumps
+            samples += advance(fn, ctx, wm, fired)
+        runs[span] = samples, len(set(ctx.timers))
+    assert len(runs[0][0]) == len(stamps)
+    assert runs[5000][0] == runs[0][0] and runs[10**9][0] == runs[0][0]
+    assert (runs[0][1], runs[5000][1], runs[10**9][1]) == (6, 4, 3)  # timers
