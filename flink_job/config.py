@@ -82,13 +82,6 @@ class JobConfig:
     embed_slot_group: str = ""
     window_ms: int = 1000
     # Event time one user-window timer may cover (a multiple of window_ms; rounded down).
-    # While a backlog is read the watermark jumps past several of a user's windows at once;
-    # with a span, the windows of one span fire together from one timer instead of one timer
-    # each (timers were the user-window stage's largest cost). A firing's samples reach the
-    # trainer grouped by user within the span, so the samples' order departs from event time
-    # by up to this much (the out-of-orderness the job already accepts). window_ms = one
-    # timer per window; deterministic mode always uses that.
-    user_timer_span_ms: int = 5000
     out_of_orderness_ms: int = 5000
     # Source idleness (processing time): a partition silent this long stops holding the
     # watermark back. Off (0) for events: while the job catches up on a backlog, a partition
@@ -378,7 +371,6 @@ def validate(cfg: AppConfig) -> None:
         ("trainer.export_every_steps", cfg.trainer.export_every_steps),
         ("trainer.catchup_factor", cfg.trainer.catchup_factor),
         ("job.window_ms", cfg.job.window_ms),
-        ("job.user_timer_span_ms", cfg.job.user_timer_span_ms),
     ):
         if v <= 0:
             raise ConfigError(f"{name} must be > 0, got {v}")

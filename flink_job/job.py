@@ -1,7 +1,8 @@
 """The rtrec job graph (see DESIGN.md "Data flow").
 
 Kafka events -> ParseEvents (-> DLQ) -> event-time watermarks -> key_by(user) -> tumbling
-window (UserWindows) -> key_by(model key) -> OnlineTrainer -> model versions ->
+event-time windows (Flink's window operator; late events -> DLQ) -> user history
+(UserWindows) -> key_by(model key) -> OnlineTrainer -> model versions ->
 registry directory + Kafka ``models`` topic.
 """
 
@@ -32,17 +33,16 @@ from pyflink.java_gateway import get_gateway
 
 from flink_job.config import AppConfig, to_dict
 from flink_job.jars import kafka_connector_jar, operators_jar
-from flink_job.operators import key_by_field, use_checkpointed_timers
+from flink_job.operators import key_by_field, use_checkpointed_timers, windows_by_field
 from models.text_encoder import encoder_off
 from udfs.embed import EmbedItemTexts, bucket_key
 from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
 from udfs.publish import PublishToRegistry, to_kafka_record
-from udfs.records import EVENT_TYPE, ITEM_TYPE, SAMPLE_TYPE, VERSION_TYPE, PicklableOutputTag
+from udfs.records import EVENT_TYPE, ITEM_TYPE, SAMPLE_TYPE, VERSION_TYPE
 from udfs.trainer import METRICS_TAG, OnlineTrainer
 from udfs.user_window import UserWindows
 
 log = logging.getLogger(__name__)
-LATE_TAG = PicklableOutputTag("late-events", EVENT_TYPE)
 # Must stay <= the broker's transaction.max.timeout.ms (15 min by default).
 TRANSACTION_TIMEOUT_MS = 600_000
 
@@ -342,20 +342,17 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
     )
     dead = parsed.get_side_output(DLQ_TAG)
 
+    # Flink's window operator keeps each user's open windows in the JVM; Python sees each
+    # closed window once (flink_job.operators.windows_by_field).
+    windows, late_events = windows_by_field(parsed, 1, cfg.job.window_ms, "user-window-events")
     samples = (
-        key_by_field(parsed, 1)  # user id
-        .process(
+        windows.process(
             UserWindows(
                 cfg.user,
                 cfg.model.history_length,
                 cfg.job.model_key,
                 cfg.job.window_ms,
-                LATE_TAG,
                 earlier_layout=restores_saved_state(raw.get_execution_environment()),
-                # Deterministic mode's trainer orders samples by their window's end.
-                timer_span_ms=(
-                    cfg.job.window_ms if cfg.trainer.deterministic else cfg.job.user_timer_span_ms
-                ),
             ),
             output_type=SAMPLE_TYPE,
         )
@@ -363,8 +360,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
         .name("user-window")
     )
     late = (
-        samples.get_side_output(LATE_TAG)
-        .map(LateToDeadLetter(k.events_topic), output_type=Types.STRING())
+        late_events.map(LateToDeadLetter(k.events_topic), output_type=Types.STRING())
         .uid("late-to-dlq")
         .name("late-to-dlq")
     )

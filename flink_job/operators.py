@@ -91,3 +91,51 @@ def key_by_field(stream, field: int, key_type=None):
     ).name(f"key-by-field-{field}")
     j_keyed = keyed_rows.keyBy(jvm.KeyByKeySelector(), Types.ROW([key_type]).get_java_type_info())
     return _ds.KeyedStream(j_keyed, record_type, stream)
+
+
+def windows_by_field(stream, field: int, window_ms: int, name: str):
+    """A stream of tuple records -> (keyed stream of ``(key, [record, ...])``, late records):
+    tumbling event-time windows of ``window_ms`` per ``record[field]`` (a string key), kept by
+    Flink's own window operator in the JVM (``rtrec.flink.WindowEvents``).
+
+    Each closed window reaches the keyed Python function downstream as one element, its
+    records in arrival order, with the window's last millisecond as its timestamp, keyed as
+    :func:`key_by_field` keys (the window operator's output is already partitioned so, and
+    is passed on without a shuffle). A record whose window the watermark has passed (its
+    last millisecond <= the watermark) goes to the second stream, the window operator's
+    late side output. ``name``: the window operator's uid and name.
+    """
+    jvm = get_gateway().jvm
+    flink = jvm.org.apache.flink
+    j_stream = stream._j_data_stream
+    record_type = _from_java_type(j_stream.getTransformation().getOutputType())
+    key_type = Types.ROW([Types.STRING()]).get_java_type_info()
+    keyed_rows = j_stream.map(
+        getattr(jvm, PACKAGE).FieldAsKey(field),
+        Types.ROW([Types.STRING(), record_type]).get_java_type_info(),
+    ).name(f"key-by-field-{field}")
+    late_tag = flink.util.OutputTag(
+        f"{name}-late", Types.ROW([Types.STRING(), record_type]).get_java_type_info()
+    )
+    window_type = Types.TUPLE([Types.STRING(), Types.LIST(record_type)])
+    assigner = flink.streaming.api.windowing.assigners.TumblingEventTimeWindows.of(
+        jvm.java.time.Duration.ofMillis(window_ms)
+    )
+    j_windows = (
+        keyed_rows.keyBy(jvm.KeyByKeySelector(), key_type)
+        .window(assigner)
+        .sideOutputLateData(late_tag)
+        .process(
+            getattr(jvm, PACKAGE).WindowEvents(),
+            Types.ROW([Types.STRING(), window_type]).get_java_type_info(),
+        )
+        .uid(name)
+        .name(name)
+    )
+    j_late = j_windows.getSideOutput(late_tag).map(
+        getattr(jvm, PACKAGE).RowField(1), record_type.get_java_type_info()
+    )
+    j_keyed = flink.streaming.api.datastream.DataStreamUtils.reinterpretAsKeyedStream(
+        j_windows, jvm.KeyByKeySelector(), key_type
+    )
+    return _ds.KeyedStream(j_keyed, window_type, stream), _ds.DataStream(j_late)

@@ -175,7 +175,7 @@ def test_timers_of_the_open_bundle_survive_a_savepoint(make_cfg, tmp_path):
 
 def test_every_keyed_stage_of_the_job_uses_the_checkpointed_timer_operators(make_cfg):
     """user-window, embed-items and trainer are built from flink_job/java's operators, and
-    the stateless stages keep PyFlink's."""
+    the stateless stages keep PyFlink's; the user windows themselves are Flink's."""
     from flink_job.job import build_job
 
     cfg = make_cfg("kafka.bounded=true")
@@ -186,12 +186,16 @@ def test_every_keyed_stage_of_the_job_uses_the_checkpointed_timer_operators(make
         kind = t.getClass().getSimpleName()
         if kind in ("OneInputTransformation", "TwoInputTransformation"):
             factory = t.getOperatorFactory()
-            if factory.getClass().getSimpleName() == "SimpleOperatorFactory":
+            if factory.getClass().getSimpleName() in (
+                "SimpleOperatorFactory",
+                "SimpleUdfStreamOperatorFactory",
+            ):
                 ops[t.getName()] = factory.getOperator().getClass().getName()
     assert ops["user-window"] == "rtrec.flink.CheckpointedTimersKeyedProcessOperator"
     assert ops["embed-items"] == "rtrec.flink.CheckpointedTimersKeyedProcessOperator"
     assert ops["trainer"] == "rtrec.flink.CheckpointedTimersKeyedCoProcessOperator"
     assert ops["parse-events"].startswith("org.apache.flink.")
+    assert ops["user-window-events"].endswith("WindowOperator")
 
 
 def test_only_a_job_started_from_saved_state_looks_for_earlier_layouts(make_cfg, tmp_path):

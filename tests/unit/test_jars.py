@@ -13,6 +13,8 @@ def test_the_operator_sources_ship_with_the_package():
         "CheckpointedTimersKeyedProcessOperator.java",
         "CheckpointedTimersKeyedCoProcessOperator.java",
         "FieldAsKey.java",
+        "RowField.java",
+        "WindowEvents.java",
     }
 
 
