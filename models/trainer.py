@@ -688,25 +688,37 @@ class OnlineLearner:
         """Per-sample softmax loss [B] of blended scores [B, size] (``excluded`` [B, size]
         bool: history, padding, holes; the target always competes) over each sample's
         ``trainer.blend_head`` best items + its target."""
-        logits = blended / self.cfg.temperature
-        excluded = excluded.clone()
-        excluded.scatter_(1, targets.unsqueeze(1), False)
-        logits = logits.masked_fill(excluded, -1e9)
+        t = self.cfg.temperature
         head = self.cfg.blend_head
         if head <= 0:
+            excluded = excluded.clone()
+            excluded.scatter_(1, targets.unsqueeze(1), False)
+            logits = (blended / t).masked_fill(excluded, -1e9)
             return F.cross_entropy(logits, targets, reduction="none")
         # Only the ranking near the top matters (Recall@K, NDCG@K): each sample's softmax
         # runs over the current `head` best items + its target, and only samples whose
         # target is already among them count. Over the whole catalogue the likelihood of
         # the many targets without transition evidence drags the memory's weight down.
+        # The [B, size] work is done without autograd; the loss and its backward run over
+        # the [R, head + 1] logits of the R counted samples (the softmax over the masked
+        # catalogue with everything outside the head at -1e9 is the same: exp(-1e9) = 0).
         with torch.no_grad():
-            t_logit = logits.gather(1, targets.unsqueeze(1))
-            in_head = ((logits > t_logit).sum(dim=1) < head).to(logits.dtype)  # [B]
-            top = torch.topk(logits, min(head, logits.shape[1]), dim=1).indices
-            keep = torch.zeros_like(excluded).scatter(1, top, True)
-            keep.scatter_(1, targets.unsqueeze(1), True)
-        ce = F.cross_entropy(logits.masked_fill(~keep, -1e9), targets, reduction="none")
-        return ce * in_head
+            t_col = targets.unsqueeze(1)
+            out_of_play = excluded.clone()
+            out_of_play.scatter_(1, t_col, False)  # the target always competes
+            logits = (blended.detach() / t).masked_fill(out_of_play, -1e9)
+            t_logit = logits.gather(1, t_col)
+            rows = torch.nonzero((logits > t_logit).sum(dim=1) < head).squeeze(1)  # [R]
+            top = torch.topk(logits[rows], min(head, logits.shape[1]), dim=1).indices
+            # Each counted sample's head + its target (a target in the head already is
+            # pointed at twice: its second column is left out of the softmax).
+            cols = torch.cat([top, t_col[rows]], dim=1)  # [R, head + 1]
+            dup = (top == t_col[rows]).any(dim=1)
+            off = out_of_play[rows.unsqueeze(1), cols]
+            off[:, -1] |= dup
+        picked = (blended[rows.unsqueeze(1), cols] / t).masked_fill(off, -1e9)  # [R, head + 1]
+        ce = torch.logsumexp(picked, dim=1) - blended[rows, targets[rows]] / t
+        return blended.new_zeros(len(targets)).index_put((rows,), ce)
 
     @property
     def blending(self) -> bool:

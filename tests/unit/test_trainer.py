@@ -164,3 +164,52 @@ def test_catalogue_horizon_follows_the_events_learned_unless_deterministic():
     assert catalogue_horizon(-(2**63), meta, deterministic=False) == 1_700_000_000_000
     assert catalogue_horizon(1_800_000_000_000, meta, deterministic=False) == 1_800_000_000_000
     assert catalogue_horizon(-(2**63), meta, deterministic=True) == -(2**63)
+
+
+def _head_loss_by_definition(blended, excluded, targets, temperature, head):
+    """The blend's head loss as defined: per sample, cross-entropy over the whole catalogue
+    with everything but its `head` best non-excluded items and its target masked out;
+    0 for a sample whose target is not among its `head` best."""
+    logits = blended / temperature
+    excluded = excluded.clone()
+    excluded.scatter_(1, targets.unsqueeze(1), False)
+    logits = logits.masked_fill(excluded, -1e9)
+    with torch.no_grad():
+        t_logit = logits.gather(1, targets.unsqueeze(1))
+        in_head = ((logits > t_logit).sum(dim=1) < head).to(logits.dtype)
+        top = torch.topk(logits, min(head, logits.shape[1]), dim=1).indices
+        keep = torch.zeros_like(excluded).scatter(1, top, True)
+        keep.scatter_(1, targets.unsqueeze(1), True)
+    ce = torch.nn.functional.cross_entropy(
+        logits.masked_fill(~keep, -1e9), targets, reduction="none"
+    )
+    return ce * in_head
+
+
+@pytest.mark.parametrize(("n", "head"), [(2000, 100), (50, 100), (300, 10)])
+def test_the_head_loss_is_the_masked_catalogue_softmax_computed_over_the_head(n, head):
+    """_head_loss works on the counted samples' [head + 1] logits only; the values and the
+    gradients must be those of the masked whole-catalogue cross-entropy. Covered: targets
+    inside and outside the head, excluded items, fewer live items than the head (n=50)."""
+    torch.manual_seed(n)
+    learner = OnlineLearner(MC, TrainerConfig(blend_head=head))
+    b = 64
+    base = torch.randn(b, n)
+    excluded = torch.rand(b, n) < 0.05
+    excluded[:, 0] = True
+    targets = torch.randint(1, n, (b,))
+    targets[:8] = base[:8].argmax(dim=1).clamp(min=1)  # some targets at the very top
+    excluded[torch.arange(8), targets[:8]] = True  # (a target competes even if excluded)
+    results = []
+    for loss in (
+        lambda x: _head_loss_by_definition(x, excluded, targets, learner.cfg.temperature, head),
+        lambda x: learner._head_loss(x, excluded, targets),
+    ):
+        w = torch.ones(n, requires_grad=True)
+        values = loss(base * w)
+        values.sum().backward()
+        results.append((values.detach(), w.grad))
+    (want, want_grad), (got, got_grad) = results
+    assert (want > 0).sum() >= 8 and (want == 0).sum() >= (1 if head < n else 0)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-3)
