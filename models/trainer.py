@@ -709,7 +709,8 @@ class OnlineLearner:
             logits = (blended.detach() / t).masked_fill(out_of_play, -1e9)
             t_logit = logits.gather(1, t_col)
             rows = torch.nonzero((logits > t_logit).sum(dim=1) < head).squeeze(1)  # [R]
-            top = torch.topk(logits[rows], min(head, logits.shape[1]), dim=1).indices
+            # (a set: unsorted selection is ~15% cheaper, and it is this loss's largest cost)
+            top = torch.topk(logits[rows], min(head, logits.shape[1]), dim=1, sorted=False).indices
             # Each counted sample's head + its target (a target in the head already is
             # pointed at twice: its second column is left out of the softmax).
             cols = torch.cat([top, t_col[rows]], dim=1)  # [R, head + 1]
