@@ -17,21 +17,16 @@ import time
 
 import pytest
 from pyflink.common import Types, WatermarkStrategy
-from pyflink.common.watermark_strategy import TimestampAssigner
 from pyflink.datastream import KeyedProcessFunction, OutputTag
 
 from flink_job.job import make_env
 from flink_job.operators import key_by_field
+from tests.flink.helpers import FieldTs
 
 pytestmark = pytest.mark.flink
 
 KEYS = 3000
 TIMER_S = 0.001
-
-
-class ValueTs(TimestampAssigner):
-    def extract_timestamp(self, value, record_timestamp):
-        return int(value[1])
 
 
 class FireSlowly(KeyedProcessFunction):
@@ -83,7 +78,7 @@ def _fired_at_end(make_cfg, fire: KeyedProcessFunction):
     fired = (
         env.from_collection(rows, type_info=Types.TUPLE([Types.STRING(), Types.LONG()]))
         .assign_timestamps_and_watermarks(
-            WatermarkStrategy.no_watermarks().with_timestamp_assigner(ValueTs())
+            WatermarkStrategy.no_watermarks().with_timestamp_assigner(FieldTs(1))
         )
         .key_by(lambda r: r[0], key_type=Types.STRING())
         .process(fire, output_type=Types.TUPLE([Types.STRING(), Types.DOUBLE()]))

@@ -14,7 +14,6 @@ import time
 
 import pytest
 from pyflink.common import Duration, WatermarkStrategy
-from pyflink.common.watermark_strategy import TimestampAssigner
 from pyflink.datastream import MapFunction
 
 from flink_job.job import make_env
@@ -22,6 +21,7 @@ from flink_job.operators import windows_by_field
 from models.config import UserStageConfig
 from models.events import Event
 from models.history import advance_user
+from tests.flink.helpers import FieldTs
 from udfs.records import EVENT_TYPE, SAMPLE_TYPE, event_to_row, row_to_event, sample_to_row
 from udfs.user_window import UserWindows
 
@@ -29,11 +29,6 @@ pytestmark = pytest.mark.flink
 
 WINDOW_MS = 1000
 OUT_OF_ORDER_MS = 1500
-
-
-class RowTs(TimestampAssigner):
-    def extract_timestamp(self, value, record_timestamp):
-        return int(value[4])
 
 
 class Slowly(MapFunction):
@@ -98,7 +93,7 @@ def test_each_closed_window_is_applied_once_in_order_and_late_events_are_split_o
         .assign_timestamps_and_watermarks(
             WatermarkStrategy.for_bounded_out_of_orderness(
                 Duration.of_millis(OUT_OF_ORDER_MS)
-            ).with_timestamp_assigner(RowTs())
+            ).with_timestamp_assigner(FieldTs(4))
         )
         .set_parallelism(1)
     )
