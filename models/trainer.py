@@ -156,7 +156,9 @@ class RankedBatch:
 
     n: number of positives ranked; at [K]: positions of the K ranked ones among them;
     targets [K] catalogue indices; blended [K, size] scores before masking (differentiable
-    in the blend and transition weights); excluded [K, size] bool (history, padding, holes).
+    in the blend and transition weights); excluded [K, size] bool (history, padding, holes);
+    hist [K, H] the ranked positives' histories (catalogue indices, newest first), which
+    ``learn`` reuses when every positive was ranked and the catalogue has not grown since.
     """
 
     n: int
@@ -164,6 +166,7 @@ class RankedBatch:
     targets: torch.Tensor
     blended: torch.Tensor
     excluded: torch.Tensor
+    hist: torch.Tensor | None = None
 
 
 class OnlineLearner:
@@ -505,7 +508,17 @@ class OnlineLearner:
             r = int(cat.row_of[t])
             if r:
                 table.last_seen[r] = max(int(table.last_seen[r]), s.ts)
-        hist, mask = self._history_batch(pos)
+        if (
+            ranked is not None
+            and ranked.hist is not None
+            and not new_entries
+            and len(ranked.at) == len(pos)
+        ):
+            # Every positive was ranked, in order, against this very catalogue.
+            hist = ranked.hist
+            mask = hist > 0
+        else:
+            hist, mask = self._history_batch(pos)
         targets = torch.from_numpy(target_idx).to(self.device)
         weights = torch.tensor([s.weight for s in pos], device=self.device)
 
@@ -764,10 +777,11 @@ class OnlineLearner:
 
     def _score(
         self, samples: list[Sample], keep_blend: bool
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
         """:meth:`score_histories`, and with ``keep_blend`` (and the blend on) also the
         blended scores before masking [B, size], differentiable in the blend and
-        transition weights, with their excluded mask [B, size] (see :class:`RankedBatch`)."""
+        transition weights, with their excluded mask [B, size] (see :class:`RankedBatch`);
+        last, the histories [B, H] scored."""
         self.model.eval()
         with torch.no_grad():
             hist, mask = self._history_batch(samples)
@@ -794,7 +808,7 @@ class OnlineLearner:
                     scores = scores + trans
         scores.scatter_(1, hist, -math.inf)
         scores[:, 0] = -math.inf
-        return scores, kept
+        return scores, kept, hist
 
     def rank_targets(self, samples: list[Sample]) -> list[int]:
         """Test step of test-then-train: the 1-based rank of each sample's target among all
@@ -823,7 +837,7 @@ class OnlineLearner:
             none = torch.zeros(0, dtype=torch.long, device=self.device)
             ranked = RankedBatch(len(samples), none, none, none.float(), none.bool())
         if known:
-            scores, kept = self._score(known, keep_blend=for_learning)
+            scores, kept, hist = self._score(known, keep_blend=for_learning)
             with torch.no_grad():
                 tgt = torch.tensor([cat.index[s.target] for s in known], device=self.device)
                 tscore = scores.gather(1, tgt.unsqueeze(1))
@@ -833,7 +847,7 @@ class OnlineLearner:
                 ranks[id(s)] = int(v)
             if kept is not None:
                 at = torch.tensor(known_at, device=self.device)
-                ranked = RankedBatch(len(samples), at, tgt, kept[0], kept[1])
+                ranked = RankedBatch(len(samples), at, tgt, kept[0], kept[1], hist)
         return [ranks.get(id(s), miss) for s in samples], ranked
 
     # ------------------------------------------------------------ transition memory

@@ -213,3 +213,41 @@ def test_the_head_loss_is_the_masked_catalogue_softmax_computed_over_the_head(n,
     assert (want > 0).sum() >= 8 and (want == 0).sum() >= (1 if head < n else 0)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
     assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-3)
+
+
+def test_a_step_reuses_the_histories_it_was_ranked_with_and_learns_the_same(monkeypatch):
+    """learn() takes the ranked positives' histories from rank_batch (one history batch a
+    step instead of two) when every positive was ranked and no item is new; the model
+    is byte-identical to recomputing them."""
+    data = topic_samples(1500)
+    calls = []
+    real = OnlineLearner._history_batch
+
+    def counting(self, samples):
+        calls.append(len(samples))
+        return real(self, samples)
+
+    monkeypatch.setattr(OnlineLearner, "_history_batch", counting)
+    rank = OnlineLearner.rank_batch
+
+    def no_hist(self, samples, for_learning=True):
+        ranks, ranked = rank(self, samples, for_learning)
+        if ranked is not None:
+            ranked.hist = None
+        return ranks, ranked
+
+    states = {}
+    for reuse in (True, False):
+        if not reuse:  # rank_batch's histories withheld: learn() recomputes them
+            monkeypatch.setattr(OnlineLearner, "rank_batch", no_hist)
+        calls.clear()
+        learner = OnlineLearner(MC, TrainerConfig(batch_size=32), torch.device("cpu"))
+        store = StateStore()
+        run(learner, store, data)
+        states[reuse] = (store.dense, sorted(store.rows.items()), len(calls))
+    steps = len(data) // 32 + 1
+    assert states[True][:2] == states[False][:2]
+    # Without reuse: two history batches a step (rank, learn) after the first step.
+    assert states[False][2] >= 2 * steps - 2
+    # With it: one, except in steps whose batch brought a new item (the first few).
+    assert states[True][2] < steps + 20
