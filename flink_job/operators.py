@@ -81,7 +81,12 @@ def key_by_field(stream, field: int, key_type=None):
     one Python pass per record less, and no Python map whose bundle holds the records it has
     keyed while the operator before it fires timers (see FieldAsKey.java).
     """
-    key_type = key_type or Types.STRING()
+    j_keyed, record_type = _keyed_in_jvm(stream, field, key_type or Types.STRING())
+    return _ds.KeyedStream(j_keyed, record_type, stream)
+
+
+def _keyed_in_jvm(stream, field: int, key_type):
+    """The Java keyed stream of ``Row(record[field], record)`` rows, and the records' type."""
     jvm = get_gateway().jvm
     j_stream = stream._j_data_stream
     record_type = _from_java_type(j_stream.getTransformation().getOutputType())
@@ -90,7 +95,7 @@ def key_by_field(stream, field: int, key_type=None):
         Types.ROW([key_type, record_type]).get_java_type_info(),
     ).name(f"key-by-field-{field}")
     j_keyed = keyed_rows.keyBy(jvm.KeyByKeySelector(), Types.ROW([key_type]).get_java_type_info())
-    return _ds.KeyedStream(j_keyed, record_type, stream)
+    return j_keyed, record_type
 
 
 def windows_by_field(stream, field: int, window_ms: int, name: str):
@@ -107,13 +112,7 @@ def windows_by_field(stream, field: int, window_ms: int, name: str):
     """
     jvm = get_gateway().jvm
     flink = jvm.org.apache.flink
-    j_stream = stream._j_data_stream
-    record_type = _from_java_type(j_stream.getTransformation().getOutputType())
-    key_type = Types.ROW([Types.STRING()]).get_java_type_info()
-    keyed_rows = j_stream.map(
-        getattr(jvm, PACKAGE).FieldAsKey(field),
-        Types.ROW([Types.STRING(), record_type]).get_java_type_info(),
-    ).name(f"key-by-field-{field}")
+    j_keyed_rows, record_type = _keyed_in_jvm(stream, field, Types.STRING())
     late_tag = flink.util.OutputTag(
         f"{name}-late", Types.ROW([Types.STRING(), record_type]).get_java_type_info()
     )
@@ -122,8 +121,7 @@ def windows_by_field(stream, field: int, window_ms: int, name: str):
         jvm.java.time.Duration.ofMillis(window_ms)
     )
     j_windows = (
-        keyed_rows.keyBy(jvm.KeyByKeySelector(), key_type)
-        .window(assigner)
+        j_keyed_rows.window(assigner)
         .sideOutputLateData(late_tag)
         .process(
             getattr(jvm, PACKAGE).WindowEvents(),
@@ -136,6 +134,6 @@ def windows_by_field(stream, field: int, window_ms: int, name: str):
         getattr(jvm, PACKAGE).RowField(1), record_type.get_java_type_info()
     )
     j_keyed = flink.streaming.api.datastream.DataStreamUtils.reinterpretAsKeyedStream(
-        j_windows, jvm.KeyByKeySelector(), key_type
+        j_windows, jvm.KeyByKeySelector(), Types.ROW([Types.STRING()]).get_java_type_info()
     )
     return _ds.KeyedStream(j_keyed, window_type, stream), _ds.DataStream(j_late)

@@ -722,12 +722,13 @@ class OnlineLearner:
             logits = (blended.detach() / t).masked_fill(out_of_play, -1e9)
             t_logit = logits.gather(1, t_col)
             rows = torch.nonzero((logits > t_logit).sum(dim=1) < head).squeeze(1)  # [R]
+            t_rows = t_col[rows]  # [R, 1]
             # (a set: unsorted selection is ~15% cheaper, and it is this loss's largest cost)
             top = torch.topk(logits[rows], min(head, logits.shape[1]), dim=1, sorted=False).indices
             # Each counted sample's head + its target (a target in the head already is
             # pointed at twice: its second column is left out of the softmax).
-            cols = torch.cat([top, t_col[rows]], dim=1)  # [R, head + 1]
-            dup = (top == t_col[rows]).any(dim=1)
+            cols = torch.cat([top, t_rows], dim=1)  # [R, head + 1]
+            dup = (top == t_rows).any(dim=1)
             off = out_of_play[rows.unsqueeze(1), cols]
             off[:, -1] |= dup
         picked = (blended[rows.unsqueeze(1), cols] / t).masked_fill(off, -1e9)  # [R, head + 1]
