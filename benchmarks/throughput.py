@@ -17,6 +17,13 @@ work); every run reads it from the beginning as a bounded source.
   then key_by(record hash ~ user) -> keyed ValueState counter -> key_by(model key) ->
   keyed ValueState counter, all no-op Python functions, same parallelism and
   checkpointing; rate between the first and the last record reaching the last stage.
+- baseline upstream (the job without its learner): the same job and graph, whose trainer
+  drains its buffer and counts the samples but learns nothing (no learner call, no model
+  state written, no versions; a subclass swapped in like the timed one): the ceiling of
+  everything before the learner - Kafka, validation, user windows (and the catalogue's
+  embedding), the shuffle to the trainer and its buffer state. job / upstream says how
+  much the learner costs; upstream / pass-through, how far the job's own stages are
+  from no-op ones.
 - baseline compute-only: the trainer's learn loop alone (``train_and_maybe_export`` on
   the same samples, same step size (below) and export cadence, catalogue ingested in order,
   through ``flink_job.offline``), no Flink; samples/s of the whole loop. Batches of
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import threading
@@ -140,8 +148,10 @@ def run_passthrough(cfg, bootstrap: str, record_dir: Path, timeout_s: float) -> 
 
 
 # -------------------------------------------------------------------------- the real job
-def timed_trainer(log_dir: str):
-    """The job's OnlineTrainer, logging (wall time, events_seen) after every firing.
+def timed_trainer(log_dir: str, learn: bool = True):
+    """The job's OnlineTrainer, logging (wall time, events_seen) after every firing; with
+    ``learn`` False, one that counts its samples instead of learning from them (the
+    upstream baseline).
 
     A registry version's publish time lags the trainer by up to a Python bundle (the
     first version leaves the trainer with the bundle it was made in), so the trainer's
@@ -153,6 +163,9 @@ def timed_trainer(log_dir: str):
     class TimedTrainer(OnlineTrainer):
         def _fire(self, key, *args, **kwargs):
             yield from super()._fire(key, *args, **kwargs)
+            self._log(key)
+
+        def _log(self, key):
             seen = self._meta(key)["events_seen"]
             with open(Path(log_dir) / f"trainer-{os.getpid()}.log", "a") as fh:
                 fh.write(f"{time.time()} {seen}\n")
@@ -162,16 +175,29 @@ def timed_trainer(log_dir: str):
 
                 threads.write_text(str(torch.get_num_threads()))
 
-    return TimedTrainer
+    class CountingTrainer(TimedTrainer):
+        def _fire(self, key, watermark, samples=None, final=False):
+            # The buffer is drained (its rows decoded) as a firing would; nothing learns.
+            rows = self.buffer.drain(key) if samples is None else samples
+            meta = self._meta(key)
+            meta["events_seen"] += len(rows)
+            self.meta.update(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
+            self._log(key)
+            return iter(())
+
+    return TimedTrainer if learn else CountingTrainer
 
 
-def run_job(cfg, bootstrap: str, timeout_s: float, log_dir: Path) -> dict[str, Any]:
+def run_job(
+    cfg, bootstrap: str, timeout_s: float, log_dir: Path, learn: bool = True
+) -> dict[str, Any]:
+    """The job on the replayed topic (``learn`` False: the upstream baseline)."""
     import flink_job.job as job
     from flink_job.runner import run_local
 
     log_dir.mkdir(parents=True, exist_ok=True)
     original = job.OnlineTrainer
-    job.OnlineTrainer = timed_trainer(str(log_dir))
+    job.OnlineTrainer = timed_trainer(str(log_dir), learn)
     cpu = C.ProcessCPU()
     cpu.start()
     try:
@@ -319,32 +345,44 @@ def main(argv: list[str] | None = None) -> int:
                 enc_rows = []
                 for par in [int(x) for x in args.parallelism.split(",")]:
                     tag = f"p{par}-{enc}"
-                    cfg = C.config([
-                        *base,
-                        f"model.text_encoder='{enc}'",
-                        f"job.parallelism={par}",
-                        f"export.registry_dir='{work / tag / 'registry'}'",
-                        f"job.checkpoint_dir='{work / tag / 'checkpoints'}'",
-                        f"kafka.group_id='bench-{tag}'",
-                    ])  # fmt: skip
+                    cfg, up_cfg = (
+                        C.config([
+                            *base,
+                            f"model.text_encoder='{enc}'",
+                            f"job.parallelism={par}",
+                            f"export.registry_dir='{work / tag / run / 'registry'}'",
+                            f"job.checkpoint_dir='{work / tag / run / 'checkpoints'}'",
+                            f"kafka.group_id='bench-{tag}-{run}'",
+                        ])
+                        for run in ("job", "upstream")
+                    )  # fmt: skip
                     C.log(f"pass-through ({tag})")
                     pt = run_passthrough(cfg, bootstrap, work / tag / "passthrough", args.timeout)
+                    C.log(f"upstream: the job without its learner ({tag})")
+                    up = run_job(
+                        up_cfg, bootstrap, args.timeout, work / tag / "upstream-log", learn=False
+                    )
                     C.log(f"job ({tag})")
                     job = run_job(cfg, bootstrap, args.timeout, work / tag / "trainer-log")
-                    enc_rows.append((par, pt, job))
+                    enc_rows.append((par, pt, up, job))
                 # Same intra-op thread count as the job's trainer (a Python worker process):
                 # on a busy machine it changes the learn loop's speed several times over.
-                threads = args.torch_threads or enc_rows[0][2]["trainer_torch_threads"]
+                threads = args.torch_threads or enc_rows[0][3]["trainer_torch_threads"]
                 C.log(f"compute-only ({enc}, {threads} torch thread(s)): without Flink")
                 comp = run_compute_only(cfg0, threads)
-                for par, pt, job in enc_rows:
+                for par, pt, up, job in enc_rows:
                     rows.append({
                         "parallelism": par,
                         "encoder": enc,
                         "job_events_per_s": job["events_per_s"],
                         "passthrough_events_per_s": pt["events_per_s"],
+                        "upstream_events_per_s": up["events_per_s"],
                         "compute_only_events_per_s": comp["events_per_s"],
                         "job_vs_passthrough": C.ratio(job["events_per_s"], pt["events_per_s"]),
+                        "job_vs_upstream": C.ratio(job["events_per_s"], up["events_per_s"]),
+                        "upstream_vs_passthrough": C.ratio(
+                            up["events_per_s"], pt["events_per_s"]
+                        ),
                         "job_vs_compute_only": C.ratio(job["events_per_s"], comp["events_per_s"]),
                         "job_cpu_us_per_event": _per_event(job["cpu"], job["events_seen"]),
                         "job_steady_cpu_us_per_event": job["steady_cpu_us_per_event"],
@@ -357,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                         "job_overall_events_per_s": job["overall_events_per_s"],
                         "job": job,
                         "passthrough": pt,
+                        "upstream": up,
                         "compute_only": comp,
                     })  # fmt: skip
                     print(C.table(rows[-1:], _COLS), flush=True)
@@ -368,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     headline = (
         f"job {best['job_events_per_s']:.0f} events/s (p{best['parallelism']}, {best['encoder']}): "
         f"{best['job_vs_passthrough']:.2f}x pass-through, "
+        f"{best['job_vs_upstream']:.2f}x the job without its learner, "
         f"{best['job_vs_compute_only']:.2f}x compute-only"
     )
     print(headline)
@@ -400,7 +440,8 @@ def _per_event(cpu: dict[str, Any] | None, events: int) -> float | None:
 
 _COLS = [
     "parallelism", "encoder", "job_events_per_s", "passthrough_events_per_s",
-    "compute_only_events_per_s", "job_vs_passthrough", "job_vs_compute_only",
+    "upstream_events_per_s", "compute_only_events_per_s", "job_vs_passthrough",
+    "job_vs_upstream", "upstream_vs_passthrough", "job_vs_compute_only",
     "job_steady_cpu_us_per_event", "passthrough_steady_cpu_us_per_event",
     "compute_only_cpu_us_per_sample",
     "job_steady_s", "job_versions",

@@ -81,7 +81,6 @@ class JobConfig:
     # to spare, and the job then needs another parallelism's worth of slots.
     embed_slot_group: str = ""
     window_ms: int = 1000
-    # Event time one user-window timer may cover (a multiple of window_ms; rounded down).
     out_of_orderness_ms: int = 5000
     # Source idleness (processing time): a partition silent this long stops holding the
     # watermark back. Off (0) for events: while the job catches up on a backlog, a partition
