@@ -156,7 +156,8 @@ class RankedBatch:
 
     n: number of positives ranked; at [K]: positions of the K ranked ones among them;
     targets [K] catalogue indices; blended [K, size] scores before masking (differentiable
-    in the blend and transition weights); excluded [K, size] bool (history, padding, holes);
+    in the blend and transition weights); masked [K, size] the same scores, detached, with
+    what the ranking leaves out (history, padding, holes) at -inf: the scores ranked;
     hist [K, H] the ranked positives' histories (catalogue indices, newest first), which
     ``learn`` reuses when every positive was ranked and the catalogue has not grown since.
     """
@@ -165,7 +166,7 @@ class RankedBatch:
     at: torch.Tensor
     targets: torch.Tensor
     blended: torch.Tensor
-    excluded: torch.Tensor
+    masked: torch.Tensor
     hist: torch.Tensor | None = None
 
 
@@ -564,7 +565,7 @@ class OnlineLearner:
         if self.blending and ranked is not None:
             loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
             if len(ranked.at):
-                ranked_vec = self._head_loss(ranked.blended, ranked.excluded, ranked.targets)
+                ranked_vec = self._head_loss(ranked.blended, ranked.masked, ranked.targets)
                 blend_vec = ranked_vec.new_zeros(len(pos)).index_add(0, ranked.at, ranked_vec)
         else:
             trans = self.transition_scores(hist, mask)  # [B, size] (memory before the batch)
@@ -693,44 +694,43 @@ class OnlineLearner:
         dot = user @ all_vecs.t()  # [B, size]
         excluded = self._excluded(hist)
         blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
-        return self._head_loss(blended, excluded, targets)
+        return self._head_loss(blended, blended.detach().masked_fill(excluded, -math.inf), targets)
 
     def _head_loss(
-        self, blended: torch.Tensor, excluded: torch.Tensor, targets: torch.Tensor
+        self, blended: torch.Tensor, masked: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """Per-sample softmax loss [B] of blended scores [B, size] (``excluded`` [B, size]
-        bool: history, padding, holes; the target always competes) over each sample's
-        ``trainer.blend_head`` best items + its target."""
+        """Per-sample softmax loss [B] of blended scores [B, size] over each sample's
+        ``trainer.blend_head`` best items + its target. ``masked`` [B, size]: ``blended``
+        detached with what is out of play (history, padding, holes) at -inf, as ranked
+        (:class:`RankedBatch`); the target always competes, even if out of play."""
         t = self.cfg.temperature
         head = self.cfg.blend_head
+        t_col = targets.unsqueeze(1)
         if head <= 0:
-            excluded = excluded.clone()
-            excluded.scatter_(1, targets.unsqueeze(1), False)
-            logits = (blended / t).masked_fill(excluded, -1e9)
+            logits = (blended / t).masked_fill(torch.isinf(masked), -1e9)
+            logits = logits.scatter(1, t_col, blended.gather(1, t_col) / t)
             return F.cross_entropy(logits, targets, reduction="none")
         # Only the ranking near the top matters (Recall@K, NDCG@K): each sample's softmax
         # runs over the current `head` best items + its target, and only samples whose
         # target is already among them count. Over the whole catalogue the likelihood of
         # the many targets without transition evidence drags the memory's weight down.
-        # The [B, size] work is done without autograd; the loss and its backward run over
-        # the [R, head + 1] logits of the R counted samples (the softmax over the masked
-        # catalogue with everything outside the head at -1e9 is the same: exp(-1e9) = 0).
+        # The [B, size] work is done without autograd, on the scores the batch was ranked
+        # with (the head is the same set at any positive temperature); the loss and its
+        # backward run over the [R, head + 1] logits of the R counted samples (the softmax
+        # over the masked catalogue with everything outside the head at -1e9 is the same:
+        # exp(-1e9) = 0).
         with torch.no_grad():
-            t_col = targets.unsqueeze(1)
-            out_of_play = excluded.clone()
-            out_of_play.scatter_(1, t_col, False)  # the target always competes
-            logits = (blended.detach() / t).masked_fill(out_of_play, -1e9)
-            t_logit = logits.gather(1, t_col)
-            rows = torch.nonzero((logits > t_logit).sum(dim=1) < head).squeeze(1)  # [R]
+            t_score = blended.detach().gather(1, t_col)  # [B, 1]
+            rows = torch.nonzero((masked > t_score).sum(dim=1) < head).squeeze(1)  # [R]
             t_rows = t_col[rows]  # [R, 1]
+            in_play = masked[rows].scatter_(1, t_rows, t_score[rows])  # [R, size]
             # (a set: unsorted selection is ~15% cheaper, and it is this loss's largest cost)
-            top = torch.topk(logits[rows], min(head, logits.shape[1]), dim=1, sorted=False).indices
+            top = torch.topk(in_play, min(head, in_play.shape[1]), dim=1, sorted=False).indices
             # Each counted sample's head + its target (a target in the head already is
             # pointed at twice: its second column is left out of the softmax).
             cols = torch.cat([top, t_rows], dim=1)  # [R, head + 1]
-            dup = (top == t_rows).any(dim=1)
-            off = out_of_play[rows.unsqueeze(1), cols]
-            off[:, -1] |= dup
+            off = torch.isinf(in_play.gather(1, cols))  # (fewer items in play than the head)
+            off[:, -1] |= (top == t_rows).any(dim=1)
         picked = (blended[rows.unsqueeze(1), cols] / t).masked_fill(off, -1e9)  # [R, head + 1]
         ce = torch.logsumexp(picked, dim=1) - blended[rows, targets[rows]] / t
         return blended.new_zeros(len(targets)).index_put((rows,), ce)
@@ -778,11 +778,10 @@ class OnlineLearner:
 
     def _score(
         self, samples: list[Sample], keep_blend: bool
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """:meth:`score_histories`, and with ``keep_blend`` (and the blend on) also the
         blended scores before masking [B, size], differentiable in the blend and
-        transition weights, with their excluded mask [B, size] (see :class:`RankedBatch`);
-        last, the histories [B, H] scored."""
+        transition weights (see :class:`RankedBatch`); last, the histories [B, H] scored."""
         self.model.eval()
         with torch.no_grad():
             hist, mask = self._history_batch(samples)
@@ -799,7 +798,7 @@ class OnlineLearner:
                 excluded = self._excluded(hist)
                 blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
             if keep_blend:
-                kept = (blended, excluded)
+                kept = blended
             scores = blended.detach().masked_fill(self._dead().unsqueeze(0), -math.inf)
         else:
             with torch.no_grad():
@@ -836,7 +835,7 @@ class OnlineLearner:
         if for_learning and self.blending and self.asm is None:
             # No positive known at ranking time: none has a blend loss (as for a miss).
             none = torch.zeros(0, dtype=torch.long, device=self.device)
-            ranked = RankedBatch(len(samples), none, none, none.float(), none.bool())
+            ranked = RankedBatch(len(samples), none, none, none.float(), none.float())
         if known:
             scores, kept, hist = self._score(known, keep_blend=for_learning)
             with torch.no_grad():
@@ -848,7 +847,7 @@ class OnlineLearner:
                 ranks[id(s)] = int(v)
             if kept is not None:
                 at = torch.tensor(known_at, device=self.device)
-                ranked = RankedBatch(len(samples), at, tgt, kept[0], kept[1], hist)
+                ranked = RankedBatch(len(samples), at, tgt, kept, scores, hist)
         return [ranks.get(id(s), miss) for s in samples], ranked
 
     # ------------------------------------------------------------ transition memory

@@ -203,7 +203,7 @@ def test_the_head_loss_is_the_masked_catalogue_softmax_computed_over_the_head(n,
     results = []
     for loss in (
         lambda x: _head_loss_by_definition(x, excluded, targets, learner.cfg.temperature, head),
-        lambda x: learner._head_loss(x, excluded, targets),
+        lambda x: learner._head_loss(x, x.detach().masked_fill(excluded, -math.inf), targets),
     ):
         w = torch.ones(n, requires_grad=True)
         values = loss(base * w)
@@ -213,6 +213,26 @@ def test_the_head_loss_is_the_masked_catalogue_softmax_computed_over_the_head(n,
     assert (want > 0).sum() >= 8 and (want == 0).sum() >= (1 if head < n else 0)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
     assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-3)
+
+
+def test_a_blend_head_of_0_is_the_softmax_over_the_whole_masked_catalogue():
+    """trainer.blend_head = 0: every sample counts, over every item in play + its target."""
+    torch.manual_seed(3)
+    learner = OnlineLearner(MC, TrainerConfig(blend_head=0))
+    base = torch.randn(16, 40, requires_grad=True)
+    excluded = torch.rand(16, 40) < 0.2
+    excluded[:, 0] = True
+    targets = torch.randint(1, 40, (16,))
+    excluded[torch.arange(4), targets[:4]] = True  # (a target competes even if excluded)
+    got = learner._head_loss(base, base.detach().masked_fill(excluded, -math.inf), targets)
+    t = learner.cfg.temperature
+    for i in range(16):
+        in_play = ~excluded[i]
+        in_play[targets[i]] = True
+        want = -torch.log_softmax(base[i][in_play] / t, dim=0)[
+            in_play[: targets[i]].sum()
+        ]  # the target's position among the items in play
+        assert torch.allclose(got[i], want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_step_reuses_the_histories_it_was_ranked_with_and_learns_the_same(monkeypatch):
