@@ -19,6 +19,7 @@ import logging
 import math
 import pickle
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,28 +62,29 @@ def _tensors_to(obj: Any, convert: Callable[[Any], Any]) -> Any:
     return obj
 
 
-def _count_all(memory: npt.NDArray[np.float32], m: int, counts: list[tuple[int, float]]) -> None:
-    """Add each ``(j, w)`` of ``counts``, in order, to one row's transition memory ``memory``
-    [2M] (M neighbour catalogue indices, then M counts): ``w`` to neighbour ``j``'s count,
-    or, for a new neighbour, into the least counted slot (the first of equals).
+def _count_all(
+    idx: list[float], cnt: array[float], m: int, counts: list[tuple[int, float, float]]
+) -> None:
+    """Add each ``(start, j, w)`` of ``counts``, in order, to the transition memory of the
+    row whose M slots begin at ``start`` in ``idx`` (neighbour catalogue indices) and
+    ``cnt`` (their float32 counts): ``w`` to neighbour ``j``'s count, or, for a new
+    neighbour, into the least counted slot (the first of equals).
 
-    On Python lists: numpy calls per count cost ~7 us, this ~1. The sums are float32 ones:
-    a sum of two float32 values computed in double and rounded once to float32 is the
-    correctly rounded float32 sum."""
-    idx, cnt = memory[:m].tolist(), memory[m:].tolist()
-    f32 = np.float32
-    for j, w in counts:
-        jf, w32 = float(j), float(f32(w))  # (float == float compares faster than int)
+    On Python lists: numpy calls per count cost ~7 us, this ~1. ``cnt`` is an
+    ``array('f')``: a value stored into it is rounded to float32 once, so ``cnt[k] += w``
+    is the float32 sum (computed in double, rounded once: the correctly rounded float32
+    sum). ``w`` is a float32 value."""
+    for start, j, w in counts:
+        end = start + m
         try:
-            k = idx.index(jf)
+            k = idx.index(j, start, end)
         except ValueError:
-            k = cnt.index(min(cnt))
-            idx[k] = jf
-            cnt[k] = w32
+            least = min(cnt[start:end])
+            k = cnt.index(least, start, end)
+            idx[k] = j
+            cnt[k] = w
         else:
-            cnt[k] = float(f32(cnt[k] + w32))
-    memory[:m] = idx
-    memory[m:] = cnt
+            cnt[k] += w
 
 
 def preload() -> None:
@@ -922,19 +924,26 @@ class OnlineLearner:
         if not len(r_all):
             return
         # The slot replacement depends on the order of the counts, so they are applied one
-        # by one, row by row (a stable sort keeps each row's order) - on a host copy of the
+        # by one, in order within each row (rows are independent) - on a host copy of the
         # touched rows' memory (one transfer each way; per-element tensor indexing cost
         # ~20 us a count, a third of a CPU step).
-        order = np.argsort(r_all, kind="stable")
-        r_sorted = r_all[order]
-        rows, starts = np.unique(r_sorted, return_index=True)
-        ends = [*starts[1:].tolist(), len(r_sorted)]
-        j_list, w_list = j_all[order].tolist(), w_all[order].tolist()
+        rows, at = np.unique(r_all, return_inverse=True)
         off = self.trans_off
         rows_t = torch.from_numpy(rows.astype(np.int64)).to(self.device)
-        block = self.table.data[rows_t, off : off + 2 * m].cpu().numpy().copy()  # [R, 2M]
-        for i, (a, b) in enumerate(zip(starts.tolist(), ends, strict=True)):
-            _count_all(block[i], m, list(zip(j_list[a:b], w_list[a:b], strict=True)))
+        block = self.table.data[rows_t, off : off + 2 * m].cpu().numpy()  # [R, 2M]
+        idx = block[:, :m].ravel().tolist()
+        cnt = array("f", np.ascontiguousarray(block[:, m:]).tobytes())
+        starts = (at * m).tolist()
+        j_list = j_all.astype(np.float64).tolist()  # (float == float compares faster)
+        w_list = w_all.astype(np.float32).tolist()
+        _count_all(idx, cnt, m, list(zip(starts, j_list, w_list, strict=True)))
+        block = np.concatenate(
+            [
+                np.asarray(idx, dtype=np.float32).reshape(-1, m),
+                np.frombuffer(cnt, dtype=np.float32).reshape(-1, m),
+            ],
+            axis=1,
+        )
         with torch.no_grad():
             self.table.data[rows_t, off : off + 2 * m] = torch.from_numpy(block).to(self.device)
         touched_rows.update(rows.tolist())

@@ -1,6 +1,7 @@
 """Sequence user tower + transition memory: learning, exact restore, ONNX equality."""
 
 import copy
+from array import array
 
 import numpy as np
 import torch
@@ -101,19 +102,33 @@ def _count_reference(memory: np.ndarray, m: int, j: int, w: float) -> None:
         cnt[k] = np.float32(w)
 
 
+def _count_rows(memory: np.ndarray, m: int, counts: list[tuple[int, int, float]]) -> None:
+    """_count_all on rows of ``memory`` [R, 2M] given ``(row, j, w)`` counts, in order."""
+    idx = memory[:, :m].ravel().tolist()
+    cnt = array("f", np.ascontiguousarray(memory[:, m:]).tobytes())
+    _count_all(idx, cnt, m, [(r * m, float(j), float(np.float32(w))) for r, j, w in counts])
+    memory[:, :m] = np.asarray(idx, np.float32).reshape(-1, m)
+    memory[:, m:] = np.frombuffer(cnt, np.float32).reshape(-1, m)
+
+
 def test_batched_counting_matches_one_count_at_a_time_bit_for_bit():
     rng = np.random.default_rng(7)
     for m in (1, 3, 8):
-        fast = np.zeros(2 * m, np.float32)
+        fast = np.zeros((3, 2 * m), np.float32)
         slow = fast.copy()
-        # Few distinct neighbours (hits, repeated sums) and many (evictions, ties).
+        # Few distinct neighbours (hits, repeated sums) and many (evictions, ties), the
+        # counts of three rows interleaved.
         counts = [
-            (int(rng.integers(1, 4 if trial % 2 else 40)), 1.0 / int(rng.integers(1, 4)))
-            for trial in range(400)
+            (
+                int(rng.integers(0, 3)),
+                int(rng.integers(1, 4 if trial % 2 else 40)),
+                1.0 / int(rng.integers(1, 4)),
+            )
+            for trial in range(1200)
         ]
-        _count_all(fast, m, counts)
-        for j, w in counts:
-            _count_reference(slow, m, j, w)
+        _count_rows(fast, m, counts)
+        for r, j, w in counts:
+            _count_reference(slow[r], m, j, w)
         assert fast.tobytes() == slow.tobytes(), m
 
 
@@ -147,8 +162,8 @@ def test_a_step_counts_every_pair_in_sample_order():
     learner.learn(batch, meta)
     after = learner.table.data[:, off : off + 2 * m].numpy()
     for row, counts in expected.items():
-        want = before[row].copy()
-        _count_all(want, m, counts)
-        np.testing.assert_array_equal(after[row], want)
+        want = before[row : row + 1].copy()
+        _count_rows(want, m, [(0, j, w) for j, w in counts])
+        np.testing.assert_array_equal(after[row], want[0])
     untouched = [r for r in range(1, len(before)) if r not in expected]
     np.testing.assert_array_equal(after[untouched], before[untouched])
