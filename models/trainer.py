@@ -395,9 +395,17 @@ class OnlineLearner:
         return out.reshape(*cat_idx.shape, self.dim)
 
     def catalogue_vectors(self) -> torch.Tensor:
-        """Item vectors [size, D] of every catalogue index (no grad)."""
+        """Item vectors [size, D] of every catalogue index (no grad): :meth:`item_vectors`
+        of them all, on slices of the catalogue's arrays instead of gathers (its text
+        vectors alone are [size, T], copied every step by a gather)."""
+        cat, n = self.catalog, self.catalog.size
         with torch.no_grad():
-            return self.item_vectors(torch.arange(self.catalog.size, device=self.device))
+            rows = torch.from_numpy(cat.row_of[:n]).to(self.device)
+            text = cat.text[:n] if self.text_dim > 0 else None
+            cats = torch.from_numpy(cat.cats[:n]).to(self.device)
+            out: torch.Tensor = self.model.item_tower(self.table.data[rows, : self.dim], text, cats)
+            out[:1].mul_(0.0)  # the padding index (item_vectors' mask, the same zeros)
+            return out
 
     def _ema_model(self) -> TwoTower:
         m = TwoTower(self.model_cfg, self.text_dim).to(self.device)
