@@ -213,8 +213,10 @@ def history_transition_scores(
         weight.view(1, p, 1) * mask[:, :p].to(weight.dtype).unsqueeze(-1)
     )  # [B, P, M]
     b = hist_idx.shape[0]
-    out = torch.zeros(b, n_items, dtype=w.dtype, device=w.device) if zeros is None else zeros
-    return out.scatter_add(1, hist_idx.reshape(b, -1), w.reshape(b, -1))
+    if zeros is None:  # (a fresh tensor: added to in place, one [B, n_items] copy less)
+        out = torch.zeros(b, n_items, dtype=w.dtype, device=w.device)
+        return out.scatter_add_(1, hist_idx.reshape(b, -1), w.reshape(b, -1))
+    return zeros.scatter_add(1, hist_idx.reshape(b, -1), w.reshape(b, -1))
 
 
 # Content neighbours per user whose transition scores a never-interacted item borrows.
