@@ -63,28 +63,41 @@ def _tensors_to(obj: Any, convert: Callable[[Any], Any]) -> Any:
 
 
 def _count_all(
-    idx: list[float], cnt: array[float], m: int, counts: list[tuple[int, float, float]]
+    block: npt.NDArray[np.float32],
+    at: npt.NDArray[np.int64],
+    j: npt.NDArray[np.int64],
+    w: npt.NDArray[np.float64],
 ) -> None:
-    """Add each ``(start, j, w)`` of ``counts``, in order, to the transition memory of the
-    row whose M slots begin at ``start`` in ``idx`` (neighbour catalogue indices) and
-    ``cnt`` (their float32 counts): ``w`` to neighbour ``j``'s count, or, for a new
-    neighbour, into the least counted slot (the first of equals).
+    """Add each count, in order, to the transition memory of its row of ``block`` [R, 2M]
+    (per row: M neighbour catalogue indices, then their M float32 counts), in place:
+    count c adds ``w[c]`` to neighbour ``j[c]``'s count in row ``at[c]`` or, for a new
+    neighbour, puts it into the row's least counted slot (the first of equals).
 
-    On Python lists: numpy calls per count cost ~7 us, this ~1. ``cnt`` is an
+    On flat Python lists: numpy calls per count cost ~7 us, this ~1. The counts are an
     ``array('f')``: a value stored into it is rounded to float32 once, so ``cnt[k] += w``
     is the float32 sum (computed in double, rounded once: the correctly rounded float32
-    sum). ``w`` is a float32 value."""
-    for start, j, w in counts:
+    sum); ``w`` is rounded to float32 first."""
+    m = block.shape[1] // 2
+    idx = block[:, :m].ravel().tolist()
+    cnt = array("f", np.ascontiguousarray(block[:, m:]).tobytes())
+    # (float == float compares faster than int == float)
+    for start, jf, wf in zip(
+        (at * m).tolist(),
+        j.astype(np.float64).tolist(),
+        w.astype(np.float32).tolist(),
+        strict=True,
+    ):
         end = start + m
         try:
-            k = idx.index(j, start, end)
+            k = idx.index(jf, start, end)
         except ValueError:
-            least = min(cnt[start:end])
-            k = cnt.index(least, start, end)
-            idx[k] = j
-            cnt[k] = w
+            k = cnt.index(min(cnt[start:end]), start, end)
+            idx[k] = jf
+            cnt[k] = wf
         else:
-            cnt[k] += w
+            cnt[k] += wf
+    block[:, :m] = np.asarray(idx, dtype=np.float32).reshape(-1, m)
+    block[:, m:] = np.frombuffer(cnt, dtype=np.float32).reshape(-1, m)
 
 
 def preload() -> None:
@@ -938,20 +951,8 @@ class OnlineLearner:
         rows, at = np.unique(r_all, return_inverse=True)
         off = self.trans_off
         rows_t = torch.from_numpy(rows.astype(np.int64)).to(self.device)
-        block = self.table.data[rows_t, off : off + 2 * m].cpu().numpy()  # [R, 2M]
-        idx = block[:, :m].ravel().tolist()
-        cnt = array("f", np.ascontiguousarray(block[:, m:]).tobytes())
-        starts = (at * m).tolist()
-        j_list = j_all.astype(np.float64).tolist()  # (float == float compares faster)
-        w_list = w_all.astype(np.float32).tolist()
-        _count_all(idx, cnt, m, list(zip(starts, j_list, w_list, strict=True)))
-        block = np.concatenate(
-            [
-                np.asarray(idx, dtype=np.float32).reshape(-1, m),
-                np.frombuffer(cnt, dtype=np.float32).reshape(-1, m),
-            ],
-            axis=1,
-        )
+        block = self.table.data[rows_t, off : off + 2 * m].cpu().numpy()  # [R, 2M] (a copy)
+        _count_all(block, at, j_all, w_all)
         with torch.no_grad():
             self.table.data[rows_t, off : off + 2 * m] = torch.from_numpy(block).to(self.device)
         touched_rows.update(rows.tolist())

@@ -1,7 +1,6 @@
 """Sequence user tower + transition memory: learning, exact restore, ONNX equality."""
 
 import copy
-from array import array
 
 import numpy as np
 import torch
@@ -102,15 +101,6 @@ def _count_reference(memory: np.ndarray, m: int, j: int, w: float) -> None:
         cnt[k] = np.float32(w)
 
 
-def _count_rows(memory: np.ndarray, m: int, counts: list[tuple[int, int, float]]) -> None:
-    """_count_all on rows of ``memory`` [R, 2M] given ``(row, j, w)`` counts, in order."""
-    idx = memory[:, :m].ravel().tolist()
-    cnt = array("f", np.ascontiguousarray(memory[:, m:]).tobytes())
-    _count_all(idx, cnt, m, [(r * m, float(j), float(np.float32(w))) for r, j, w in counts])
-    memory[:, :m] = np.asarray(idx, np.float32).reshape(-1, m)
-    memory[:, m:] = np.frombuffer(cnt, np.float32).reshape(-1, m)
-
-
 def test_batched_counting_matches_one_count_at_a_time_bit_for_bit():
     rng = np.random.default_rng(7)
     for m in (1, 3, 8):
@@ -126,7 +116,8 @@ def test_batched_counting_matches_one_count_at_a_time_bit_for_bit():
             )
             for trial in range(1200)
         ]
-        _count_rows(fast, m, counts)
+        rows, nbrs, weights = (np.array(c) for c in zip(*counts, strict=True))
+        _count_all(fast, rows, nbrs, weights)
         for r, j, w in counts:
             _count_reference(slow[r], m, j, w)
         assert fast.tobytes() == slow.tobytes(), m
@@ -163,7 +154,8 @@ def test_a_step_counts_every_pair_in_sample_order():
     after = learner.table.data[:, off : off + 2 * m].numpy()
     for row, counts in expected.items():
         want = before[row : row + 1].copy()
-        _count_rows(want, m, [(0, j, w) for j, w in counts])
+        nbrs, weights = (np.array(c) for c in zip(*counts, strict=True))
+        _count_all(want, np.zeros(len(counts), np.int64), nbrs, weights)
         np.testing.assert_array_equal(after[row], want[0])
     untouched = [r for r in range(1, len(before)) if r not in expected]
     np.testing.assert_array_equal(after[untouched], before[untouched])
