@@ -78,15 +78,23 @@ def encoder_rate(device, spec: str, texts: int) -> dict[str, Any]:
     path = resolve_model_dir(spec)
     if path is None:
         return {"encoder_items_per_s": None}
-    enc = TextEncoder(path, device=device)
     items = make_items(texts + 64)
     strs = [f"{it.title}. {it.text}" for it in items]
-    enc.encode(strs[:64])  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    enc.encode(strs[64:])
-    _sync(device)
-    return {"encoder_items_per_s": texts / (time.perf_counter() - t0), "encoder": enc.name}
+    out: dict[str, Any] = {}
+    # model.text_precision "auto" (bfloat16 where native) against float32, in the same run.
+    for spec in ("auto", "float32"):
+        enc = TextEncoder(path, device=device, precision=spec)
+        enc.encode(strs[:64])  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        enc.encode(strs[64:])
+        _sync(device)
+        rate = texts / (time.perf_counter() - t0)
+        if spec == "auto":
+            out.update(encoder_items_per_s=rate, encoder=enc.name, encoder_precision=enc.precision)
+        else:
+            out["encoder_float32_items_per_s"] = rate
+    return out
 
 
 def measure(device, args) -> dict[str, Any]:
@@ -142,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     # default as in the job); the encoder runs with the same number.
     cols = [
         "run", "device_name", "torch_threads", "trainer_samples_per_s", "trainer_vs_cpu",
-        "export_s", "encoder_items_per_s", "encoder_vs_cpu",
+        "export_s", "encoder_precision", "encoder_items_per_s", "encoder_float32_items_per_s",
+        "encoder_vs_cpu",
     ]  # fmt: skip
     print(C.table(rows, cols))
     d = rows[0]
@@ -150,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     headline = (
         f"{name}: trainer {d['trainer_samples_per_s']:.0f} samples/s "
         f"({d['trainer_vs_cpu']:.1f}x cpu), encoder "
-        + (f"{enc:.0f} items/s ({d['encoder_vs_cpu']:.1f}x cpu)" if enc else "skipped")
+        + (
+            f"{enc:.0f} items/s in {d['encoder_precision']} ({d['encoder_vs_cpu']:.1f}x cpu; "
+            f"{d['encoder_float32_items_per_s']:.0f} in float32)"
+            if enc
+            else "skipped"
+        )
     )
     print(headline)
     C.write_result(

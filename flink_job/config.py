@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from models.config import ModelConfig, TrainerConfig, UserStageConfig
+from models.text_encoder import PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -352,6 +353,11 @@ def validate(cfg: AppConfig) -> None:
             "(FLINK-31006), so the job would hang at the end of the input. Restore with "
             "kafka.bounded=false and stop the job with `rtrec stop JOB --savepoint` once it "
             "has caught up"
+        )
+    if cfg.model.text_precision not in PRECISIONS:
+        raise ConfigError(
+            f"model.text_precision must be one of {', '.join(PRECISIONS)}; "
+            f"got {cfg.model.text_precision!r}"
         )
     if cfg.model.transition_pairs > cfg.model.history_length:
         # The transition memory counts pairs among the history the user tower reads.

@@ -34,7 +34,7 @@ from pyflink.java_gateway import get_gateway
 from flink_job.config import AppConfig, to_dict
 from flink_job.jars import kafka_connector_jar, operators_jar
 from flink_job.operators import key_by_field, use_checkpointed_timers, windows_by_field
-from models.text_encoder import encoder_off
+from models.text_encoder import configured_precision, encoder_off
 from udfs.embed import EmbedItemTexts, bucket_key
 from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
 from udfs.publish import PublishToRegistry, to_kafka_record
@@ -377,7 +377,12 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
             items = (
                 items.key_by(bucket_key, key_type=Types.STRING())
                 .process(
-                    EmbedItemTexts(cfg.model, cfg.trainer.torch_threads), output_type=ITEM_TYPE
+                    EmbedItemTexts(
+                        cfg.model,
+                        cfg.trainer.torch_threads,
+                        configured_precision(cfg.model, cfg.trainer.deterministic),
+                    ),
+                    output_type=ITEM_TYPE,
                 )
                 .uid("embed-items")
                 .name("embed-items")

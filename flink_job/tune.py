@@ -37,7 +37,7 @@ from flink_job.offline import to_stream
 from flink_job.offline_train import online_prequential, split_stream
 from models.events import Item
 from models.history import Sample
-from models.text_encoder import TextEncoder, load_encoder
+from models.text_encoder import TextEncoder, configured_precision, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,13 @@ def tune(
     encoders: dict[tuple[str, int], TextEncoder | None] = {}
 
     def encoder_for(cfg: AppConfig) -> TextEncoder | None:
-        ek = (cfg.model.text_encoder, cfg.model.text_max_length)
+        ek = (
+            cfg.model.text_encoder,
+            cfg.model.text_max_length,
+            configured_precision(cfg.model, cfg.trainer.deterministic),
+        )
         if ek not in encoders:
-            encoders[ek] = load_encoder(ek[0], ek[1], memo_size=1_000_000)
+            encoders[ek] = load_encoder(ek[0], ek[1], memo_size=1_000_000, precision=ek[2])
         return encoders[ek]
 
     val = validation_slice(base)

@@ -28,6 +28,9 @@ class ModelConfig:
     # "minilm" (bundled all-MiniLM-L6-v2), "none" (id-only items) or a local HF model dir.
     text_encoder: str = "minilm"
     text_max_length: int = 64
+    # The transformer's arithmetic when embedding item texts: "auto" (bfloat16 where the
+    # CPU or GPU computes it natively, else float32), "float32" or "bfloat16".
+    text_precision: str = "auto"
     # Hashed category embeddings (0 disables).
     category_buckets: int = 64
     dropout: float = 0.0

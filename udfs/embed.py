@@ -36,9 +36,10 @@ def bucket_key(row: tuple) -> str:
 
 
 class EmbedItemTexts(KeyedProcessFunction):
-    def __init__(self, model_cfg: ModelConfig, torch_threads: int) -> None:
+    def __init__(self, model_cfg: ModelConfig, torch_threads: int, precision: str) -> None:
+        """``precision``: the run's :func:`models.text_encoder.configured_precision`."""
         self.model_cfg = model_cfg
-        self.torch_threads = torch_threads
+        self.torch_threads, self.precision = torch_threads, precision
 
     def open(self, runtime_context):
         rc = runtime_context
@@ -51,6 +52,7 @@ class EmbedItemTexts(KeyedProcessFunction):
             self.model_cfg.text_max_length,
             why="first catalogue batch",
             threads=self.torch_threads,
+            precision=self.precision,
         )
 
     def process_element(self, value, ctx):

@@ -30,7 +30,7 @@ from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, Va
 from models.config import ModelConfig, TrainerConfig
 from models.metrics import TensorBoardLog
 from models.online import catalogue_horizon, step_due, train_and_maybe_export
-from models.text_encoder import lazy_encoder
+from models.text_encoder import configured_precision, lazy_encoder
 from models.trainer import OnlineLearner, new_meta, preload
 from udfs.buffer import KeyedBuffer
 from udfs.records import ITEM_TYPE, LEGACY_ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
@@ -97,6 +97,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
             self.model_cfg.text_encoder,
             self.model_cfg.text_max_length,
             why="catalogue records arrived without text vectors",
+            precision=configured_precision(self.model_cfg, self.cfg.deterministic),
         )
         self._open_metrics(rc.get_metrics_group().add_group("prequential"))
         self.tensorboard = TensorBoardLog(self.tensorboard_dir) if self.tensorboard_dir else None

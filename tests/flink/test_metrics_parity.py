@@ -15,7 +15,7 @@ from flink_job.datasets import synthetic
 from flink_job.job import build_graph, make_env, registry_sink
 from flink_job.offline import replay_job
 from models.registry import list_versions
-from models.text_encoder import load_encoder
+from models.text_encoder import configured_precision, load_encoder
 
 
 class JsonTs(TimestampAssigner):
@@ -82,7 +82,9 @@ def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path, reques
         collected = [json.loads(r) for r in results]
     job_metrics = sorted((r for r in collected if "batch" in r), key=lambda r: r["step"])
 
-    offline = replay_job(records, cfg, load_encoder(cfg.model.text_encoder))
+    precision = configured_precision(cfg.model, cfg.trainer.deterministic)
+    assert precision == "float32"  # "auto" in deterministic mode, as the job resolves it
+    offline = replay_job(records, cfg, load_encoder(cfg.model.text_encoder, precision=precision))
 
     assert len(job_metrics) == len(offline.metrics) >= 30
     for a, b in zip(job_metrics, offline.metrics, strict=True):

@@ -42,6 +42,7 @@ def test_int_accepted_for_float():
         ("job.python_mode='fork'", "job.python_mode"),
         ("job.python_mode='thread'", "hangs this job"),
         ("job.local_python_workers='threads'", "job.local_python_workers must be"),
+        ("model.text_precision='half'", "model.text_precision must be one of auto, float32"),
         ("noequals", "must look like section.key=value"),
     ],
 )

@@ -9,10 +9,13 @@ from models.events import Item
 from models.text_encoder import (
     TextEncoder,
     TextEncoderError,
+    configured_precision,
+    cpu_has_native_bf16,
     embed_items,
     lazy_encoder,
     load_encoder,
     resolve_model_dir,
+    resolve_precision,
 )
 from models.trainer import OnlineLearner, new_meta
 
@@ -23,7 +26,7 @@ def texts(topic: str, n: int = 3) -> list[str]:
 
 
 def test_encoder_is_normalised_batched_and_topical(tiny_bert_dir):
-    enc = TextEncoder(tiny_bert_dir, device=torch.device("cpu"), batch_size=2)
+    enc = TextEncoder(tiny_bert_dir, device=torch.device("cpu"), batch_size=2, precision="float32")
     jazz, space = enc.encode(texts("jazz")), enc.encode(texts("space"))
     assert jazz.shape == (3, 32) and jazz.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(jazz, axis=1), 1.0, atol=1e-5)
@@ -32,6 +35,37 @@ def test_encoder_is_normalised_batched_and_topical(tiny_bert_dir):
     within = float((jazz @ jazz.T)[np.triu_indices(3, 1)].mean())
     across = float((jazz @ space.T).mean())
     assert within > across
+
+
+def test_bfloat16_embeds_within_rounding_of_float32(tiny_bert_dir):
+    """The bfloat16 path really runs in bfloat16 (other bits) and gives unit vectors
+    pointing where float32's do."""
+    cpu = torch.device("cpu")
+    full = TextEncoder(tiny_bert_dir, device=cpu, precision="float32")
+    half = TextEncoder(tiny_bert_dir, device=cpu, precision="bfloat16")
+    assert (full.precision, half.precision) == ("float32", "bfloat16")
+    text = texts("jazz") + texts("space")
+    a, b = full.encode(text), half.encode(text)
+    assert b.dtype == np.float32 and not np.array_equal(a, b)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert float((a * b).sum(axis=1).min()) > 0.999
+    # Fine-tuning's differentiable forward stays float32 whatever the setting.
+    assert half.forward(text[:1]).dtype == torch.float32
+
+
+def test_text_precision_resolves_per_device_and_mode():
+    cpu = torch.device("cpu")
+    native = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert resolve_precision("auto", cpu) == native
+    assert resolve_precision("float32", cpu) == "float32"
+    assert resolve_precision("bfloat16", cpu) == "bfloat16"
+    with pytest.raises(TextEncoderError, match=r"model\.text_precision.*'half'"):
+        resolve_precision("half", cpu)
+    # Deterministic runs keep float32 unless bfloat16 is asked for by name.
+    assert configured_precision(ModelConfig(), deterministic=True) == "float32"
+    assert configured_precision(ModelConfig(), deterministic=False) == "auto"
+    bf16 = ModelConfig(text_precision="bfloat16")
+    assert configured_precision(bf16, deterministic=True) == "bfloat16"
 
 
 def test_missing_model_names_the_config_key(tmp_path):
