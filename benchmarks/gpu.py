@@ -1,11 +1,14 @@
-"""Accelerator check: trainer samples/s and text-encoder items/s on the current device.
+"""Accelerator check: trainer samples/s, onnxruntime rankings/s and text-encoder items/s
+on the current device.
 
 The device is CUDA when present, else CPU (``RTREC_DEVICE`` overrides, as in the job).
 Prints the device name (``torch.cuda.get_device_name``). Baseline measured in the same
-run: the same two measurements on the CPU (skipped when the device is the CPU; ratio 1).
+run: the same measurements on the CPU (skipped when the device is the CPU; ratio 1).
 
 - trainer: ``train_and_maybe_export`` (the Flink trainer's call) on Zipf samples over a
   catalogue with MiniLM-width (384) text vectors, default model/trainer config;
+- onnxruntime: the exported version ranked by ``OnnxRecommender`` (the serving path), on
+  CUDA's execution provider for a CUDA device;
 - text encoder: the configured ``model.text_encoder`` (bundled all-MiniLM-L6-v2 by
   default) embedding catalogue texts in batches of 64 (what the trainer does on ingest).
 """
@@ -65,9 +68,37 @@ def trainer_rate(
     # a running trainer pays that once, so the timed export is the second one.
     build_version(learner, meta, 50, {})
     t0 = time.perf_counter()
-    build_version(learner, meta, 50, {})
+    version = build_version(learner, meta, 50, {})
     export_s = time.perf_counter() - t0
-    return {"trainer_samples_per_s": n / learn_s, "export_s": export_s}
+    return {
+        "trainer_samples_per_s": n / learn_s,
+        "export_s": export_s,
+        **serving_rate(device, version),
+    }
+
+
+def serving_rate(device, version, batch: int = 256, rounds: int = 20) -> dict[str, Any]:
+    """onnxruntime top-k rankings/s of the exported version through ``OnnxRecommender``
+    (what ``rtrec serve`` runs), with CUDA's execution provider for a CUDA device and the
+    CPU's otherwise; requests of ``batch`` random full histories."""
+    import tempfile
+
+    import numpy as np
+
+    from models.registry import publish
+    from models.serving import OnnxRecommender
+
+    with tempfile.TemporaryDirectory() as d:
+        rec = OnnxRecommender(publish(d, version) / "model.onnx", gpu=device.type == "cuda")
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1, len(rec.item_ids) + 1, size=(batch, rec.history_length))
+        mask = ids > 0
+        rec.raw(ids, mask)  # warm-up: kernels, memory arena
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            rec.raw(ids, mask)
+        rate = batch * rounds / (time.perf_counter() - t0)
+        return {"onnx_rankings_per_s": rate, "onnx_provider": rec.session.get_providers()[0]}
 
 
 def encoder_rate(device, spec: str, texts: int) -> dict[str, Any]:
@@ -146,19 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["trainer_vs_cpu"] = C.ratio(r["trainer_samples_per_s"], base["trainer_samples_per_s"])
         r["encoder_vs_cpu"] = C.ratio(r["encoder_items_per_s"], base["encoder_items_per_s"])
+        r["onnx_vs_cpu"] = C.ratio(r["onnx_rankings_per_s"], base["onnx_rankings_per_s"])
     # torch_threads: the CPU threads the learner runs with (trainer.torch_threads, 1 by
     # default as in the job); the encoder runs with the same number.
     cols = [
         "run", "device_name", "torch_threads", "trainer_samples_per_s", "trainer_vs_cpu",
-        "export_s", "encoder_precision", "encoder_items_per_s", "encoder_float32_items_per_s",
-        "encoder_vs_cpu",
+        "export_s", "onnx_provider", "onnx_rankings_per_s", "onnx_vs_cpu",
+        "encoder_precision", "encoder_items_per_s", "encoder_float32_items_per_s", "encoder_vs_cpu",
     ]  # fmt: skip
     print(C.table(rows, cols))
     d = rows[0]
     enc = d["encoder_items_per_s"]
     headline = (
         f"{name}: trainer {d['trainer_samples_per_s']:.0f} samples/s "
-        f"({d['trainer_vs_cpu']:.1f}x cpu), encoder "
+        f"({d['trainer_vs_cpu']:.1f}x cpu), onnxruntime {d['onnx_rankings_per_s']:.0f} "
+        f"rankings/s on {d['onnx_provider']} ({d['onnx_vs_cpu']:.1f}x cpu), encoder "
         + (
             f"{enc:.0f} items/s in {d['encoder_precision']} ({d['encoder_vs_cpu']:.1f}x cpu; "
             f"{d['encoder_float32_items_per_s']:.0f} in float32)"

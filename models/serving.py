@@ -20,14 +20,16 @@ BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float32]
 
 
-def providers() -> list[str]:
-    """CUDA first when a GPU is usable, CPU always (onnxruntime-gpu lists CUDA even without one)."""
-    try:
-        import torch
+def providers(gpu: bool | None = None) -> list[str]:
+    """CUDA first when a GPU is usable, CPU always (onnxruntime-gpu lists CUDA even without
+    one). ``gpu``: None = whether torch sees a CUDA device, False = the CPU only."""
+    if gpu is None:
+        try:
+            import torch
 
-        gpu = torch.cuda.is_available()
-    except Exception:
-        gpu = False
+            gpu = torch.cuda.is_available()
+        except Exception:
+            gpu = False
     avail = ort.get_available_providers()
     chosen = ["CUDAExecutionProvider"] if gpu and "CUDAExecutionProvider" in avail else []
     return [*chosen, "CPUExecutionProvider"]
@@ -36,11 +38,12 @@ def providers() -> list[str]:
 class OnnxRecommender:
     """One loaded ONNX version: item-id histories in, top-k item ids out."""
 
-    def __init__(self, onnx_path: str | Path) -> None:
+    def __init__(self, onnx_path: str | Path, gpu: bool | None = None) -> None:
+        """``gpu``: as :func:`providers` (None: CUDA when present)."""
         self.path = Path(onnx_path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers())
+        self.session = ort.InferenceSession(str(self.path), opts, providers=providers(gpu))
         meta = self.session.get_modelmeta().custom_metadata_map
         if "item_ids" not in meta:
             raise ValueError(f"{self.path} has no 'item_ids' metadata; was it exported by rtrec?")

@@ -57,6 +57,8 @@ def test_gpu_script_writes_json(tmp_path: Path) -> None:
     assert doc["device_name"] == "cpu"
     (row,) = doc["rows"]
     assert row["trainer_samples_per_s"] > 0 and row["trainer_vs_cpu"] == pytest.approx(1.0)
+    # The exported version ranked through the serving class, on the CPU's provider here.
+    assert row["onnx_rankings_per_s"] > 0 and row["onnx_provider"] == "CPUExecutionProvider"
 
 
 def _common():

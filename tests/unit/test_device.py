@@ -99,3 +99,5 @@ def test_serving_runs_onnx_on_cuda_only_when_both_are_there(monkeypatch, gpu, av
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     monkeypatch.setattr(serving.ort, "get_available_providers", lambda: available)
     assert serving.providers() == [*want, "CPUExecutionProvider"]
+    # Asked for the CPU (gpu.py's baseline row), a usable GPU is left out.
+    assert serving.providers(gpu=False) == ["CPUExecutionProvider"]
