@@ -93,7 +93,8 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     bfloat16 (under autocast: layer norms, softmax and the pooling stay float32) MiniLM
     embeds ~1.8x faster on an AVX512-BF16 CPU core, with vectors within cosine 0.99997
     of float32's. Every path that embeds (the job's stages, offline runs, evaluation)
-    resolves the same setting, so on one machine they produce the same bits.
+    resolves the same setting, so on one machine they embed alike (up to the rounding
+    that depends on batch mates, see :func:`configured_precision`).
     """
     import torch
 
