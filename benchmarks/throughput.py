@@ -246,16 +246,12 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
     from flink_job.datasets import records
     from flink_job.offline import batches, to_stream
     from models.online import largest_step, train_and_maybe_export
-    from models.text_encoder import configured_precision, load_encoder
+    from models.text_encoder import load_configured_encoder
     from models.trainer import OnlineLearner, new_meta
 
     if threads:  # as many intra-op threads as the job's trainer worker had
         torch.set_num_threads(threads)
-    encoder = load_encoder(
-        cfg.model.text_encoder,
-        cfg.model.text_max_length,
-        precision=configured_precision(cfg.model, cfg.trainer.deterministic),
-    )
+    encoder = load_configured_encoder(cfg.model, cfg.trainer.deterministic)
     stream = list(to_stream(records(cfg.replay), cfg))  # parse + user stage, not timed
     learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=encoder.dim if encoder else 0)
     meta = new_meta(cfg.job.model_key)

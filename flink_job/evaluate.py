@@ -37,7 +37,7 @@ from models.baselines import Baseline, default_baselines, positives
 from models.events import Item
 from models.history import Sample
 from models.metrics import prequential_step, summary
-from models.text_encoder import configured_precision, load_encoder
+from models.text_encoder import load_configured_encoder
 from models.trainer import OnlineLearner, new_meta
 
 # Top-k lists (for coverage) are computed for every COVERAGE_EVERY-th test positive only:
@@ -100,12 +100,7 @@ def run_eval(
     data = list(stream)
     warm, test = split_stream(data, warmup)
     catalogue = {x.item_id for x in data if isinstance(x, Item)}
-    encoder = load_encoder(
-        cfg.model.text_encoder,
-        cfg.model.text_max_length,
-        memo_size=1_000_000,
-        precision=configured_precision(cfg.model, cfg.trainer.deterministic),
-    )
+    encoder = load_configured_encoder(cfg.model, cfg.trainer.deterministic, memo_size=1_000_000)
     text_dim = encoder.dim if encoder is not None else 0
     bs = cfg.trainer.batch_size
 

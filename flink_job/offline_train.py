@@ -26,7 +26,7 @@ from models.events import Item
 from models.history import Sample
 from models.metrics import RankSums, positives, prequential_step
 from models.online import save_initial_state
-from models.text_encoder import TextEncoder, configured_precision, load_encoder
+from models.text_encoder import TextEncoder, load_configured_encoder
 from models.trainer import OnlineLearner, new_meta
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,7 @@ def pretrain(
     enc = (
         encoder
         if encoder is not None
-        else load_encoder(
-            cfg.model.text_encoder,
-            cfg.model.text_max_length,
-            memo_size=1_000_000,
-            precision=configured_precision(cfg.model, cfg.trainer.deterministic),
-        )
+        else load_configured_encoder(cfg.model, cfg.trainer.deterministic, memo_size=1_000_000)
     )
     data = list(stream)
     learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=enc.dim if enc else 0)
@@ -267,12 +262,7 @@ def compare(
     import dataclasses
 
     warm, test = split_stream(stream, warmup)
-    encoder = load_encoder(
-        cfg.model.text_encoder,
-        cfg.model.text_max_length,
-        memo_size=1_000_000,
-        precision=configured_precision(cfg.model, cfg.trainer.deterministic),
-    )
+    encoder = load_configured_encoder(cfg.model, cfg.trainer.deterministic, memo_size=1_000_000)
     id_only = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_encoder="none"))
     out: dict[str, Any] = {"warmup_fraction": warmup, "k": k, "variants": {}}
     variants = [

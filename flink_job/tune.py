@@ -37,7 +37,7 @@ from flink_job.offline import to_stream
 from flink_job.offline_train import online_prequential, split_stream
 from models.events import Item
 from models.history import Sample
-from models.text_encoder import TextEncoder, configured_precision, load_encoder
+from models.text_encoder import TextEncoder, configured_precision, load_configured_encoder
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def tune(
             streams[key] = split_stream(list(to_stream(records, cfg)), fraction)[0]
         return streams[key]
 
-    encoders: dict[tuple[str, int], TextEncoder | None] = {}
+    encoders: dict[tuple[str, int, str], TextEncoder | None] = {}
 
     def encoder_for(cfg: AppConfig) -> TextEncoder | None:
         ek = (
@@ -257,7 +257,9 @@ def tune(
             configured_precision(cfg.model, cfg.trainer.deterministic),
         )
         if ek not in encoders:
-            encoders[ek] = load_encoder(ek[0], ek[1], memo_size=1_000_000, precision=ek[2])
+            encoders[ek] = load_configured_encoder(
+                cfg.model, cfg.trainer.deterministic, memo_size=1_000_000
+            )
         return encoders[ek]
 
     val = validation_slice(base)

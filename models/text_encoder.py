@@ -212,6 +212,19 @@ def load_encoder(
     return enc
 
 
+def load_configured_encoder(
+    model: ModelConfig, deterministic: bool, memo_size: int = 0
+) -> TextEncoder | None:
+    """:func:`load_encoder` as a run's config sets it: ``model.text_encoder``,
+    ``text_max_length`` and the :func:`configured_precision` of ``text_precision``."""
+    return load_encoder(
+        model.text_encoder,
+        model.text_max_length,
+        memo_size=memo_size,
+        precision=configured_precision(model, deterministic),
+    )
+
+
 class LazyTextEncoder:
     """The encoder of a model directory, loaded on the first :meth:`encode` only.
 

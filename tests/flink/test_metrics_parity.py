@@ -15,7 +15,7 @@ from flink_job.datasets import synthetic
 from flink_job.job import build_graph, make_env, registry_sink
 from flink_job.offline import replay_job
 from models.registry import list_versions
-from models.text_encoder import configured_precision, load_encoder
+from models.text_encoder import configured_precision, load_configured_encoder
 
 
 class JsonTs(TimestampAssigner):
@@ -84,7 +84,7 @@ def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path, reques
 
     precision = configured_precision(cfg.model, cfg.trainer.deterministic)
     assert precision == "float32"  # "auto" in deterministic mode, as the job resolves it
-    offline = replay_job(records, cfg, load_encoder(cfg.model.text_encoder, precision=precision))
+    offline = replay_job(records, cfg, load_configured_encoder(cfg.model, deterministic=True))
 
     assert len(job_metrics) == len(offline.metrics) >= 30
     for a, b in zip(job_metrics, offline.metrics, strict=True):

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from models.text_encoder import (
     cpu_has_native_bf16,
     embed_items,
     lazy_encoder,
+    load_configured_encoder,
     load_encoder,
     resolve_model_dir,
     resolve_precision,
@@ -66,6 +69,16 @@ def test_text_precision_resolves_per_device_and_mode():
     assert configured_precision(ModelConfig(), deterministic=False) == "auto"
     bf16 = ModelConfig(text_precision="bfloat16")
     assert configured_precision(bf16, deterministic=True) == "bfloat16"
+
+
+def test_a_runs_encoder_follows_its_config(tiny_bert_dir):
+    """What the offline paths load: the configured model, length and precision."""
+    cfg = ModelConfig(text_encoder=str(tiny_bert_dir), text_max_length=12)
+    enc = load_configured_encoder(cfg, deterministic=True)
+    assert enc is not None and (enc.precision, enc.max_length) == ("float32", 12)
+    named = load_configured_encoder(replace(cfg, text_precision="bfloat16"), deterministic=True)
+    assert named is not None and named.precision == "bfloat16"
+    assert load_configured_encoder(ModelConfig(text_encoder="none"), deterministic=False) is None
 
 
 def test_missing_model_names_the_config_key(tmp_path):
