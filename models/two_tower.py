@@ -317,58 +317,30 @@ class BlendedScores:
         return self.values
 
     def pick(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``values[rows[:, None], cols]`` [R, C] (distinct ``rows``), differentiable in the
-        transition and blend weights as the same entries of :func:`blend_scores`' output."""
+        """``values[rows[:, None], cols]`` [R, C], differentiable in the transition and
+        blend weights as the same entries of :func:`blend_scores`' output.
+
+        The values are the ranked ones, bit for bit; the gradient comes from the blend
+        rebuilt for the R rows only (their transition scores [R, N] and imputation), with
+        autograd: a hand-written backward would be Python, which the autograd engine runs
+        only once it holds the GIL, and in a Flink worker other threads keep it busy."""
         tw, bw = self.dense.transition_weight, self.dense.blend_weight
         assert tw is not None and bw is not None
-        out: torch.Tensor = _PickedBlend.apply(tw, bw, self, rows, cols)
-        return out
-
-
-class _PickedBlend(torch.autograd.Function):
-    """Autograd of :meth:`BlendedScores.pick`. With G = dL/d(picked) [R, C] and
-    score = a * dot + trans + g * imputed * cold:
-    dL/da = sum G * dot; dL/dg = sum_r imputed_r * sum_c G * cold; dL/dtrans is G at the
-    picked entries plus, through the imputation, g * (sum_c G * cold) * valid / #valid at
-    each row's neighbours; dL/dw_p = sum over the row's successors of p of dL/dtrans at
-    the successor x its coefficient (the backward of the scatter that built trans)."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        tw: torch.Tensor,
-        bw: torch.Tensor,
-        blend: BlendedScores,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-    ) -> torch.Tensor:
-        ctx.blend = blend  # type: ignore[attr-defined]
-        ctx.save_for_backward(bw, rows, cols)
-        # (take on the flat scores: ~2x faster than values[rows[:, None], cols] here)
-        return blend.values.take(rows.unsqueeze(1) * blend.values.shape[1] + cols)
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        blend: BlendedScores = ctx.blend  # type: ignore[attr-defined]
-        bw, rows, cols = ctx.saved_tensors  # type: ignore[attr-defined]
-        n = blend.values.shape[1]
+        n = self.values.shape[1]
         at = rows.unsqueeze(1) * n  # [R, 1]: where each row starts in the flat [B, N]
-        g_dot = (g * blend.dot.take(at + cols)).sum()
-        g_cold = (g * blend.cold.take(cols)).sum(dim=1)  # [R]
-        valid = blend.valid.index_select(0, rows)
-        neighbours = blend.neighbours.index_select(0, rows)
-        count = valid.sum(dim=1, keepdim=True).clamp(min=1.0)
-        imputed = (blend.trans.take(at + neighbours) * valid).sum(dim=1) / count[:, 0]
-        # dL/dtrans [R, N] of the picked rows: G where picked, and what the imputation
-        # passes on to each row's neighbours
-        d_trans = blend.values.new_zeros(len(rows), n).scatter_add_(1, cols, g)
-        d_trans.scatter_add_(1, neighbours, (bw[1] * g_cold).unsqueeze(1) * valid / count)
-        succ = blend.succ_idx.index_select(0, rows)  # [R, P, M]
-        per_slot = d_trans.gather(1, succ.flatten(1)).view_as(succ)
-        g_tw = (per_slot * blend.evidence.index_select(0, rows)).sum(dim=(0, 2))  # [P]
-        return g_tw, torch.stack([g_dot, (g_cold * imputed).sum()]), None, None, None
+        value = self.values.take(at + cols)  # (take: ~2x faster than [rows[:, None], cols])
+        succ = self.succ_idx.index_select(0, rows)  # [R, P, M]
+        weighted = self.evidence.index_select(0, rows) * tw.view(1, -1, 1)
+        trans = value.new_zeros(len(rows), n).scatter_add(1, succ.flatten(1), weighted.flatten(1))
+        valid = self.valid.index_select(0, rows)
+        borrowed = (trans.gather(1, self.neighbours.index_select(0, rows)) * valid).sum(dim=1)
+        imputed = borrowed / valid.sum(dim=1).clamp(min=1.0)  # [R]
+        rebuilt = (
+            bw[0] * self.dot.take(at + cols)
+            + trans.gather(1, cols)
+            + (bw[1] * imputed).unsqueeze(1) * self.cold.take(cols)
+        )
+        return value + (rebuilt - rebuilt.detach())
 
 
 class TopKModel(nn.Module):
