@@ -39,15 +39,7 @@ from models.history import Sample
 from models.item_table import ItemTable, stable_seed
 from models.state_format import format_error, migrate_meta
 from models.text_encoder import EncodesText, text_hash
-from models.two_tower import (
-    BlendedScores,
-    TwoTower,
-    blend_scores,
-    history_transition_scores,
-    imputation_neighbours,
-    transition_evidence,
-    weighted_transitions,
-)
+from models.two_tower import TwoTower, blend_scores, history_transition_scores
 
 log = logging.getLogger(__name__)
 # 3: + transition-memory weights; 4: + blend weights; 5: numpy pickle instead of torch.save
@@ -178,23 +170,19 @@ class RankedBatch:
     in the catalogue at ranking time (a miss) have no blend loss.
 
     n: number of positives ranked; at [K]: positions of the K ranked ones among them;
-    targets [K] catalogue indices; blended [K, size] scores before masking
-    (:class:`BlendedScores`: differentiable in the blend and transition weights where the
-    loss reads them); masked [K, size] the same scores, detached, with
+    targets [K] catalogue indices; blended [K, size] scores before masking (differentiable
+    in the blend and transition weights); masked [K, size] the same scores, detached, with
     what the ranking leaves out (history, padding, holes) at -inf: the scores ranked;
     hist [K, H] the ranked positives' histories (catalogue indices, newest first), which
-    ``learn`` reuses when every positive was ranked and the catalogue has not grown since;
-    above [K] how many masked scores beat each target's blended score (its rank - 1 when
-    the target is in play).
+    ``learn`` reuses when every positive was ranked and the catalogue has not grown since.
     """
 
     n: int
     at: torch.Tensor
     targets: torch.Tensor
-    blended: BlendedScores | torch.Tensor
+    blended: torch.Tensor
     masked: torch.Tensor
     hist: torch.Tensor | None = None
-    above: torch.Tensor | None = None
 
 
 class OnlineLearner:
@@ -600,9 +588,7 @@ class OnlineLearner:
         if self.blending and ranked is not None:
             loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
             if len(ranked.at):
-                ranked_vec = self._head_loss(
-                    ranked.blended, ranked.masked, ranked.targets, ranked.above
-                )
+                ranked_vec = self._head_loss(ranked.blended, ranked.masked, ranked.targets)
                 blend_vec = ranked_vec.new_zeros(len(pos)).index_add(0, ranked.at, ranked_vec)
         else:
             trans = self.transition_scores(hist, mask)  # [B, size] (memory before the batch)
@@ -734,30 +720,18 @@ class OnlineLearner:
         return self._head_loss(blended, blended.detach().masked_fill(excluded, -math.inf), targets)
 
     def _head_loss(
-        self,
-        blended: BlendedScores | torch.Tensor,
-        masked: torch.Tensor,
-        targets: torch.Tensor,
-        above: torch.Tensor | None = None,
+        self, blended: torch.Tensor, masked: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """Per-sample softmax loss [B] of blended scores [B, size] over each sample's
         ``trainer.blend_head`` best items + its target. ``masked`` [B, size]: ``blended``
         detached with what is out of play (history, padding, holes) at -inf, as ranked
-        (:class:`RankedBatch`); the target always competes, even if out of play.
-        ``above`` [B]: how many ``masked`` scores beat each target's ``blended`` score,
-        when the ranking already counted them."""
+        (:class:`RankedBatch`); the target always competes, even if out of play."""
         t = self.cfg.temperature
         head = self.cfg.blend_head
         t_col = targets.unsqueeze(1)
         if head <= 0:
-            whole = blended
-            if isinstance(whole, BlendedScores):
-                # Every score of the catalogue is in the loss: differentiate them all.
-                b, n = masked.shape
-                every = torch.arange(n, device=masked.device).expand(b, n)
-                whole = whole.pick(torch.arange(b, device=masked.device), every)
-            logits = (whole / t).masked_fill(torch.isinf(masked), -1e9)
-            logits = logits.scatter(1, t_col, whole.gather(1, t_col) / t)
+            logits = (blended / t).masked_fill(torch.isinf(masked), -1e9)
+            logits = logits.scatter(1, t_col, blended.gather(1, t_col) / t)
             return F.cross_entropy(logits, targets, reduction="none")
         # Only the ranking near the top matters (Recall@K, NDCG@K): each sample's softmax
         # runs over the current `head` best items + its target, and only samples whose
@@ -770,9 +744,7 @@ class OnlineLearner:
         # exp(-1e9) = 0).
         with torch.no_grad():
             t_score = blended.detach().gather(1, t_col)  # [B, 1]
-            if above is None:
-                above = (masked > t_score).sum(dim=1)
-            rows = torch.nonzero(above < head).squeeze(1)  # [R]
+            rows = torch.nonzero((masked > t_score).sum(dim=1) < head).squeeze(1)  # [R]
             t_rows = t_col[rows]  # [R, 1]
             in_play = masked[rows].scatter_(1, t_rows, t_score[rows])  # [R, size]
             # (a set: unsorted selection is ~15% cheaper, and it is this loss's largest cost)
@@ -782,13 +754,9 @@ class OnlineLearner:
             cols = torch.cat([top, t_rows], dim=1)  # [R, head + 1]
             off = torch.isinf(in_play.gather(1, cols))  # (fewer items in play than the head)
             off[:, -1] |= (top == t_rows).any(dim=1)
-        if isinstance(blended, BlendedScores):
-            raw = blended.pick(rows, cols)  # [R, head + 1]
-        else:
-            raw = blended[rows.unsqueeze(1), cols]
-        picked = (raw / t).masked_fill(off, -1e9)
-        ce = torch.logsumexp(picked, dim=1) - raw[:, -1] / t  # (the last column: the target)
-        return ce.new_zeros(len(targets)).index_put((rows,), ce)
+        picked = (blended[rows.unsqueeze(1), cols] / t).masked_fill(off, -1e9)  # [R, head + 1]
+        ce = torch.logsumexp(picked, dim=1) - blended[rows, targets[rows]] / t
+        return blended.new_zeros(len(targets)).index_put((rows,), ce)
 
     @property
     def blending(self) -> bool:
@@ -833,7 +801,7 @@ class OnlineLearner:
 
     def _score(
         self, samples: list[Sample], keep_blend: bool
-    ) -> tuple[torch.Tensor, BlendedScores | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """:meth:`score_histories`, and with ``keep_blend`` (and the blend on) also the
         blended scores before masking [B, size], differentiable in the blend and
         transition weights (see :class:`RankedBatch`); last, the histories [B, H] scored."""
@@ -847,25 +815,14 @@ class OnlineLearner:
             user = self.model.user_vectors(hist_vecs, mask.float())
         kept = None
         if self.blending and vecs is not None:
-            # Without autograd: the blend's loss differentiates only the few scores it
-            # reads (BlendedScores.pick), not the [B, size] blend.
-            with torch.no_grad():
-                memory = self._history_memory(hist)
-                assert memory is not None and self.model.transition_weight is not None
-                weight = self.model.transition_weight
-                succ_idx, succ_cnt = memory
-                evidence = transition_evidence(succ_cnt, mask, weight.shape[0])
-                memory_scores = weighted_transitions(weight, succ_idx, evidence, self.catalog.size)
+            with torch.set_grad_enabled(keep_blend):
+                trans = self.transition_scores(hist, mask)
                 dot = user @ vecs.t()
                 excluded = self._excluded(hist)
-                cold = self._cold()
-                neighbours = imputation_neighbours(dot, cold, excluded)
-                blended = blend_scores(self.model, dot, memory_scores, cold, excluded, neighbours)
+                blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
             if keep_blend:
-                kept = BlendedScores(
-                    self.model, blended, dot, memory_scores, cold, *neighbours, succ_idx, evidence
-                )
-            scores = blended.masked_fill(self._dead().unsqueeze(0), -math.inf)
+                kept = blended
+            scores = blended.detach().masked_fill(self._dead().unsqueeze(0), -math.inf)
         else:
             with torch.no_grad():
                 trans = self.transition_scores(hist, mask)
@@ -907,18 +864,13 @@ class OnlineLearner:
             with torch.no_grad():
                 tgt = torch.tensor([cat.index[s.target] for s in known], device=self.device)
                 tscore = scores.gather(1, tgt.unsqueeze(1))
-                # Counted against the target's blended score, whether it is in play or
-                # not: the rank where it is, and what the blend's head loss needs.
-                unmasked = kept.values.gather(1, tgt.unsqueeze(1)) if kept is not None else tscore
-                above = (scores > unmasked).sum(dim=1)
-                r = torch.where(
-                    torch.isfinite(tscore.squeeze(1)), above + 1, torch.full_like(above, miss)
-                )
+                r = (scores > tscore).sum(dim=1) + 1
+                r = torch.where(torch.isfinite(tscore.squeeze(1)), r, torch.full_like(r, miss))
             for s, v in zip(known, r.tolist(), strict=True):
                 ranks[id(s)] = int(v)
             if kept is not None:
                 at = torch.tensor(known_at, device=self.device)
-                ranked = RankedBatch(len(samples), at, tgt, kept, scores, hist, above)
+                ranked = RankedBatch(len(samples), at, tgt, kept, scores, hist)
         return [ranks.get(id(s), miss) for s in samples], ranked
 
     # ------------------------------------------------------------ transition memory
@@ -936,23 +888,15 @@ class OnlineLearner:
         """Transition-memory scores [B, size] of every catalogue index for histories
         [B, H] (None when the memory is off)."""
         weight = (model or self.model).transition_weight
-        memory = self._history_memory(hist)
-        if weight is None or memory is None:
-            return None
-        return history_transition_scores(weight, *memory, mask, self.catalog.size)
-
-    def _history_memory(self, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The transition memory of each history's P newest items (P = the transition
-        weights' length): successor indices [B, P, M] and counts [B, P, M]; None when the
-        memory is off."""
-        weight = self.model.transition_weight
         if weight is None or self.trans_m == 0:
             return None
         cat, m, off = self.catalog, self.trans_m, self.trans_off
         newest = hist[:, : weight.shape[0]]  # [B, P]: only their memories are read
         rows = torch.from_numpy(cat.row_of[newest.cpu().numpy()]).to(self.device)
         block = self.table.data[rows, off : off + 2 * m]  # [B, P, 2M]
-        return block[..., :m].long(), block[..., m:]
+        return history_transition_scores(
+            weight, block[..., :m].long(), block[..., m:], mask, cat.size
+        )
 
     def _transition_negatives(self, hist: torch.Tensor) -> torch.Tensor:
         """The most frequent remembered successors of each sample's newest history item

@@ -13,8 +13,6 @@ Shapes: B batch, H history length, D embedding dim, N candidate items.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -210,26 +208,10 @@ def history_transition_scores(
     hist_idx [B, P, M] successor indices, hist_cnt [B, P, M] counts, mask [B, H],
     weight [P] -> [B, n_items] (the trainer gathers those B x P rows instead of the
     whole catalogue's)."""
-    evidence = transition_evidence(hist_cnt, mask, weight.shape[0])
-    return weighted_transitions(weight, hist_idx, evidence, n_items, zeros)
-
-
-def transition_evidence(hist_cnt: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
-    """log(1 + count) [B, P, M] of each remembered successor of the P newest history
-    items (counts hist_cnt [B, P, M]), 0 for padding (mask [B, H]): what the transition
-    weight of position p multiplies."""
-    return torch.log1p(hist_cnt) * mask[:, :p].to(hist_cnt.dtype).unsqueeze(-1)
-
-
-def weighted_transitions(
-    weight: torch.Tensor,
-    hist_idx: torch.Tensor,
-    evidence: torch.Tensor,
-    n_items: int,
-    zeros: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`history_transition_scores` from :func:`transition_evidence` [B, P, M]."""
-    w = evidence * weight.view(1, -1, 1)  # [B, P, M]
+    p = weight.shape[0]
+    w = torch.log1p(hist_cnt) * (
+        weight.view(1, p, 1) * mask[:, :p].to(weight.dtype).unsqueeze(-1)
+    )  # [B, P, M]
     b = hist_idx.shape[0]
     if zeros is None:  # (a fresh tensor: added to in place, one [B, n_items] copy less)
         out = torch.zeros(b, n_items, dtype=w.dtype, device=w.device)
@@ -241,25 +223,12 @@ def weighted_transitions(
 COLD_NEIGHBOURS = 10
 
 
-def imputation_neighbours(
-    dot: torch.Tensor, cold: torch.Tensor, excluded: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whose transition scores each user's cold items borrow (:func:`blend_scores`): the
-    indices [B, k] of the user's k = COLD_NEIGHBOURS best warm, non-``excluded`` items by
-    dot product [B, N], and [B, k] 1/0 flags of which are real (fewer warm items than k)."""
-    k = min(COLD_NEIGHBOURS, dot.shape[1])
-    warm_dot = dot.masked_fill(excluded | (cold > 0).unsqueeze(0), -1e9)
-    top = torch.topk(warm_dot, k, dim=1)
-    return top.indices, (top.values > -1e8).to(dot.dtype)
-
-
 def blend_scores(
     dense: TwoTower,
     dot: torch.Tensor,
     trans: torch.Tensor | None,
     cold: torch.Tensor | None = None,
     excluded: torch.Tensor | None = None,
-    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Final scores [B, N] from dot products [B, N] and transition scores [B, N].
 
@@ -271,7 +240,6 @@ def blend_scores(
     catalogue-only item competes on its content score as if it had the transition
     evidence typical of the items its user's taste points to; g (learned from the stream's
     first interactions with items) says how much that benefit of the doubt is worth.
-    ``neighbours``: :func:`imputation_neighbours` of these arguments, when already known.
     """
     if trans is None:
         return dot
@@ -280,67 +248,14 @@ def blend_scores(
         return dot + trans
     out = w[0] * dot + trans
     if cold is not None and excluded is not None:
-        idx, valid = neighbours or imputation_neighbours(dot, cold, excluded)
-        borrowed = (trans.gather(1, idx) * valid).sum(dim=1, keepdim=True)
+        k = min(COLD_NEIGHBOURS, dot.shape[1])
+        warm_dot = dot.masked_fill(excluded | (cold > 0).unsqueeze(0), -1e9)
+        top = torch.topk(warm_dot, k, dim=1)
+        valid = (top.values > -1e8).to(dot.dtype)  # [B, k]: fewer warm items than k
+        borrowed = (trans.gather(1, top.indices) * valid).sum(dim=1, keepdim=True)
         imputed = borrowed / valid.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
         out = out + w[1] * imputed * cold.unsqueeze(0)
     return out
-
-
-@dataclass(frozen=True)
-class BlendedScores:
-    """:func:`blend_scores` of a batch computed without autograd, and what it takes to
-    differentiate any few of them in the transition and blend weights (:meth:`pick`).
-
-    A loss that reads a few hundred of the [B, N] scores per sample (the trainer's blend
-    head loss) then pays for those alone: recording the [B, N] graph and running its
-    backward cost more than the forward did.
-
-    values [B, N] the blended scores; dot [B, N] and trans [B, N] what they blend;
-    cold [N]; neighbours [B, k] and valid [B, k] (:func:`imputation_neighbours`);
-    succ_idx [B, P, M] the remembered successors of each sample's P newest history items
-    and evidence [B, P, M] their :func:`transition_evidence`.
-    """
-
-    dense: TwoTower
-    values: torch.Tensor
-    dot: torch.Tensor
-    trans: torch.Tensor
-    cold: torch.Tensor
-    neighbours: torch.Tensor
-    valid: torch.Tensor
-    succ_idx: torch.Tensor
-    evidence: torch.Tensor
-
-    def detach(self) -> torch.Tensor:
-        """The scores [B, N], no gradient."""
-        return self.values
-
-    def pick(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``values[rows[:, None], cols]`` [R, C], differentiable in the transition and
-        blend weights as the same entries of :func:`blend_scores`' output.
-
-        The values are the ranked ones, bit for bit; the gradient comes from the blend
-        rebuilt for the R rows only (their transition scores [R, N] and imputation), with
-        autograd: a hand-written backward would be Python, which the autograd engine runs
-        only once it holds the GIL, and in a Flink worker other threads keep it busy."""
-        tw, bw = self.dense.transition_weight, self.dense.blend_weight
-        assert tw is not None and bw is not None
-        n = self.values.shape[1]
-        at = rows.unsqueeze(1) * n  # [R, 1]: where each row starts in the flat [B, N]
-        value = self.values.take(at + cols)  # (take: ~2x faster than [rows[:, None], cols])
-        succ = self.succ_idx.index_select(0, rows)  # [R, P, M]
-        weighted = self.evidence.index_select(0, rows) * tw.view(1, -1, 1)
-        trans = value.new_zeros(len(rows), n).scatter_add(1, succ.flatten(1), weighted.flatten(1))
-        valid = self.valid.index_select(0, rows)
-        borrowed = (trans.gather(1, self.neighbours.index_select(0, rows)) * valid).sum(dim=1)
-        imputed = borrowed / valid.sum(dim=1).clamp(min=1.0)  # [R]
-        rebuilt = (
-            bw[0] * self.dot.take(at + cols)
-            + trans.gather(1, cols)
-            + (bw[1] * imputed).unsqueeze(1) * self.cold.take(cols)
-        )
-        return value + (rebuilt - rebuilt.detach())
 
 
 class TopKModel(nn.Module):

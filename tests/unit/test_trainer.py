@@ -6,9 +6,8 @@ import torch
 
 from models.config import ModelConfig, TrainerConfig
 from models.history import Sample
-from models.metrics import positives, prequential_step
+from models.metrics import prequential_step
 from models.trainer import OnlineLearner, new_meta
-from models.two_tower import BlendedScores, blend_scores
 from tests.unit.helpers import topic_samples
 
 MC = ModelConfig(dim=16, history_length=8, hidden=32)
@@ -214,48 +213,6 @@ def test_the_head_loss_is_the_masked_catalogue_softmax_computed_over_the_head(n,
     assert (want > 0).sum() >= 8 and (want == 0).sum() >= (1 if head < n else 0)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
     assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-3)
-
-
-@pytest.mark.parametrize("head", [100, 5, 0])
-def test_the_blend_learns_the_same_from_the_scores_it_picks_as_from_the_whole_blend(head):
-    """rank_batch keeps the batch's blend without autograd (BlendedScores) and the head
-    loss differentiates only the scores it reads (BlendedScores.pick, hand-written
-    backward). Its values and the gradients of the transition and blend weights must be
-    those of the whole [B, size] blend differentiated by autograd."""
-    learner = OnlineLearner(MC, TrainerConfig(batch_size=32, blend_head=head), torch.device("cpu"))
-    data = topic_samples(1500)
-    run(learner, StateStore(), data[:1200])
-    # Items no positive has reached yet borrow transition scores (the imputation).
-    learner.catalog.count[learner.catalog.index["t0_3"]] = 0
-    learner.catalog.count[learner.catalog.index["t2_7"]] = 0
-    _, ranked = learner.rank_batch(positives(data[1200:1296]))
-    assert ranked is not None and isinstance(ranked.blended, BlendedScores)
-    picked = ranked.blended
-    assert ranked.hist is not None
-    model = learner.model
-    weights = torch.rand(len(ranked.targets), generator=torch.Generator().manual_seed(1))
-    results = []
-    for whole in (False, True):
-        blended: BlendedScores | torch.Tensor = picked
-        if whole:
-            trans = learner.transition_scores(ranked.hist, ranked.hist > 0)
-            blended = blend_scores(
-                model, picked.dot, trans, picked.cold, learner._excluded(ranked.hist)
-            )
-            assert torch.equal(blended.detach(), picked.values)
-        model.zero_grad(set_to_none=True)
-        # (the whole blend counts which scores beat the target itself)
-        above = None if whole else ranked.above
-        loss = learner._head_loss(blended, ranked.masked, ranked.targets, above)
-        (loss * weights).sum().backward()
-        grads = [p.grad.clone() for p in (model.transition_weight, model.blend_weight)]
-        results.append((loss.detach(), grads))
-    (got, got_grads), (want, want_grads) = results
-    assert (want > 0).sum() >= 10
-    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
-    assert want_grads[0].abs().max() > 0 and want_grads[1].abs().min() > 0  # a and g both
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), (g, w)
 
 
 def test_a_blend_head_of_0_is_the_softmax_over_the_whole_masked_catalogue():
