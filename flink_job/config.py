@@ -133,6 +133,10 @@ class JobConfig:
     # unchanged (README "Optimisations"). "" = the JVM's defaults (better on large
     # TaskManagers).
     jvm_options: str = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+    # Fixed glibc malloc thresholds in the Python workers (udfs/malloc.py): the learner's
+    # and the text encoder's large tensors are reused from the heap instead of mapped and
+    # page-faulted in again at every step. No effect without glibc.
+    malloc_thresholds: bool = True
 
 
 @dataclass(frozen=True)

@@ -353,6 +353,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
                 cfg.job.model_key,
                 cfg.job.window_ms,
                 earlier_layout=restores_saved_state(raw.get_execution_environment()),
+                malloc_thresholds=cfg.job.malloc_thresholds,
             ),
             output_type=SAMPLE_TYPE,
         )
@@ -381,6 +382,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
                         cfg.model,
                         cfg.trainer.torch_threads,
                         configured_precision(cfg.model, cfg.trainer.deterministic),
+                        cfg.job.malloc_thresholds,
                     ),
                     output_type=ITEM_TYPE,
                 )
@@ -401,6 +403,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
                 cfg.export.top_k,
                 _public_config(cfg),
                 cfg.export.tensorboard_dir,
+                cfg.job.malloc_thresholds,
             ),
             output_type=VERSION_TYPE,
         )

@@ -23,6 +23,7 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from models.config import ModelConfig
 from models.text_encoder import embed_items, lazy_encoder
 from udfs.buffer import KeyedBuffer
+from udfs.malloc import keep_large_blocks
 from udfs.records import ITEM_TYPE, item_to_row, row_to_item
 
 BUCKETS = 16  # per model key: enough to spread a catalogue load over a few subtasks
@@ -36,13 +37,23 @@ def bucket_key(row: tuple) -> str:
 
 
 class EmbedItemTexts(KeyedProcessFunction):
-    def __init__(self, model_cfg: ModelConfig, torch_threads: int, precision: str) -> None:
-        """``precision``: the run's :func:`models.text_encoder.configured_precision`."""
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        torch_threads: int,
+        precision: str,
+        malloc_thresholds: bool = True,
+    ) -> None:
+        """``precision``: the run's :func:`models.text_encoder.configured_precision`;
+        ``malloc_thresholds``: ``job.malloc_thresholds`` (udfs/malloc.py)."""
         self.model_cfg = model_cfg
         self.torch_threads, self.precision = torch_threads, precision
+        self.malloc_thresholds = malloc_thresholds
 
     def open(self, runtime_context):
         rc = runtime_context
+        if self.malloc_thresholds:
+            keep_large_blocks()
         self.buffer = KeyedBuffer(rc.get_list_state(ListStateDescriptor("buffer", ITEM_TYPE)))
         self.flush_at = rc.get_state(ValueStateDescriptor("flush_at", Types.LONG()))
         # Loaded by the first batch: a restart that restores no new catalogue records

@@ -33,6 +33,7 @@ from models.online import catalogue_horizon, step_due, train_and_maybe_export
 from models.text_encoder import configured_precision, lazy_encoder
 from models.trainer import OnlineLearner, new_meta, preload
 from udfs.buffer import KeyedBuffer
+from udfs.malloc import keep_large_blocks
 from udfs.records import ITEM_TYPE, LEGACY_ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
 
 END_OF_INPUT_TS = 2**63 - 2  # fires when a bounded input ends (watermark = Long.MAX_VALUE)
@@ -50,7 +51,9 @@ class OnlineTrainer(KeyedCoProcessFunction):
         top_k: int,
         config: dict,
         tensorboard_dir: str = "",
+        malloc_thresholds: bool = True,
     ):
+        self.malloc_thresholds = malloc_thresholds
         self.model_cfg = model_cfg
         self.cfg = trainer_cfg
         self.top_k = top_k
@@ -60,6 +63,8 @@ class OnlineTrainer(KeyedCoProcessFunction):
 
     def open(self, runtime_context):
         rc = runtime_context
+        if self.malloc_thresholds:
+            keep_large_blocks()
         # The first learner's lazy imports run while the task waits for its first batch.
         threading.Thread(target=preload, name="rtrec-preload", daemon=True).start()
         self.buffer = KeyedBuffer(rc.get_list_state(ListStateDescriptor("buffer", SAMPLE_TYPE)))

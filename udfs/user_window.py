@@ -25,6 +25,7 @@ from pyflink.datastream.state import ListStateDescriptor, StateTtlConfig, ValueS
 
 from models.config import UserStageConfig
 from models.history import advance_user
+from udfs.malloc import keep_large_blocks
 from udfs.records import EVENT_TYPE, row_to_event, sample_to_row
 
 
@@ -39,18 +40,23 @@ class UserWindows(KeyedProcessFunction):
         model_key: str,
         window_ms: int,
         earlier_layout: bool = True,
+        malloc_thresholds: bool = True,
     ) -> None:
         """``earlier_layout``: whether state written by earlier releases may be restored
         (the job starts from a savepoint or retained checkpoint). Without it a user's first
         touch reads one state from the JVM instead of two. ``window_ms``: the windows'
-        length, to place events buffered by an earlier release in their windows."""
+        length, to place events buffered by an earlier release in their windows.
+        ``malloc_thresholds``: ``job.malloc_thresholds`` (udfs/malloc.py)."""
         self.cfg = cfg
         self.history_length = history_length
         self.model_key = model_key
         self.window_ms = window_ms
         self.earlier_layout = earlier_layout
+        self.malloc_thresholds = malloc_thresholds
 
     def open(self, runtime_context):
+        if self.malloc_thresholds:
+            keep_large_blocks()
         user = ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY())
         ttl_ms = int(self.cfg.state_ttl_hours * 3600 * 1000)
         if ttl_ms > 0:
