@@ -36,11 +36,16 @@ work); every run reads it from the beginning as a bounded source.
   compute-only's own CPU per sample. Where an event's CPU goes, measured.
 
 Printed per (parallelism, text encoder): job events/s, job/pass-through, job/compute-only,
-and CPU us per event of the job, the pass-through and compute-only.
+and CPU us per event of the job, the pass-through and compute-only. The trainer's
+per-second timeline of each job and upstream run (events learned, or counted, in each
+second from its first firing; ``timeline`` in the JSON, the seconds with none as
+``stalled_s``) is plotted next to the JSON (``throughput[-TAG].png``): the stages of a
+catch-up run take turns, so the steady rate is an average of bursts and pauses.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -221,7 +226,10 @@ def run_job(
     threads = log_dir / "torch-threads"
     C.log(C.cpu_line(cpu_s, n_b))
     events_per_s = (n_b - n_a) / (t_b - t_a)
+    timeline = learning_timeline([f for f in firings if f[0] <= t_b])
+    stalled = sum(1 for _, rate in timeline if rate == 0)
     steady = _steady_cpu(cpu, t_a, t_b, events_per_s)
+    C.log(f"trainer timeline: nothing learned in {stalled} of {len(timeline)} seconds")
     C.log(f"steady state: cores in use {steady['steady_cores_by_process']}")
     C.log(f"steady state: threads waiting for a CPU {steady['steady_waiting_for_cpu_by_process']}")
     return {
@@ -234,6 +242,8 @@ def run_job(
         "elapsed_s": res.elapsed_s,
         "first_version_s": res.first_version_s,
         "overall_events_per_s": n_b / res.elapsed_s,
+        "timeline": timeline,
+        "stalled_s": stalled,
         "cpu": cpu_s,
         **steady,
     }
@@ -411,13 +421,67 @@ def main(argv: list[str] | None = None) -> int:
         f"{best['job_vs_compute_only']:.2f}x compute-only"
     )
     print(headline)
-    C.write_result(
+    path = C.write_result(
         args.out,
         "throughput",
         args,
         {"events": stats.events, "rows": rows, "headline": headline},
     )
+    plot_timelines(rows, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')}")
     return 0
+
+
+def learning_timeline(
+    firings: list[tuple[float, int]], bucket_s: float = 1.0
+) -> list[tuple[float, float]]:
+    """(seconds since the first firing, events per second) for each ``bucket_s`` bucket.
+
+    ``firings``: (wall time at the end of a firing, events_seen after it), in time order;
+    a firing's events count in the bucket where it ended. A bucket without a firing is a
+    second in which the trainer learned nothing (it waited for its input, or for a CPU).
+    """
+    if len(firings) < 2:
+        return []
+    t0 = firings[0][0]
+    counts = [0] * (int((firings[-1][0] - t0) // bucket_s) + 1)
+    for (_, n_prev), (t, n) in itertools.pairwise(firings):
+        counts[int((t - t0) // bucket_s)] += n - n_prev
+    return [(round(i * bucket_s, 3), c / bucket_s) for i, c in enumerate(counts)]
+
+
+def plot_timelines(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per text encoder: the trainer's events/s each second of every job run
+    (solid) and upstream run (dashed), with the pass-through rate in the legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    fig = Figure(figsize=(10, 3.6 * len(encoders)), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, enc in enumerate(encoders):
+        ax = fig.add_subplot(len(encoders), 1, i + 1)
+        for r in (r for r in rows if r["encoder"] == enc):
+            for run, style in (("job", "-"), ("upstream", "--")):
+                tl = r[run].get("timeline") or []
+                ax.plot(
+                    [t for t, _ in tl],
+                    [v for _, v in tl],
+                    style,
+                    linewidth=1.5,
+                    label=(
+                        f"p{r['parallelism']} {run} (mean {r[run]['events_per_s']:,.0f}/s; "
+                        f"pass-through {r['passthrough_events_per_s']:,.0f}/s)"
+                    ),
+                )
+        ax.set_title(f"text encoder {enc}: events learned (job) or counted (upstream) per second")
+        ax.set_xlabel("seconds since the trainer's first firing")
+        ax.set_ylabel("events/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _steady_cpu(cpu, t0: float, t1: float, events_per_s: float | None) -> dict[str, Any]:

@@ -86,6 +86,53 @@ def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
     assert cfg.job.window_ms == 300  # a later --set wins
 
 
+def _throughput():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(BENCH))
+    return throughput
+
+
+def test_trainer_timeline_counts_each_firing_in_the_second_it_ended() -> None:
+    """Events learned per second from the first firing; a second without a firing is a
+    stall (0), and the first firing's own events are before the window, as for the
+    steady rate."""
+    T = _throughput()
+    firings = [(100.0, 64), (100.4, 320), (100.9, 576), (101.5, 832), (103.2, 1088)]
+    assert T.learning_timeline(firings) == [(0.0, 512.0), (1.0, 256.0), (2.0, 0.0), (3.0, 256.0)]
+    assert sum(v for _, v in T.learning_timeline(firings)) == 1088 - 64
+    assert T.learning_timeline(firings, bucket_s=2.0) == [(0.0, 384.0), (2.0, 128.0)]
+    assert T.learning_timeline(firings[:1]) == []
+
+
+def test_throughput_plot_has_a_panel_per_encoder(tmp_path: Path) -> None:
+    T = _throughput()
+
+    def run(rate: float) -> dict:
+        return {"events_per_s": rate, "timeline": [(0.0, rate), (1.0, 0.0), (2.0, rate)]}
+
+    rows = [
+        {
+            "encoder": enc,
+            "parallelism": par,
+            "passthrough_events_per_s": 20_000.0,
+            "job": run(4_000.0),
+            "upstream": run(7_000.0),
+        }
+        for enc in ("minilm", "none")
+        for par in (1, 2)
+    ]
+    path = tmp_path / "throughput.png"
+    T.plot_timelines(rows, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.height > im.width * 0.6  # two panels stacked (one per encoder)
+
+
 def test_recovery_refuses_a_late_replacement_without_a_standby() -> None:
     """``--replace after-recovery`` needs free slots to recover on (a standby TaskManager):
     without one the job could only wait for a replacement that is not started yet."""
