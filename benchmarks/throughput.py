@@ -457,18 +457,19 @@ def plot_timelines(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
-    fig = Figure(figsize=(10, 3.6 * len(encoders)), dpi=100)
+    fig = Figure(figsize=(13, 3.6 * len(encoders)), dpi=100)
     FigureCanvasAgg(fig)
     for i, enc in enumerate(encoders):
         ax = fig.add_subplot(len(encoders), 1, i + 1)
-        for r in (r for r in rows if r["encoder"] == enc):
+        for j, r in enumerate(r for r in rows if r["encoder"] == enc):
             for run, style in (("job", "-"), ("upstream", "--")):
                 tl = r[run].get("timeline") or []
                 ax.plot(
                     [t for t, _ in tl],
                     [v for _, v in tl],
                     style,
-                    linewidth=1.5,
+                    color=f"C{j}",  # one colour per parallelism: job solid, upstream dashed
+                    linewidth=2.0 if run == "job" else 1.2,
                     label=(
                         f"p{r['parallelism']} {run} (mean {r[run]['events_per_s']:,.0f}/s; "
                         f"pass-through {r['passthrough_events_per_s']:,.0f}/s)"
@@ -479,7 +480,7 @@ def plot_timelines(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("events/s")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
 
