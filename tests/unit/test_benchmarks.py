@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -61,13 +62,17 @@ def test_gpu_script_writes_json(tmp_path: Path) -> None:
     assert row["onnx_rankings_per_s"] > 0 and row["onnx_provider"] == "CPUExecutionProvider"
 
 
-def _common():
+def _bench_module(name: str):
+    """A module of benchmarks/ (scripts, not a package: imported from their folder)."""
     sys.path.insert(0, str(BENCH))
     try:
-        import _common as C
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return C
+
+
+def _common():
+    return _bench_module("_common")
 
 
 def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
@@ -87,12 +92,7 @@ def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
 
 
 def _throughput():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import throughput
-    finally:
-        sys.path.remove(str(BENCH))
-    return throughput
+    return _bench_module("throughput")
 
 
 def test_trainer_timeline_counts_each_firing_in_the_second_it_ended() -> None:
