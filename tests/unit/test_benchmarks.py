@@ -91,15 +91,11 @@ def test_config_file_becomes_overrides_including_tables(tmp_path: Path) -> None:
     assert cfg.job.window_ms == 300  # a later --set wins
 
 
-def _throughput():
-    return _bench_module("throughput")
-
-
 def test_trainer_timeline_counts_each_firing_in_the_second_it_ended() -> None:
     """Events learned per second from the first firing; a second without a firing is a
     stall (0), and the first firing's own events are before the window, as for the
     steady rate."""
-    T = _throughput()
+    T = _bench_module("throughput")
     firings = [(100.0, 64), (100.4, 320), (100.9, 576), (101.5, 832), (103.2, 1088)]
     assert T.learning_timeline(firings) == [(0.0, 512.0), (1.0, 256.0), (2.0, 0.0), (3.0, 256.0)]
     assert sum(v for _, v in T.learning_timeline(firings)) == 1088 - 64
@@ -108,7 +104,7 @@ def test_trainer_timeline_counts_each_firing_in_the_second_it_ended() -> None:
 
 
 def test_throughput_plot_has_a_panel_per_encoder(tmp_path: Path) -> None:
-    T = _throughput()
+    T = _bench_module("throughput")
 
     def run(rate: float) -> dict:
         return {"events_per_s": rate, "timeline": [(0.0, rate), (1.0, 0.0), (2.0, rate)]}
