@@ -87,10 +87,19 @@ def trigger_savepoint(
         try:
             return _await(address, job_id, res["request-id"], deadline - time.monotonic())
         except SavepointError as e:
+            try:
+                state = _call(address, "GET", f"/jobs/{job_id}")["state"]
+            except SavepointError:
+                raise e from None  # the trigger's own failure says more than a 404 here
+            if state in TERMINAL:
+                raise SavepointError(
+                    f"job {job_id} is {state}, so no savepoint can be taken of it (a bounded "
+                    f"job ends by itself once it has read its input); Flink said: {e}"
+                ) from e
             transient = any(reason in str(e) for reason in TRANSIENT_DECLINES)
             if not transient or time.monotonic() + retry_every_s > deadline:
                 raise
-            if _call(address, "GET", f"/jobs/{job_id}")["state"] != "RUNNING":
+            if state != "RUNNING":
                 raise
         time.sleep(retry_every_s)
 

@@ -172,23 +172,10 @@ def restart_broker(kafka):
     return fault
 
 
-def take_savepoint(directory: Path):
-    def hook(cluster: StandaloneCluster, jid: str, registry: Path) -> None:
-        """`rtrec savepoint JOB` once a version is out (the job keeps running)."""
-        wait_for_version(registry)
-        out = rtrec("savepoint", jid, "--jobmanager", cluster.address, "--dir", str(directory))
-        location = Path(out.strip().splitlines()[-1].removeprefix("file:"))
-        assert (location / "_metadata").is_file(), location
-
-    return hook
-
-
 @pytest.fixture(scope="module")
 def reference(cluster, kafka, tmp_path_factory) -> Run:
-    """The uninterrupted run every faulty run must reproduce exactly (a savepoint taken on
-    the way does not interrupt it)."""
-    tmp = tmp_path_factory.mktemp("ref")
-    return run(cluster, kafka, tmp, "reference", take_savepoint(tmp / "savepoints"))
+    """The uninterrupted run every faulty run must reproduce exactly."""
+    return run(cluster, kafka, tmp_path_factory.mktemp("ref"), "reference")
 
 
 def assert_same_model(got: Run, ref: Run) -> None:
@@ -222,10 +209,15 @@ def test_fault_gives_the_same_model(cluster, kafka, tmp_path, reference, fault):
     assert_same_model(got, reference)
 
 
-def stop_with_savepoint(cluster: StandaloneCluster, jid: str, directory: Path) -> str:
-    """`rtrec stop JOB --savepoint` once a checkpoint has completed (every task is running:
-    a savepoint triggered while a task is still starting or finishing - the empty catalogue
-    source - fails, and Flink then fails the job over); returns the savepoint's location."""
+def savepoint(cluster: StandaloneCluster, jid: str, directory: Path, stop: bool) -> str:
+    """`rtrec stop JOB --savepoint` (``stop``) or `rtrec savepoint JOB` once a checkpoint
+    has completed (every task is running: a savepoint triggered while a task is still
+    starting or finishing - the empty catalogue source - fails, and a stop-with-savepoint
+    then fails the job over); returns the savepoint's location.
+
+    The jobs are unbounded, so they cannot end on their own before the savepoint. (A
+    bounded job's tasks decline every checkpoint once its sources have read their input -
+    "task is closing" - so it has no savepoint after that.)"""
     deadline = time.monotonic() + 120
     while any(
         v["status"] != "FINISHED" and "Collection Source" in v["name"]
@@ -234,19 +226,23 @@ def stop_with_savepoint(cluster: StandaloneCluster, jid: str, directory: Path) -
         assert time.monotonic() < deadline, "the empty catalogue source never finished"
         time.sleep(0.2)
     await_resumed(cluster, jid, time.monotonic())
-    jm = ["--jobmanager", cluster.address]
-    out = rtrec("stop", jid, "--savepoint", *jm, "--dir", str(directory))
+    jm = ["--jobmanager", cluster.address, "--dir", str(directory)]
+    out = rtrec("stop", jid, "--savepoint", *jm) if stop else rtrec("savepoint", jid, *jm)
     location = out.strip().splitlines()[-1]
     assert (Path(location.removeprefix("file:")) / "_metadata").is_file(), location
-    assert wait_done(cluster, jid, 60) == "FINISHED"
+    if stop:
+        assert wait_done(cluster, jid, 60) == "FINISHED"
+    else:
+        assert state(cluster, jid) == "RUNNING"
     return location
 
 
 def test_rescale_1_2_1_keeps_the_exact_model(cluster, kafka, tmp_path):
     """Savepoint at parallelism 1, restore at 2 (user windows, trainer and sources all at 2),
-    savepoint again, restore at 1: every version published along the way is byte-identical
-    to the uninterrupted run's version of the same number, so user histories, model and
-    optimizer state all came through both rescales intact.
+    savepoint again, restore at 1 and take a savepoint that leaves the job running: every
+    version published along the way is byte-identical to the uninterrupted run's version of
+    the same number, so user histories, model and optimizer state all came through both
+    rescales intact, and the last savepoint did not disturb the training.
 
     The input arrives in three parts, one per run, so each run has new events to learn
     from. The jobs are unbounded: a bounded KafkaSource restored from a savepoint never
@@ -274,20 +270,23 @@ def test_rescale_1_2_1_keeps_the_exact_model(cluster, kafka, tmp_path):
     replay(cfg, kafka.bootstrap, progress=False, source=events[:a])
     jid = submit(cluster, kafka.bootstrap, [*base, "job.parallelism=1"])
     wait_for_version(registry, 1)
-    sp = stop_with_savepoint(cluster, jid, savepoints)
+    sp = savepoint(cluster, jid, savepoints, stop=True)
     n1 = len(published())
 
     # 2. parallelism 2 from that savepoint, the second third; a new version, then stop.
     replay(cfg, kafka.bootstrap, progress=False, source=events[a:b])
     jid = submit(cluster, kafka.bootstrap, [*base, "job.parallelism=2"], "--from-savepoint", sp)
     wait_for_version(registry, n1 + 1)
-    sp = stop_with_savepoint(cluster, jid, savepoints)
+    sp = savepoint(cluster, jid, savepoints, stop=True)
     n2 = len(published())
 
-    # 3. back to parallelism 1, the rest; run until every version short of the final one.
+    # 3. back to parallelism 1, the rest; after a new version a savepoint that leaves the
+    # job running; run until every version short of the final one.
     replay(cfg, kafka.bootstrap, progress=False, source=events[b:])
     jid = submit(cluster, kafka.bootstrap, [*base, "job.parallelism=1"], "--from-savepoint", sp)
     try:
+        wait_for_version(registry, n2 + 1)
+        savepoint(cluster, jid, savepoints, stop=False)
         wait_for_version(registry, len(expected) - 1, timeout_s=240)
     finally:
         cancel_job(cluster.address, jid)

@@ -79,7 +79,7 @@ def test_other_savepoint_failures_and_ended_jobs_are_not_retried(tmp_path) -> No
             trigger_savepoint(jm.address, "job", str(tmp_path), retry_every_s=0.01)
         assert jm.triggers == 1
         jm.outcomes, jm.triggers, jm.job_state = [DECLINED], 0, "FINISHED"
-        with pytest.raises(SavepointError, match="task is closing"):
+        with pytest.raises(SavepointError, match=r"job job is FINISHED.*task is closing"):
             trigger_savepoint(jm.address, "job", str(tmp_path), retry_every_s=0.01)
         assert jm.triggers == 1
     finally:
