@@ -175,14 +175,6 @@ class StandaloneCluster:
                 continue  # exited while we looked
         return sorted(pids)
 
-    def kill_python_worker(self) -> int:
-        """kill -9 one Python worker process (the TaskManager JVM stays up)."""
-        pids = self.python_workers()
-        if not pids:
-            raise RuntimeError("no Python worker process is running on the TaskManagers")
-        os.kill(pids[0], signal.SIGKILL)
-        return pids[0]
-
     def add_taskmanager(self, timeout_s: float = 90.0) -> int:
         """Start one more TaskManager (e.g. a spare: a job restarts on its free slots at
         once when another TaskManager is lost) and wait until it has registered; returns

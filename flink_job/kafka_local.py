@@ -201,14 +201,16 @@ class EmbeddedKafka:
             f"{self.workdir}:\n{self.log_tail()}"
         )
 
-    def restart(self, down_s: float = 0.0, timeout_s: float = 60.0) -> str:
-        """kill -9 the broker, wait ``down_s``, start it again on the same ports and data
-        (a crash and recovery, as the fault tests need); returns the bootstrap address."""
+    def crash(self) -> None:
+        """kill -9 the broker (the fault tests' broker crash; `recover` starts it again)."""
         if self.proc is None:
-            raise RuntimeError("restart() needs a broker started by this object")
+            raise RuntimeError("crash() needs a broker started by this object")
         self.proc.kill()
         self.proc.wait(timeout=10)
-        time.sleep(down_s)
+
+    def recover(self, timeout_s: float = 60.0) -> str:
+        """Start a crashed broker again on the same ports and data; returns the bootstrap
+        address once it serves metadata."""
         self._launch()
         return self._await_ready(timeout_s)
 
