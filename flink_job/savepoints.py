@@ -97,9 +97,8 @@ def trigger_savepoint(
                     f"job ends by itself once it has read its input); Flink said: {e}"
                 ) from e
             transient = any(reason in str(e) for reason in TRANSIENT_DECLINES)
-            if not transient or time.monotonic() + retry_every_s > deadline:
-                raise
-            if state != "RUNNING":
+            out_of_time = time.monotonic() + retry_every_s > deadline
+            if not transient or state != "RUNNING" or out_of_time:
                 raise
         time.sleep(retry_every_s)
 
