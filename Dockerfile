@@ -14,7 +14,7 @@ FROM flink:${FLINK_VERSION}-scala_2.12-java17
 
 ARG FLINK_VERSION
 # flink-sql-connector-kafka release for this Flink minor version; must equal
-# flink_job.jars.KAFKA_CONNECTOR_FOR_FLINK["2.2"] (tests/unit/test_compose.py checks it).
+# infra.jars.KAFKA_CONNECTOR_FOR_FLINK["2.2"] (tests/unit/test_compose.py checks it).
 ARG KAFKA_CONNECTOR_VERSION=5.0.0-2.2
 # CPU-only PyTorch keeps the image gigabytes smaller; set to "" for the default (CUDA) wheels.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -42,7 +42,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" && pip install --upgrade pip setuptools wheel
 
 # --- Java: the Kafka connector jar --------------------------------------------------------
 # /opt/flink/lib puts it on the cluster's classpath; $RTREC_CACHE/jars is where
-# flink_job.jars.kafka_connector_jar() looks before falling back to Maven (absent here), so
+# infra.jars.kafka_connector_jar() looks before falling back to Maven (absent here), so
 # `rtrec submit` finds it offline. Checked against Maven Central's published SHA-1.
 # PyFlink jobs also need flink-python on the cluster; the distribution ships it in opt/.
 ENV RTREC_CACHE=/opt/rtrec/cache
@@ -71,9 +71,15 @@ RUN set -eux; \
     pip install -c constraints.txt "apache-flink==${FLINK_VERSION}"
 
 COPY pyproject.toml ./
+COPY rtrec ./rtrec
 COPY flink_job ./flink_job
+COPY infra ./infra
+COPY replay ./replay
+COPY offline ./offline
+COPY serving ./serving
 COPY udfs ./udfs
 COPY models ./models
+COPY configs ./configs
 # apache-flink stays pinned to the cluster's release while the project is installed.
 RUN set -eux; \
     pip install -c constraints.txt . "apache-flink==${FLINK_VERSION}"; \
@@ -81,11 +87,11 @@ RUN set -eux; \
 
 # rtrec's operator jar (flink_job/java: PyFlink's keyed operators with their timers in every
 # checkpoint) is compiled once, here, against this image's PyFlink, into $RTREC_CACHE/jars
-# where flink_job.jars.operators_jar() finds it. The base image has a JRE only: javac comes
+# where infra.jars.operators_jar() finds it. The base image has a JRE only: javac comes
 # from a JDK image of the same Java release and stays out of the final image's PATH.
 COPY --from=eclipse-temurin:17-jdk-noble /opt/java/openjdk /opt/jdk
 RUN set -eux; \
-    JAVA_HOME=/opt/jdk python -c "from flink_job.jars import operators_jar; print(operators_jar())"; \
+    JAVA_HOME=/opt/jdk python -c "from infra.jars import operators_jar; print(operators_jar())"; \
     rm -rf /opt/jdk
 
 # The model registry shared by the TaskManagers (writers) and serving (reader). A named

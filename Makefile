@@ -10,13 +10,13 @@ STAMP := .rtrec/installed.stamp
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m pip install --progress-bar off -c constraints.txt -e ".[dev]"
-	$(PYTHON) -m flink_job.cli setup
+	$(PYTHON) -m rtrec setup
 	@mkdir -p $(dir $@) && touch $@
 
 install: $(STAMP)
 
 demo: install
-	$(PYTHON) -m flink_job.cli demo
+	$(PYTHON) -m rtrec demo
 
 lint: install
 	$(PYTHON) -m ruff check .
@@ -31,7 +31,7 @@ unit flink e2e: install
 
 # Every benchmark (benchmarks/*.py) with a summary table; BENCH_ARGS=--quick for a smoke run.
 bench: install
-	$(PYTHON) -m flink_job.cli bench $(BENCH_ARGS)
+	$(PYTHON) -m rtrec bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .rtrec

@@ -394,7 +394,7 @@ def cpu_line(cpu: dict[str, Any] | None, events: int) -> str:
 
 @contextlib.contextmanager
 def embedded_kafka(workdir: Path) -> Iterator[str]:
-    from flink_job.kafka_local import EmbeddedKafka
+    from infra.kafka import EmbeddedKafka
 
     with EmbeddedKafka(workdir / "kafka") as k:
         yield k.bootstrap
@@ -416,7 +416,7 @@ def all_topics(cfg) -> list[str]:
 
 
 def create_all_topics(cfg, bootstrap: str) -> None:
-    from flink_job.kafka_local import create_topics
+    from infra.kafka import create_topics
 
     create_topics(bootstrap, all_topics(cfg), cfg.kafka.partitions, cfg.kafka.properties)
 
@@ -488,7 +488,7 @@ class ModelsTopicWatcher(threading.Thread):
     def run(self) -> None:
         from kafka import KafkaConsumer
 
-        from flink_job.kafka_local import MAX_MESSAGE_BYTES
+        from infra.kafka import MAX_MESSAGE_BYTES
 
         c = KafkaConsumer(
             self.topic,
@@ -538,8 +538,8 @@ class LiveProducer(threading.Thread):
     def _run(self) -> None:
         from kafka import KafkaProducer
 
-        from flink_job.datasets import records
-        from flink_job.kafka_local import MAX_MESSAGE_BYTES
+        from infra.kafka import MAX_MESSAGE_BYTES
+        from replay.datasets import records
 
         k = self.cfg.kafka
         create_all_topics(self.cfg, self.bootstrap)
@@ -585,12 +585,12 @@ class LiveProducer(threading.Thread):
 
 
 def standalone_cluster(workdir: Path, taskmanagers: int, slots: int):
-    """``flink_job.cluster.StandaloneCluster`` with a fresher REST view of the job.
+    """``infra.cluster.StandaloneCluster`` with a fresher REST view of the job.
 
     The JobManager caches the execution graph it serves over REST for
     ``web.refresh-interval`` (3 s by default); benchmarks poll it, so it is 200 ms here.
     """
-    from flink_job.cluster import StandaloneCluster
+    from infra.cluster import StandaloneCluster
 
     class BenchCluster(StandaloneCluster):
         def _conf(self) -> dict[str, str]:
@@ -612,7 +612,7 @@ def submit_to_cluster(address: str, bootstrap: str, overrides: list[str]) -> str
 
     before = {j["jid"] for j in rest_json(address, "/jobs/overview")["jobs"]}
     env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
-    cmd = [sys.executable, "-m", "flink_job.cli", "submit", "--jobmanager", address]
+    cmd = [sys.executable, "-m", "rtrec.cli", "submit", "--jobmanager", address]
     cmd += ["--bootstrap", bootstrap, *[x for o in overrides for x in ("--set", o)]]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     if proc.returncode != 0:

@@ -55,8 +55,8 @@ def make_samples(n_items: int, n: int, history: int, seed: int = 0) -> list:
 
 
 def make_items(n_items: int) -> list:
-    from flink_job.datasets import TOPICS
     from models.events import Item
+    from replay.datasets import TOPICS
 
     topics = list(TOPICS)
     items = []

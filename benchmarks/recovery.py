@@ -1,7 +1,7 @@
 """Recovery: kill -9 a TaskManager of a standalone cluster -> processing resumed (seconds).
 
 A real standalone Flink cluster (JobManager + 2 TaskManagers with two slots each, from the
-pip package's scripts, ``flink_job.cluster.StandaloneCluster``) runs the job at
+pip package's scripts, ``infra.cluster.StandaloneCluster``) runs the job at
 parallelism 2 (so both TaskManagers hold tasks), checkpointing every 10 s, fed live by
 the synthetic stream (``--rate`` events/s, event time = wall clock) on the embedded broker.
 

@@ -4,7 +4,7 @@ For each size (users x items, e.g. 1k, 4k, 16k of each) a stream where every use
 exactly ``--events-per-user`` events (users interleaved, items half uniform, half Zipf,
 so every user and nearly every item gets state) and every item a catalogue record with
 text is written into its own topics, and the job runs on a standalone Flink cluster
-(JobManager + 1 TaskManager, ``flink_job.cluster.StandaloneCluster``) with checkpointing
+(JobManager + 1 TaskManager, ``infra.cluster.StandaloneCluster``) with checkpointing
 every 10 s. Once (nearly) every event has reached the trainer (its read-records metric),
 two more checkpoints complete, and the last one's figures are read from the JobManager
 REST API (``/jobs/<id>/checkpoints`` and ``.../checkpoints/details/<id>``): total
@@ -87,7 +87,7 @@ def produce(cfg, bootstrap: str, users: int, items: int, per_user: int) -> dict[
 
     from kafka import KafkaProducer
 
-    from flink_job.datasets import START_TS_MS, TOPICS
+    from replay.datasets import START_TS_MS, TOPICS
 
     k = cfg.kafka
     rng = random.Random(7)
@@ -189,7 +189,7 @@ def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: i
 
 def run_demo(cluster_addr: str, bootstrap: str, work: Path, args) -> dict[str, Any]:
     """The demo workload as a bounded job; every completed checkpoint's size and duration."""
-    from flink_job.replay import replay
+    from replay.producer import replay
 
     tag = "state-demo"
     ov = [

@@ -26,7 +26,7 @@ work); every run reads it from the beginning as a bounded source.
   from no-op ones.
 - baseline compute-only: the trainer's learn loop alone (``train_and_maybe_export`` on
   the same samples, same step size (below) and export cadence, catalogue ingested in order,
-  through ``flink_job.offline``), no Flink; samples/s of the whole loop. Batches of
+  through ``offline.stream``), no Flink; samples/s of the whole loop. Batches of
   ``catchup_factor x batch_size``: the replay is a backlog, which the job learns in catch-up
   steps (``models.online.step_due``).
 
@@ -253,11 +253,11 @@ def run_job(
 def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
     import torch
 
-    from flink_job.datasets import records
-    from flink_job.offline import batches, to_stream
     from models.online import largest_step, train_and_maybe_export
     from models.text_encoder import load_configured_encoder
     from models.trainer import OnlineLearner, new_meta
+    from offline.stream import batches, to_stream
+    from replay.datasets import records
 
     if threads:  # as many intra-op threads as the job's trainer worker had
         torch.set_num_threads(threads)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         args.parallelism, args.encoders = "1", "none"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rtrec-bench-throughput-"))
     rows: list[dict[str, Any]] = []
-    from flink_job.replay import replay
+    from replay.producer import replay
 
     base = [
         *C.topic_overrides("bench"),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.cluster import JVM_OPTIONS
 from models.config import ModelConfig, TrainerConfig, UserStageConfig
 from models.text_encoder import PRECISIONS
 
@@ -125,14 +126,10 @@ class JobConfig:
     # Python interpreter of the workers ("" = the interpreter running rtrec).
     python_executable: str = ""
     # Options of the JVMs rtrec starts itself: the local mini-cluster of `rtrec run` and
-    # flink_job.cluster.StandaloneCluster (docker-compose.yml sets the same). A cluster you
-    # submit to keeps its own env.java.opts.*. The default suits small TaskManagers, whose
-    # JVM work is light next to the Python workers': C1 JIT only (C2 spent 0.2-0.5 of the 2
-    # cores for the first minute of every JVM), serial GC (no concurrent GC threads). On 2
-    # cores, recovery after a TaskManager kill: 19.5-26.7 s -> 12.2-16.0 s; events/s
-    # unchanged (README "Optimisations"). "" = the JVM's defaults (better on large
-    # TaskManagers).
-    jvm_options: str = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+    # infra.cluster.StandaloneCluster (docker-compose.yml sets the same). A cluster you
+    # submit to keeps its own env.java.opts.*. The default suits small TaskManagers (see
+    # infra.cluster.JVM_OPTIONS); "" = the JVM's defaults (better on large TaskManagers).
+    jvm_options: str = JVM_OPTIONS
     # Fixed glibc malloc thresholds in the Python workers (udfs/malloc.py): the learner's
     # and the text encoder's large tensors are reused from the heap instead of mapped and
     # page-faulted in again at every step. No effect without glibc.

@@ -32,8 +32,8 @@ from pyflink.datastream.externalized_checkpoint_retention import ExternalizedChe
 from pyflink.java_gateway import get_gateway
 
 from flink_job.config import AppConfig, to_dict
-from flink_job.jars import kafka_connector_jar, operators_jar
 from flink_job.operators import key_by_field, use_checkpointed_timers, windows_by_field
+from infra.jars import kafka_connector_jar, operators_jar
 from models.text_encoder import configured_precision, encoder_off
 from udfs.embed import EmbedItemTexts, bucket_key
 from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems

@@ -12,7 +12,7 @@ co-process function.
 :func:`key_by_field` keys a stream of tuples in the JVM (``FieldAsKey``) instead of with
 PyFlink's Python key map.
 
-The operator jar (flink_job.jars.operators_jar) must be in ``pipeline.jars`` of the job;
+The operator jar (infra.jars.operators_jar) must be in ``pipeline.jars`` of the job;
 flink_job.job.make_env adds it and calls :func:`use_checkpointed_timers`.
 """
 

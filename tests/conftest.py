@@ -32,7 +32,7 @@ def make_cfg(tmp_path: Path):
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory):
     """A real single-node Kafka broker (KRaft) on loopback for the whole session."""
-    from flink_job.kafka_local import EmbeddedKafka
+    from infra.kafka import EmbeddedKafka
 
     broker = EmbeddedKafka(tmp_path_factory.mktemp("kafka"))
     broker.start()
@@ -50,7 +50,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from flink_job.datasets import TOPICS
+    from replay.datasets import TOPICS
 
     words = sorted({w for topic, ws in TOPICS.items() for w in [topic, *ws]})
     common = ["a", "piece", "about", "and", "the", "of", "#", ".", ","]

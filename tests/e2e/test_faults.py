@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from flink_job.cluster import StandaloneCluster
 from flink_job.config import load_config
-from flink_job.datasets import records
-from flink_job.kafka_local import read_topic
-from flink_job.offline import replay_job
-from flink_job.replay import replay
 from flink_job.savepoints import TERMINAL, cancel_job
+from infra.cluster import StandaloneCluster
+from infra.kafka import read_topic
 from models.registry import list_versions, read_latest
+from offline.stream import trainer_without_flink
+from replay.datasets import records
+from replay.producer import replay
 
 EVENTS = 4000
 
@@ -62,7 +62,7 @@ def overrides(registry: Path, topic: str) -> list[str]:
 def rtrec(*args: str) -> str:
     """Run the `rtrec` CLI (outside this process's PyFlink environment); its stdout."""
     env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
-    cmd = [sys.executable, "-m", "flink_job.cli", *args]
+    cmd = [sys.executable, "-m", "rtrec.cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -302,7 +302,7 @@ def test_rescale_1_2_1_keeps_the_exact_model(cluster, kafka, tmp_path):
     finishes (FLINK-31006, flink-connector-kafka 5.0.0). So the last run is compared up to
     the last version before the end of the input (the end-of-input version needs the final
     watermark), and the uninterrupted run is the job's offline replay
-    (flink_job/offline.py, byte-identical to the job: tests/flink/test_metrics_parity.py).
+    (offline/stream.py, byte-identical to the job: tests/flink/test_metrics_parity.py).
     There is no catalogue topic: an unbounded, silent catalogue stream would hold the
     trainer's watermark back in deterministic mode.
     """
@@ -311,7 +311,7 @@ def test_rescale_1_2_1_keeps_the_exact_model(cluster, kafka, tmp_path):
     base = [*overrides(registry, topic), "kafka.bounded=false", "kafka.items_topic=''"]
     cfg = load_config(None, base)
     events = [r for r in records(cfg.replay) if r.topic == "events"]
-    expected = [v.name for v in replay_job(events, cfg).versions]
+    expected = [v.name for v in trainer_without_flink(events, cfg).versions]
     assert len(expected) >= 6
     a, b = len(events) // 3, 2 * len(events) // 3
     savepoints = tmp_path / "savepoints"

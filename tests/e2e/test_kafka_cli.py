@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 
-from flink_job.kafka_local import read_topic
+from infra.kafka import read_topic
 
 
 def rtrec(*args: str, cwd) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
     return subprocess.run(
-        [sys.executable, "-m", "flink_job.cli", *args],
+        [sys.executable, "-m", "rtrec.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -12,12 +12,12 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from flink_job.kafka_local import free_port, read_topic
-from flink_job.replay import replay
 from flink_job.runner import run_local
-from flink_job.serve import make_server
+from infra.kafka import free_port, read_topic
 from models.registry import list_versions, read_latest
 from models.serving import HotSwapRecommender
+from replay.producer import replay
+from serving.server import make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,7 +92,7 @@ def test_readme_demo_command(tmp_path):
         [
             sys.executable,
             "-m",
-            "flink_job.cli",
+            "rtrec.cli",
             "demo",
             "--set",
             "replay.num_events=2500",

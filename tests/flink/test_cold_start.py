@@ -9,10 +9,10 @@ import random
 from pyflink.common import Types, WatermarkStrategy
 from pyflink.common.watermark_strategy import TimestampAssigner
 
-from flink_job.datasets import START_TS_MS, TOPICS, synthetic
 from flink_job.job import build_pipeline, make_env, registry_sink
 from models.registry import list_versions
 from models.serving import OnnxRecommender
+from replay.datasets import START_TS_MS, TOPICS, synthetic
 
 NEW_ITEM = {
     "item_id": "brand-new",

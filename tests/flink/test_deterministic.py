@@ -8,9 +8,9 @@ import json
 from pyflink.common import Types, WatermarkStrategy
 from pyflink.common.watermark_strategy import TimestampAssigner
 
-from flink_job.datasets import synthetic
 from flink_job.job import build_pipeline, make_env, registry_sink
 from models.registry import list_versions
+from replay.datasets import synthetic
 
 
 class JsonTs(TimestampAssigner):

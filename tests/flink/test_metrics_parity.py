@@ -1,5 +1,5 @@
 """Same numbers both ways: the Flink job in deterministic mode and the offline replay of the
-same trainer code (flink_job/offline.py replay_job) give the same prequential metrics,
+same trainer code (offline/stream.py trainer_without_flink) give the same prequential metrics,
 record by record, and the same model versions."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 from pyflink.common import Types, WatermarkStrategy
 from pyflink.common.watermark_strategy import TimestampAssigner
 
-from flink_job.datasets import synthetic
 from flink_job.job import build_graph, make_env, registry_sink
-from flink_job.offline import replay_job
 from models.registry import list_versions
 from models.text_encoder import configured_precision, load_configured_encoder
+from offline.stream import trainer_without_flink
+from replay.datasets import synthetic
 
 
 class JsonTs(TimestampAssigner):
@@ -84,7 +84,9 @@ def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path, reques
 
     precision = configured_precision(cfg.model, cfg.trainer.deterministic)
     assert precision == "float32"  # "auto" in deterministic mode, as the job resolves it
-    offline = replay_job(records, cfg, load_configured_encoder(cfg.model, deterministic=True))
+    offline = trainer_without_flink(
+        records, cfg, load_configured_encoder(cfg.model, deterministic=True)
+    )
 
     assert len(job_metrics) == len(offline.metrics) >= 30
     for a, b in zip(job_metrics, offline.metrics, strict=True):

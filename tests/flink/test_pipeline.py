@@ -9,10 +9,10 @@ import random
 from pyflink.common import Types, WatermarkStrategy
 from pyflink.common.watermark_strategy import TimestampAssigner
 
-from flink_job.datasets import hostile_payloads
 from flink_job.job import build_graph, make_env, registry_sink
 from models.registry import list_versions, read_latest
 from models.serving import HotSwapRecommender
+from replay.datasets import hostile_payloads
 
 
 class JsonTs(TimestampAssigner):

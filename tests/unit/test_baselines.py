@@ -1,4 +1,4 @@
-"""Baselines of `rtrec eval` (models.baselines) and the evaluation report (flink_job.evaluate)."""
+"""Baselines of `rtrec eval` (models.baselines) and the evaluation report (offline.evaluate)."""
 
 import itertools
 import json
@@ -6,13 +6,13 @@ import json
 import torch
 
 from flink_job.config import load_config
-from flink_job.datasets import synthetic
-from flink_job.evaluate import learner_top_k, run_eval
-from flink_job.offline import to_stream
 from models.baselines import ISGD, CoOccurrence, Popularity, RecentPopularity
 from models.events import Item
 from models.history import Sample
 from models.trainer import OnlineLearner, new_meta
+from offline.evaluate import learner_top_k, run_eval
+from offline.stream import to_stream
+from replay.datasets import synthetic
 from tests.unit.helpers import topic_samples
 
 _events = itertools.count()

@@ -9,7 +9,7 @@ def test_rtrec_eval_writes_table_json_and_plots(tmp_path):
         [
             sys.executable,
             "-m",
-            "flink_job.cli",
+            "rtrec.cli",
             "eval",
             "--out",
             str(out),

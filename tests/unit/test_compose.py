@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from flink_job import jars
-from flink_job.cli import build_parser, cmd_replay, cmd_serve, cmd_submit
 from flink_job.config import KafkaConfig, load_config
-from flink_job.kafka_local import MAX_MESSAGE_BYTES
+from infra import jars
+from infra.kafka import MAX_MESSAGE_BYTES
+from rtrec.cli import build_parser, cmd_replay, cmd_serve, cmd_submit
 
 pytestmark = pytest.mark.unit
 
@@ -56,9 +56,7 @@ def _rtrec_args(service: dict[str, Any]):
     try:
         return build_parser().parse_args(cmd[1:])
     except SystemExit as e:  # argparse's way of rejecting the command line
-        pytest.fail(
-            f"`{' '.join(cmd)}` is rejected by flink_job.cli.build_parser() (exit {e.code})"
-        )
+        pytest.fail(f"`{' '.join(cmd)}` is rejected by rtrec.cli.build_parser() (exit {e.code})")
 
 
 def _published_container_ports(service: dict[str, Any]) -> set[int]:

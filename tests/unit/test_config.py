@@ -103,7 +103,7 @@ def test_to_toml_round_trips():
 
 def test_rtrec_config_command_prints_resolved_toml():
     out = subprocess.run(
-        [sys.executable, "-m", "flink_job.cli", "config", "--set", "trainer.lr=0.125"],
+        [sys.executable, "-m", "rtrec.cli", "config", "--set", "trainer.lr=0.125"],
         capture_output=True,
         text=True,
         check=True,
@@ -113,7 +113,7 @@ def test_rtrec_config_command_prints_resolved_toml():
 
 def test_rtrec_config_command_rejects_unknown_key():
     proc = subprocess.run(
-        [sys.executable, "-m", "flink_job.cli", "config", "--set", "trainer.nope=1"],
+        [sys.executable, "-m", "rtrec.cli", "config", "--set", "trainer.nope=1"],
         capture_output=True,
         text=True,
     )
@@ -154,7 +154,7 @@ def test_kafka_properties_reach_each_python_client_as_it_takes_them():
     caller's own settings win."""
     from kafka import KafkaAdminClient, KafkaConsumer
 
-    from flink_job.kafka_local import client_properties
+    from infra.kafka import client_properties
 
     props = {
         "security.protocol": "PLAINTEXT",
@@ -178,8 +178,8 @@ def test_kafka_properties_reach_each_python_client_as_it_takes_them():
 
 def test_jvm_options_reach_the_standalone_cluster_rtrec_starts(tmp_path):
     """job.jvm_options becomes env.java.opts.all of the cluster's JVMs; '' keeps Flink's."""
-    from flink_job.cluster import StandaloneCluster
     from flink_job.config import JobConfig
+    from infra.cluster import StandaloneCluster
 
     assert load_config(None, []).job.jvm_options == JobConfig.jvm_options
     assert "-XX:TieredStopAtLevel=1" in JobConfig.jvm_options.split()

@@ -1,8 +1,8 @@
 import json
 
 from flink_job.config import ReplayConfig
-from flink_job.datasets import ReplayStats, movielens, synthetic
 from models.events import InvalidRecord, parse_event, parse_item
+from replay.datasets import ReplayStats, movielens, synthetic
 
 
 def test_synthetic_stream_counts_and_validity():

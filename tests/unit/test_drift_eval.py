@@ -4,9 +4,9 @@ detector on the prequential loss fires after the drift point."""
 
 import pytest
 
-from flink_job.datasets import synthetic
-from flink_job.evaluate import run_eval
-from flink_job.offline import to_stream
+from offline.evaluate import run_eval
+from offline.stream import to_stream
+from replay.datasets import synthetic
 
 DRIFT_AT = 2500  # event index: every user's taste moves and every topic's items reshuffle
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from flink_job.datasets import hostile_payloads
 from models.events import InvalidRecord, dead_letter, parse_event, parse_item, pseudonymise
+from replay.datasets import hostile_payloads
 
 
 def test_valid_event_parses():

@@ -1,10 +1,10 @@
-"""The operator jar's build bookkeeping (flink_job.jars), without a JVM."""
+"""The operator jar's build bookkeeping (infra.jars), without a JVM."""
 
 from __future__ import annotations
 
 import pytest
 
-from flink_job import jars
+from infra import jars
 
 
 def test_the_operator_sources_ship_with_the_package():

@@ -49,7 +49,7 @@ def test_the_parsing_stages_worker_and_serving_do_not_load_torch():
     imports torch (~2-3 s of CPU per process start, i.e. per worker on every recovery)."""
     code = (
         "import sys, udfs.parse, udfs.user_window, udfs.embed, udfs.publish\n"
-        "import models.serving, flink_job.serve\n"
+        "import models.serving, serving.server\n"
         "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'transformers'}))"
     )
     assert _last_line(code) == "[]"

@@ -1,9 +1,9 @@
-"""flink_job.offline.job_firings: the deterministic-mode trainer's firings without Flink."""
+"""offline.stream.job_firings: the deterministic-mode trainer's firings without Flink."""
 
-from flink_job.datasets import synthetic
-from flink_job.offline import job_firings, to_stream
 from models.events import Item
 from models.history import Sample
+from offline.stream import job_firings, to_stream
+from replay.datasets import synthetic
 
 
 def test_firings_cut_like_the_deterministic_trainer(make_cfg):
@@ -46,7 +46,7 @@ def test_firings_cut_like_the_deterministic_trainer(make_cfg):
 def test_a_learner_rebuilt_from_state_makes_the_same_versions(make_cfg):
     """Everything the model needs is in the state the job checkpoints: dropping the
     in-memory learner every few firings (as a Flink restore does) changes no version."""
-    from flink_job.offline import replay_job
+    from offline.stream import trainer_without_flink
 
     cfg = make_cfg(
         "trainer.deterministic=true",
@@ -59,7 +59,7 @@ def test_a_learner_rebuilt_from_state_makes_the_same_versions(make_cfg):
         "replay.new_items_midstream=10",
     )
     records = list(synthetic(cfg.replay))
-    plain = [v.name for v in replay_job(records, cfg).versions]
-    restored = [v.name for v in replay_job(records, cfg, restore_every=3).versions]
+    plain = [v.name for v in trainer_without_flink(records, cfg).versions]
+    restored = [v.name for v in trainer_without_flink(records, cfg, restore_every=3).versions]
     assert len(plain) >= 5
     assert restored == plain

@@ -6,12 +6,12 @@ import numpy as np
 import torch
 
 from flink_job.config import load_config
-from flink_job.datasets import synthetic
-from flink_job.offline import to_stream
-from flink_job.offline_train import pretrain, split_stream
 from models.online import train_and_maybe_export
 from models.text_encoder import TextEncoder
 from models.trainer import OnlineLearner, new_meta
+from offline.stream import to_stream
+from offline.training import pretrain, split_stream
+from replay.datasets import synthetic
 
 
 def small_cfg(tiny_bert_dir, *extra):

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from flink_job.datasets import TOPICS
 from models.catalog import Catalog
 from models.config import ModelConfig, TrainerConfig
 from models.events import Item
@@ -21,6 +20,7 @@ from models.text_encoder import (
     resolve_precision,
 )
 from models.trainer import OnlineLearner, new_meta
+from replay.datasets import TOPICS
 
 
 def texts(topic: str, n: int = 3) -> list[str]:

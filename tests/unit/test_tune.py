@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from flink_job.cli import main
 from flink_job.config import load_config
-from flink_job.datasets import records
-from flink_job.evaluate import run_eval
-from flink_job.offline import to_stream
-from flink_job.offline_train import online_prequential
-from flink_job.tune import DEFAULT_SPACE, TuneError, build_space, parse_param, tune
+from offline.evaluate import run_eval
+from offline.stream import to_stream
+from offline.training import online_prequential
+from offline.tune import DEFAULT_SPACE, TuneError, build_space, parse_param, tune
+from replay.datasets import records
+from rtrec.cli import main
 
 pytestmark = pytest.mark.unit
 

@@ -135,7 +135,7 @@ def kafka_broker_libs(version: str = KAFKA_BROKER_VERSION) -> Path:
     return libs
 
 
-JAVA_SOURCES = Path(__file__).resolve().parent / "java"
+JAVA_SOURCES = Path(__file__).resolve().parents[1] / "flink_job" / "java"
 
 
 def operators_jar_name() -> str:

@@ -31,14 +31,14 @@ import torch
 from tqdm import tqdm
 
 from flink_job.config import AppConfig
-from flink_job.offline import batches
-from flink_job.offline_train import Bucket, PrequentialResult, split_stream
 from models.baselines import Baseline, default_baselines, positives
 from models.events import Item
 from models.history import Sample
 from models.metrics import prequential_step, summary
 from models.text_encoder import load_configured_encoder
 from models.trainer import OnlineLearner, new_meta
+from offline.stream import batches
+from offline.training import Bucket, PrequentialResult, split_stream
 
 # Top-k lists (for coverage) are computed for every COVERAGE_EVERY-th test positive only:
 # ranking needs one score per target, a top-k list a partial sort of the catalogue per

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from tqdm import tqdm
 
 from flink_job.config import AppConfig
-from flink_job.datasets import Record, ReplayStats, records
-from flink_job.kafka_local import MAX_MESSAGE_BYTES, client_properties, create_topics
+from infra.kafka import MAX_MESSAGE_BYTES, client_properties, create_topics
+from replay.datasets import Record, ReplayStats, records
 
 log = logging.getLogger(__name__)
 

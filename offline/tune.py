@@ -2,7 +2,7 @@
 
 Each trial is a configuration (the base config with the trial's values), and its score is
 the prequential NDCG@k of a fresh online learner on a validation slice of the dataset
-(:func:`flink_job.offline_train.online_prequential`: learn from the slice's first
+(:func:`offline.training.online_prequential`: learn from the slice's first
 ``warmup`` share of samples, then test-then-train on the rest, with the job's trainer).
 
 - The validation slice is the first ``fraction`` of the dataset's samples (events in
@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from flink_job.config import AppConfig, ConfigError, replace_values, to_dict, to_toml
-from flink_job.datasets import Record
-from flink_job.offline import to_stream
-from flink_job.offline_train import online_prequential, split_stream
 from models.events import Item
 from models.history import Sample
 from models.text_encoder import TextEncoder, configured_precision, load_configured_encoder
+from offline.stream import to_stream
+from offline.training import online_prequential, split_stream
+from replay.datasets import Record
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flink_job.config import AppConfig, ConfigError, load_config, to_toml
-from flink_job.jars import SetupError
 from flink_job.savepoints import SavepointError
+from infra.jars import SetupError
 
 log = logging.getLogger("rtrec")
 STATE_DIR = Path(".rtrec")
@@ -44,7 +44,7 @@ def _cfg(args: argparse.Namespace, extra: list[str] | None = None) -> AppConfig:
 
 # --------------------------------------------------------------------------- commands
 def cmd_setup(args: argparse.Namespace) -> int:
-    from flink_job.jars import ensure_all
+    from infra.jars import ensure_all
 
     for name, path in ensure_all().items():
         print(f"{name}: {path}")
@@ -57,7 +57,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from flink_job.kafka_local import EmbeddedKafka, create_topics, detached_status, stop_detached
+    from infra.kafka import EmbeddedKafka, create_topics, detached_status, stop_detached
 
     workdir = Path(args.dir)
     if args.action == "up":
@@ -81,7 +81,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def _bootstrap_or_detached(cfg: AppConfig, kafka_dir: str) -> str:
-    from flink_job.kafka_local import detached_status
+    from infra.kafka import detached_status
 
     if cfg.kafka.bootstrap_servers:
         return cfg.kafka.bootstrap_servers
@@ -95,7 +95,7 @@ def _bootstrap_or_detached(cfg: AppConfig, kafka_dir: str) -> str:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from flink_job.replay import replay
+    from replay.producer import replay
 
     extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
     cfg = _cfg(args, extra + _bootstrap_override(args))
@@ -137,7 +137,7 @@ def _kafka_for(cfg: AppConfig, workdir: Path) -> Iterator[str]:
     if cfg.kafka.bootstrap_servers:
         yield cfg.kafka.bootstrap_servers
         return
-    from flink_job.kafka_local import EmbeddedKafka
+    from infra.kafka import EmbeddedKafka
 
     log.info("starting the embedded Kafka broker (KRaft, loopback)")
     with EmbeddedKafka(workdir) as kafka:
@@ -146,12 +146,12 @@ def _kafka_for(cfg: AppConfig, workdir: Path) -> Iterator[str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded Kafka + synthetic replay + the job on local Flink + ONNX recommendations."""
-    from flink_job.datasets import ReplayStats
-    from flink_job.jars import ensure_all
-    from flink_job.kafka_local import read_topic
-    from flink_job.replay import replay
     from flink_job.runner import run_local
+    from infra.jars import ensure_all
+    from infra.kafka import read_topic
     from models.serving import HotSwapRecommender
+    from replay.datasets import ReplayStats
+    from replay.producer import replay
 
     t0 = time.monotonic()
     demo_dir = STATE_DIR / "demo"
@@ -210,8 +210,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _dataset_stream(cfg: AppConfig) -> list:
-    from flink_job.datasets import records
-    from flink_job.offline import to_stream
+    from offline.stream import to_stream
+    from replay.datasets import records
 
     log.info("reading %s", cfg.replay.dataset)
     return list(to_stream(records(cfg.replay), cfg))
@@ -219,14 +219,14 @@ def _dataset_stream(cfg: AppConfig) -> list:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Offline warm start: train on the first --fraction of a dataset, write the initial state."""
-    from flink_job.offline_train import pretrain, split_stream
+    from offline.training import pretrain, split_stream
 
     extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
     cfg = _cfg(args, extra + _bootstrap_override(args))
     if args.from_ts is not None or args.to_ts is not None:
         # A Kafka time range: everything in it is history (no --fraction split).
-        from flink_job.datasets import kafka_time_range
-        from flink_job.offline import to_stream
+        from offline.stream import to_stream
+        from replay.datasets import kafka_time_range
 
         k = cfg.kafka
         bootstrap = _bootstrap_or_detached(cfg, args.kafka_dir)
@@ -256,8 +256,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Prequential evaluation without Flink: online vs frozen vs baselines (default), or
     language-model/warm-start variants of the online model (--variants)."""
-    from flink_job.evaluate import render_markdown, run_eval
-    from flink_job.offline_train import compare
+    from offline.evaluate import render_markdown, run_eval
+    from offline.training import compare
 
     extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
     cfg = _cfg(args, extra)
@@ -290,8 +290,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Hyperparameter search (Optuna) scored by the online learner's prequential NDCG@k."""
-    from flink_job.datasets import records
-    from flink_job.tune import build_space, fixed_keys, tune
+    from offline.tune import build_space, fixed_keys, tune
+    from replay.datasets import records
 
     extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
     cfg = _cfg(args, extra)
@@ -325,7 +325,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit the job to a running Flink cluster with the pip package's `flink run`."""
     import pyflink
 
-    from flink_job.jars import kafka_connector_jar
+    from infra.jars import kafka_connector_jar
 
     extra = _bootstrap_override(args)
     if args.from_savepoint:
@@ -346,7 +346,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "--python",
         str(root / "flink_job" / "main.py"),
         "--pyFiles",
-        ",".join(str(root / d) for d in ("flink_job", "udfs", "models")),
+        ",".join(str(root / d) for d in ("flink_job", "infra", "udfs", "models")),
         "--jarfile",
         str(kafka_connector_jar()),
         "--",
@@ -379,7 +379,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flink_job.serve import serve
+    from serving.server import serve
 
     cfg = _cfg(args)
     serve(

@@ -21,13 +21,13 @@ import torch
 from tqdm import tqdm
 
 from flink_job.config import AppConfig
-from flink_job.offline import batches
 from models.events import Item
 from models.history import Sample
 from models.metrics import RankSums, positives, prequential_step
 from models.online import save_initial_state
 from models.text_encoder import TextEncoder, load_configured_encoder
 from models.trainer import OnlineLearner, new_meta
+from offline.stream import batches
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pyflink
-
-from flink_job.config import JobConfig
-from flink_job.jars import SetupError
-from flink_job.kafka_local import free_port
+from infra.jars import SetupError
+from infra.kafka import free_port
 
 log = logging.getLogger(__name__)
+
+# The default of ``job.jvm_options``, for small TaskManagers whose JVM work is light next to
+# the Python workers': C1 JIT only (C2 compiles for the first minute of every JVM, on the
+# cores the Python workers need) and the serial GC (no concurrent GC threads). Large
+# TaskManagers do better with the JVM's own defaults ("").
+JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
 
 class StandaloneCluster:
@@ -32,13 +35,15 @@ class StandaloneCluster:
         workdir: str | Path,
         taskmanagers: int = 2,
         slots: int = 2,
-        jvm_options: str = JobConfig.jvm_options,
+        jvm_options: str = JVM_OPTIONS,
     ) -> None:
         """``jvm_options``: ``env.java.opts.all`` of its JVMs (``job.jvm_options``)."""
         self.workdir = Path(workdir).resolve()
         self.jvm_options = jvm_options
         self.n_tm = taskmanagers
         self.slots = slots
+        import pyflink
+
         self.home = Path(pyflink.__file__).parent
         self.jm: subprocess.Popen[bytes] | None = None
         self.tms: list[subprocess.Popen[bytes]] = []

@@ -275,7 +275,7 @@ def kafka_time_range(
     The catalogue is read from the beginning of time up to ``to_ts`` (items published
     before the range are part of the catalogue the range's events refer to).
     """
-    from flink_job.kafka_local import read_time_range
+    from infra.kafka import read_time_range
 
     out = [
         Record("items", k, v, ts)

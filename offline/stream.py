@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flink_job.config import AppConfig
-from flink_job.datasets import Record
 from models.events import Event, InvalidRecord, Item, parse_event, parse_item, pseudonymise
 from models.history import Sample, UserState, advance_user
 from models.online import train_and_maybe_export
 from models.text_encoder import TextEncoder
 from models.trainer import OnlineLearner, new_meta
 from models.version import ModelVersion
+from replay.datasets import Record
 
 
 def to_stream(records: Iterable[Record], cfg: AppConfig) -> Iterator[Item | Sample]:
@@ -116,8 +116,8 @@ def job_firings(
 
 
 @dataclass
-class JobReplay:
-    """What :func:`replay_job` produced: the trainer's final meta state, one metrics
+class OfflineTrainerRun:
+    """What :func:`trainer_without_flink` produced: the trainer's final meta state, one metrics
     record per firing that trained (the job's ``metrics`` topic) and the model versions."""
 
     meta: dict[str, Any]
@@ -125,12 +125,12 @@ class JobReplay:
     versions: list[ModelVersion] = field(default_factory=list)
 
 
-def replay_job(
+def trainer_without_flink(
     records: Iterable[Record],
     cfg: AppConfig,
     encoder: TextEncoder | None = None,
     restore_every: int = 0,
-) -> JobReplay:
+) -> OfflineTrainerRun:
     """Run the trainer of a deterministic-mode job over ``records`` without Flink: the
     firings of :func:`job_firings`, each through :func:`models.online.train_and_maybe_export`
     (what udfs/trainer.py calls), with the trainer's state kept in dicts.
@@ -148,7 +148,7 @@ def replay_job(
     rows: dict[str, bytes] = {}
     cat: dict[str, bytes] = {}
     dense: list[bytes | None] = [None]
-    out = JobReplay(meta)
+    out = OfflineTrainerRun(meta)
     config = to_dict(cfg)
     for n, (items, samples, final) in enumerate(job_firings(records, cfg), 1):
         if restore_every and n % restore_every == 0:

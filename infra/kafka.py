@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from flink_job.jars import SetupError, kafka_broker_libs
+from infra.jars import SetupError, kafka_broker_libs
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The job's logic without Flink: pretraining, prequential evaluation and tuning."""

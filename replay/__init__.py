@@ -1,0 +1,1 @@
+"""Datasets (synthetic, MovieLens-format) and writing them into the Kafka topics."""

@@ -1,0 +1,1 @@
+"""rtrec's command line: one `rtrec` command with a subcommand per task."""
