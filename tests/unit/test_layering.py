@@ -1,4 +1,5 @@
-"""Layering: models/ never imports pyflink, and which of our Python processes import torch."""
+"""Layering: imports flow one way between rtrec's packages, models/ never imports pyflink,
+and which of our Python processes import torch."""
 
 import ast
 import subprocess
@@ -14,6 +15,53 @@ def _last_line(code: str) -> str:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+# Lowest first: a package may import only packages before it. benchmarks/ and tests/ sit
+# above all of them.
+LAYERS = ("models", "udfs", "infra", "flink_job", "replay", "offline", "serving", "rtrec")
+
+
+def _imported_packages(package: str) -> dict[str, set[str]]:
+    """Our top-level packages that ``package`` imports (at module level or inside a
+    function), each with the files that import it."""
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in LAYERS and top != package:
+                    found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_package_is_in_a_layer():
+    ours = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "benchmarks"}
+    assert ours == set(LAYERS)
+
+
+def test_imports_flow_one_way_between_packages():
+    upward = [
+        f"{f} imports {target}"
+        for i, package in enumerate(LAYERS)
+        for target, files in _imported_packages(package).items()
+        if LAYERS.index(target) > i
+        for f in sorted(files)
+    ]
+    assert upward == []
+
+
+def test_the_flink_job_does_not_import_the_offline_tools():
+    """What a cluster's client process imports to build the graph (--pyFiles ships
+    flink_job, infra, udfs, models) needs nothing else."""
+    assert set(_imported_packages("flink_job")) <= {"models", "udfs", "infra"}
+    assert set(_imported_packages("infra")) == set()
 
 
 def test_no_pyflink_import_in_models_source():
