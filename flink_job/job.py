@@ -1,4 +1,4 @@
-"""The rtrec job graph (see DESIGN.md "Data flow").
+"""The rtrec job graph (docs/design.md, "Data flow").
 
 Kafka events -> ParseEvents (-> DLQ) -> event-time watermarks -> key_by(user) -> tumbling
 event-time windows (Flink's window operator; late events -> DLQ) -> user history
@@ -8,7 +8,6 @@ registry directory + Kafka ``models`` topic.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -29,8 +28,8 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSource,
 )
 from pyflink.datastream.externalized_checkpoint_retention import ExternalizedCheckpointRetention
-from pyflink.java_gateway import get_gateway
 
+from flink_job import pyflink_compat as compat
 from flink_job.config import AppConfig, to_dict
 from flink_job.operators import key_by_field, use_checkpointed_timers, windows_by_field
 from infra.jars import kafka_connector_jar, operators_jar
@@ -72,7 +71,8 @@ def flink_settings(
         # Without these the Python workers may run another interpreter than the client.
         "python.executable": cfg.job.python_executable or sys.executable,
         "python.client.executable": cfg.job.python_executable or sys.executable,
-        "python.execution-mode": cfg.job.python_mode,
+        # Process mode only: in thread mode the trainer hangs (docs/pyflink-notes.md).
+        "python.execution-mode": "process",
         "python.fn-execution.bundle.size": str(cfg.job.bundle_size),
         "python.fn-execution.bundle.time": str(cfg.job.bundle_time_ms),
         "python.state.cache-size": str(cfg.job.state_cache_size),
@@ -113,12 +113,10 @@ def start_gateway(cfg: AppConfig) -> None:
     variable: one set in the environment wins). A JVM already running, or the one of the
     `flink` CLI that submits the job, keeps its options.
     """
-    import pyflink.java_gateway as gateway
-
-    if gateway._gateway is None and cfg.job.jvm_options and "JVM_ARGS" not in os.environ:
+    if not compat.jvm_started() and cfg.job.jvm_options and "JVM_ARGS" not in os.environ:
         os.environ["JVM_ARGS"] = cfg.job.jvm_options
         try:
-            get_gateway()
+            compat.start_jvm()
         finally:
             del os.environ["JVM_ARGS"]  # not for the JVMs started later (Kafka, clusters)
 
@@ -133,12 +131,7 @@ def make_env(
     # The Kafka connector, and rtrec's operators (flink_job/operators.py: timers set by the
     # Python functions are part of every checkpoint).
     jar_uris = ";".join(j.resolve().as_uri() for j in (kafka, operators_jar(jars_dir)))
-    # PyFlink reads this when the job is submitted; unset, a local run uses loopback workers.
-    mode_var = "_python_worker_execution_mode"  # PyFlink's own (lower-case) name
-    if cfg.job.local_python_workers == "process":
-        os.environ[mode_var] = "process"
-    else:
-        os.environ.pop(mode_var, None)
+    compat.set_local_python_workers(cfg.job.local_python_workers == "process")
     conf = Configuration()
     for k, v in flink_settings(cfg, jar_uris, extra_conf).items():
         conf.set_string(k, v)
@@ -179,13 +172,10 @@ def _sink(
         .set_topic(topic)
         .set_value_serialization_schema(SimpleStringSchema())
     )
-    # Each sink subtask writes to one partition (PyFlink has no wrapper for this): the
-    # records of one model key come from one trainer subtask, so a model's versions stay
-    # in order in one partition instead of being spread round-robin.
-    jvm = get_gateway().jvm
-    records._j_builder.setPartitioner(
-        jvm.org.apache.flink.streaming.connectors.kafka.partitioner.FlinkFixedPartitioner()
-    )
+    # Each sink subtask writes to one partition: the records of one model key come from
+    # one trainer subtask, so a model's versions stay in order in one partition instead of
+    # being spread round-robin.
+    compat.use_fixed_partitioner(records)
     b = (
         KafkaSink.builder()
         .set_bootstrap_servers(bootstrap)
@@ -243,11 +233,10 @@ def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str
 
 def restores_saved_state(env: StreamExecutionEnvironment) -> bool:
     """Whether the job starts from a savepoint or retained checkpoint: ``job.from_savepoint``,
-    ``job.flink``'s ``execution.state-recovery.path`` (or its old name) or ``flink run -s``.
-    Only then can its state hold layouts of earlier releases; a restart after a failure
-    restores the job's own checkpoints."""
-    option = get_gateway().jvm.org.apache.flink.configuration.StateRecoveryOptions.SAVEPOINT_PATH
-    return bool(env._j_stream_execution_environment.getConfiguration().get(option))
+    ``job.flink``'s ``execution.state-recovery.path`` (or its deprecated key
+    ``execution.savepoint.path``) or ``flink run -s``. A restart after a failure restores
+    the job's own checkpoints and is not such a start."""
+    return compat.state_recovery_path(env) is not None
 
 
 def embeds_items(cfg: AppConfig) -> bool:
@@ -261,7 +250,7 @@ def embeds_items(cfg: AppConfig) -> bool:
 # and catalogue record goes to one trainer subtask. More subtasks would only idle (a Python
 # worker each to start, at every deploy and restart), and the sinks stay a forward chain of
 # that subtask, which keeps a model's versions in order. (A job training several model
-# keys, DESIGN.md's tenants or regions, would use min(job.parallelism, number of keys).)
+# keys, e.g. one per tenant or region, would use min(job.parallelism, number of keys).)
 TRAINER_PARALLELISM = 1
 
 
@@ -442,11 +431,7 @@ def _after_trainer(stream, trainer) -> None:
     job's parallelism: behind a single trainer subtask they would spread its versions
     round-robin over several subtasks and could reorder them before the sinks.
     """
-    stop = trainer._j_data_stream.getTransformation().getId()
-    t = stream._j_data_stream.getTransformation()
-    while t.getId() != stop:
-        t.setParallelism(TRAINER_PARALLELISM)
-        (t,) = t.getInputs()
+    compat.set_parallelism_between(trainer, stream, TRAINER_PARALLELISM)
 
 
 def registry_sink(versions, cfg: AppConfig):
@@ -471,9 +456,3 @@ def _public_config(cfg: AppConfig) -> dict:
         for key, v in d["kafka"]["properties"].items()
     }
     return d
-
-
-def with_bootstrap(cfg: AppConfig, bootstrap: str) -> AppConfig:
-    return dataclasses.replace(
-        cfg, kafka=dataclasses.replace(cfg.kafka, bootstrap_servers=bootstrap)
-    )

@@ -1,7 +1,9 @@
 """Savepoints of a job on a Flink cluster, through the JobManager's REST API.
 
-(PyFlink's own ``JobClient`` savepoint methods are broken in 2.2/2.3; the REST API is what
-the Java ``RestClusterClient`` calls, with an explicit savepoint format.)
+PyFlink 2.2's ``JobClient.trigger_savepoint`` and ``stop_with_savepoint`` call Java
+methods without the savepoint-format argument that Flink's ``JobClient`` requires, so both
+fail (docs/pyflink-notes.md). The REST API is what the Java ``RestClusterClient`` calls;
+here it is called with an explicit savepoint format.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A real Flink standalone cluster on loopback, from the pip package's own scripts.
 
 JobManager + N TaskManagers as child processes (``start-foreground``), with a generated
-configuration directory, free ports and logs under ``workdir``. Used by the fault-tolerance
-tests (kill -9 a TaskManager) and by `rtrec cluster`-style local runs.
+configuration directory, free ports and logs under ``workdir``. Used by the end-to-end tests
+(fault tolerance: kill -9 a TaskManager; rescaling through savepoints) and by the recovery
+and state benchmarks; rtrec has no command that starts one.
 """
 
 from __future__ import annotations
