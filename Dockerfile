@@ -79,7 +79,7 @@ COPY offline ./offline
 COPY serving ./serving
 COPY udfs ./udfs
 COPY models ./models
-COPY configs ./configs
+
 # apache-flink stays pinned to the cluster's release while the project is installed.
 RUN set -eux; \
     pip install -c constraints.txt . "apache-flink==${FLINK_VERSION}"; \

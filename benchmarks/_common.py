@@ -48,7 +48,7 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
         action=_ConfigFile,
         dest="set",
         metavar="TOML",
-        help="a config file's keys as overrides (e.g. configs/low-latency.toml)",
+        help="a config file's keys as overrides (e.g. flink_job/profiles/low-latency.toml)",
     )
     return p
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import _common as C
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "flink_job" / "profiles"
 # Cheapest first, so a broken environment fails fast.
 BENCHMARKS = [
     "catalogue",
