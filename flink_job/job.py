@@ -231,14 +231,6 @@ def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str
     ).uid(name)
 
 
-def restores_saved_state(env: StreamExecutionEnvironment) -> bool:
-    """Whether the job starts from a savepoint or retained checkpoint: ``job.from_savepoint``,
-    ``job.flink``'s ``execution.state-recovery.path`` (or its deprecated key
-    ``execution.savepoint.path``) or ``flink run -s``. A restart after a failure restores
-    the job's own checkpoints and is not such a start."""
-    return compat.state_recovery_path(env) is not None
-
-
 def embeds_items(cfg: AppConfig) -> bool:
     """Whether the graph has the item-text embedding stage (a text encoder and a catalogue
     topic)."""
@@ -340,8 +332,6 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
                 cfg.user,
                 cfg.model.history_length,
                 cfg.job.model_key,
-                cfg.job.window_ms,
-                earlier_layout=restores_saved_state(raw.get_execution_environment()),
                 malloc_thresholds=cfg.job.malloc_thresholds,
             ),
             output_type=SAMPLE_TYPE,

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from pyflink.common.typeinfo import TypeInformation, _from_java_type
-from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.datastream import data_stream as _ds
 from pyflink.fn_execution.flink_fn_execution_pb2 import UserDefinedDataStreamFunction
 from pyflink.java_gateway import get_gateway
@@ -99,14 +98,6 @@ def use_fixed_partitioner(records_builder: Any) -> None:
     records to one partition (``FlinkFixedPartitioner``; PyFlink's builder has no setter)."""
     partitioner = jvm().org.apache.flink.streaming.connectors.kafka.partitioner
     records_builder._j_builder.setPartitioner(partitioner.FlinkFixedPartitioner())
-
-
-def state_recovery_path(env: StreamExecutionEnvironment) -> str | None:
-    """The savepoint or retained checkpoint the job will start from
-    (``execution.state-recovery.path`` of the environment's configuration), or None."""
-    option = jvm().org.apache.flink.configuration.StateRecoveryOptions.SAVEPOINT_PATH
-    path = env._j_stream_execution_environment.getConfiguration().get(option)
-    return str(path) if path else None
 
 
 def is_keyed_process(func_type: int) -> bool:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -41,20 +40,6 @@ from models.item_table import stable_seed
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-
-
-class Ranker(Protocol):
-    """What the prequential evaluation needs from a baseline."""
-
-    name: str
-
-    def ingest_items(self, items: Iterable[Item]) -> None: ...
-
-    def rank_targets(self, samples: list[Sample]) -> list[int]: ...
-
-    def top_k(self, samples: list[Sample], k: int) -> list[list[str]]: ...
-
-    def learn(self, samples: list[Sample]) -> None: ...
 
 
 def positives(samples: Iterable[Sample]) -> list[Sample]:

@@ -132,7 +132,8 @@ def _load_object(raw: str | bytes) -> dict[str, Any]:
 
 
 def parse_event(raw: str | bytes) -> Event:
-    """Validate one JSON event (see README "Event schema") or raise InvalidRecord."""
+    """Validate one JSON event (event_id, user_id, item_id, type, ts, optional value) or
+    raise InvalidRecord."""
     obj = _load_object(raw)
     etype = obj.get("type")
     if etype not in EVENT_TYPES:
@@ -176,19 +177,6 @@ def parse_item(raw: str | bytes) -> Item:
 def pseudonymise(user_id: str, key: bytes) -> str:
     """Keyed HMAC-SHA256 of a user id (first 16 bytes, hex): stable per key, not reversible."""
     return hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
-
-
-def event_to_json(e: Event) -> str:
-    d: dict[str, Any] = {
-        "event_id": e.event_id,
-        "user_id": e.user_id,
-        "item_id": e.item_id,
-        "type": e.type,
-        "ts": e.ts,
-    }
-    if e.value is not None:
-        d["value"] = e.value
-    return json.dumps(d, separators=(",", ":"))
 
 
 def dead_letter(raw: str | bytes, reason: str, source: str) -> str:

@@ -126,7 +126,8 @@ class ItemTable:
 
     def pack_rows(self, idxs: list[int]) -> list[bytes]:
         """Packed rows (header + float32 row) of ``idxs``: one gather and one device-to-host
-        copy for all of them (a step writes hundreds; one by one cost ~13 us a row)."""
+        copy for all of them (a step writes hundreds, and a copy per row costs more than
+        its packing)."""
         if not idxs:
             return []
         at = np.asarray(idxs, dtype=np.int64)
@@ -148,9 +149,9 @@ class ItemTable:
             if vec.shape[0] != width:
                 raise StateFormatError(
                     f"row for item {item_id!r} has width {vec.shape[0]}, the model expects {width} "
-                    "(model.dim, model.transition_slots or trainer.optimizer changed, or state "
-                    "of an older release); restore with the original config and release, or "
-                    "start a new model key"
+                    "(model.dim, model.transition_slots or trainer.optimizer differ from the "
+                    "config the state was written with); restore with that config, or start a "
+                    "new model key"
                 )
             loaded.append((idx, item_id, count, last, vec))
         n = max((r[0] for r in loaded), default=0)

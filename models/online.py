@@ -24,7 +24,7 @@ from models.export import NonFiniteModelError, build_version
 from models.history import Sample
 from models.metrics import metrics_record, prequential_step
 from models.text_encoder import EncodesText
-from models.trainer import OnlineLearner, StepResult, restore_meta
+from models.trainer import OnlineLearner, StepResult, check_meta
 from models.version import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ def load_initial_state(learner: OnlineLearner, meta: dict[str, Any], path: str) 
         )
     obj = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=False)
     if obj.get("format") != INITIAL_STATE_FORMAT:
-        raise ValueError(f"{path} has initial-state format {obj.get('format')}, expected 1")
+        raise ValueError(
+            f"{path} has initial-state format {obj.get('format')}, expected {INITIAL_STATE_FORMAT}"
+        )
     if obj["text_dim"] != learner.text_dim:
         raise ValueError(
             f"{path} was pretrained with a {obj['text_dim']}-dim text encoder, the job's encoder "
@@ -93,7 +95,8 @@ def catalogue_horizon(watermark: int, meta: dict[str, Any], deterministic: bool)
     has learned from (``meta["hwm_ts"]``). While a job catches up on a backlog, PyFlink
     passes a Python stage's watermark on only when its bundle in flight finishes, so the
     trainer's watermark can stay put for the whole backlog while events long past a
-    catalogue record's time are trained on; the record then waited until the input ended.
+    catalogue record's time are trained on; by the watermark alone the record would wait
+    until the input ends.
     An item dated at or before an event already learned existed when that event happened,
     so nothing from the future leaks. Deterministic mode keeps the watermark alone: the
     high-water mark depends on how batches were cut, which the job and its offline replay
@@ -147,11 +150,7 @@ def train_and_maybe_export(
     (:func:`models.device.deterministic_kernels`).
     """
     with deterministic_kernels(learner.device, learner.cfg.deterministic):
-        added = restore_meta(meta)
-        if added:
-            log.info(
-                "trainer state of %s predates %s: filled in defaults", meta["model_key"], added
-            )
+        check_meta(meta)
         initial = StepResult()
         if meta["step"] == 0 and not meta.get("initialised"):
             meta["initialised"] = True
@@ -187,5 +186,4 @@ def train_and_maybe_export(
                 meta["version"] = version.version
                 meta["last_export_step"] = meta["step"]
                 meta["last_export_wall"] = time.time()
-                meta["samples_since_export"] = 0
         return Firing(result, version, record)

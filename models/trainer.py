@@ -1,6 +1,6 @@
 """The online learner: micro-batch gradient steps on the two-tower model.
 
-State split (matches the Flink state layout, see DESIGN.md "State rules"):
+State split (matches the Flink state layout, see docs/design.md "State rules"):
 - ``dense blob``: dense tower parameters + their optimizer state (+ EMA), one versioned blob;
 - ``rows``: id-embedding rows (embedding + optimizer slots), only touched rows are returned;
 - ``catalog``: every known item (text embedding, categories, counts), touched entries only;
@@ -14,7 +14,6 @@ from the wall clock, so the same input gives the same model.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import pickle
@@ -37,14 +36,14 @@ from models.device import pick_device, set_cpu_threads
 from models.events import Item
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
-from models.state_format import format_error, migrate_meta
+from models.state_format import check_format
 from models.text_encoder import EncodesText, text_hash
 from models.two_tower import TwoTower, blend_scores, history_transition_scores
 
 log = logging.getLogger(__name__)
-# 3: + transition-memory weights; 4: + blend weights; 5: numpy pickle instead of torch.save
-DENSE_FORMAT = 5
-READABLE_DENSE_FORMATS = (4, 5)  # 4 has the same content
+# The formats of the dense blob and of meta this release writes and reads
+# (models/state_format.py).
+DENSE_FORMAT = 1
 META_FORMAT = 1
 ADAGRAD_EPS = 1e-10
 ADAGRAD_INIT = 0.1
@@ -73,10 +72,10 @@ def _count_all(
     count c adds ``w[c]`` to neighbour ``j[c]``'s count in row ``at[c]`` or, for a new
     neighbour, puts it into the row's least counted slot (the first of equals).
 
-    On flat Python lists: numpy calls per count cost ~7 us, this ~1. The counts are an
-    ``array('f')``: a value stored into it is rounded to float32 once, so ``cnt[k] += w``
-    is the float32 sum (computed in double, rounded once: the correctly rounded float32
-    sum); ``w`` is rounded to float32 first."""
+    On flat Python lists: a numpy call per count would cost more than the count. The
+    counts are an ``array('f')``: a value stored into it is rounded to float32 once, so
+    ``cnt[k] += w`` is the float32 sum (computed in double, rounded once: the correctly
+    rounded float32 sum); ``w`` is rounded to float32 first."""
     m = block.shape[1] // 2
     idx = block[:, :m].ravel().tolist()
     cnt = array("f", np.ascontiguousarray(block[:, m:]).tobytes())
@@ -102,7 +101,7 @@ def _count_all(
 
 def preload() -> None:
     """Import what the first learner pulls in lazily: ``torch.optim`` imports
-    ``torch._dynamo`` (~900 modules, 2-7 s of CPU here) on its first optimizer. The job's
+    ``torch._dynamo`` (hundreds of modules, seconds of CPU) on its first optimizer. The job's
     trainer calls this from a background thread when it opens, so that the import overlaps
     the wait for its first batch instead of delaying the first step after a (re)start."""
     import torch._dynamo  # noqa: F401
@@ -121,7 +120,6 @@ def new_meta(model_key: str) -> dict[str, Any]:
         "version": 0,
         "events_seen": 0,
         "positives_trained": 0,
-        "samples_since_export": 0,
         "last_export_step": 0,
         "hwm_ts": 0,
         "non_finite_skips": 0,
@@ -134,16 +132,11 @@ def new_meta(model_key: str) -> dict[str, Any]:
     }
 
 
-# Meta format n -> n + 1 upgrades, for savepoints of older releases (none needed yet:
-# keys added since format 1 are filled in from new_meta's defaults).
-META_MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {}
-
-
-def restore_meta(meta: dict[str, Any]) -> list[str]:
-    """Bring a meta restored from state up to this release's format (in place); raises
-    :class:`~models.state_format.StateFormatError` when it cannot. Returns keys filled in."""
-    return migrate_meta(
-        meta, META_FORMAT, new_meta(str(meta.get("model_key", ""))), META_MIGRATIONS
+def check_meta(meta: dict[str, Any]) -> None:
+    """Raise :class:`~models.state_format.StateFormatError` unless a meta restored from
+    state has this release's format."""
+    check_format(
+        "trainer meta state", meta.get("format"), META_FORMAT, str(meta.get("model_key", ""))
     )
 
 
@@ -264,8 +257,8 @@ class OnlineLearner:
         return params
 
     def dense_blob(self) -> bytes:
-        """The dense parameters + optimizer state (+ EMA) as one blob: a pickle of numpy
-        arrays (format 5), written every step. torch.save took ~1.6 ms a step, this ~0.3."""
+        """The dense parameters + optimizer state (+ EMA) as one blob, written every step:
+        a pickle of numpy arrays, which is cheaper to write than a ``torch.save`` zip."""
         obj = {
             "format": DENSE_FORMAT,
             "optimizer": self.cfg.optimizer,
@@ -301,14 +294,9 @@ class OnlineLearner:
         self.loaded_step = meta["step"]
 
     def load_dense(self, blob: bytes) -> None:
-        if blob[:2] == b"PK":  # format 4 and older: a torch.save zip of the same content
-            obj = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=False)
-        else:
-            obj = _tensors_to(
-                pickle.loads(blob), lambda a: torch.from_numpy(a.copy()).to(self.device)
-            )
-        if obj.get("format") not in READABLE_DENSE_FORMATS:
-            raise format_error("dense trainer state", obj.get("format"), DENSE_FORMAT)
+        obj = pickle.loads(blob)
+        check_format("dense trainer state", obj.get("format"), DENSE_FORMAT)
+        obj = _tensors_to(obj, lambda a: torch.from_numpy(a.copy()).to(self.device))
         for key, mine in (
             ("optimizer", self.cfg.optimizer),
             ("loss", self.cfg.loss),
@@ -333,7 +321,8 @@ class OnlineLearner:
         """Add/refresh catalogue items; text is embedded only when new or changed.
 
         An item's ``text_vector`` (embedded upstream, udfs/embed.py) is used as is; the
-        others are embedded here with ``encoder`` (offline runs, pre-embedding state).
+        others are embedded here with ``encoder`` (offline runs: the job's rows arrive
+        embedded).
         Returns the packed catalogue entries to write to state.
         """
         cat = self.catalog
@@ -434,7 +423,7 @@ class OnlineLearner:
         """history catalogue indices [B, H] newest first, 0-padded, and mask [B, H]."""
         h = self.model_cfg.history_length
         get = self.catalog.index.get
-        # Padded Python rows, one array conversion (element-wise numpy stores cost ~3x).
+        # Padded Python rows, one array conversion (element-wise numpy stores cost more).
         ids = np.array(
             [
                 [get(item, 0) for item in s.history[: -h - 1 : -1]] + [0] * (h - len(s.history))
@@ -499,7 +488,6 @@ class OnlineLearner:
         learns from the scores the batch was ranked with (:class:`RankedBatch`).
         """
         meta["events_seen"] += len(samples)
-        meta["samples_since_export"] += len(samples)
         if samples:
             meta["hwm_ts"] = max(meta["hwm_ts"], max(s.ts for s in samples))
         pos = [s for s in samples if s.label == 1 and s.weight > 0]
@@ -747,7 +735,7 @@ class OnlineLearner:
             rows = torch.nonzero((masked > t_score).sum(dim=1) < head).squeeze(1)  # [R]
             t_rows = t_col[rows]  # [R, 1]
             in_play = masked[rows].scatter_(1, t_rows, t_score[rows])  # [R, size]
-            # (a set: unsorted selection is ~15% cheaper, and it is this loss's largest cost)
+            # (a set: unsorted selection is cheaper, and it is this loss's largest cost)
             top = torch.topk(in_play, min(head, in_play.shape[1]), dim=1, sorted=False).indices
             # Each counted sample's head + its target (a target in the head already is
             # pointed at twice: its second column is left out of the softmax).
@@ -946,8 +934,8 @@ class OnlineLearner:
             return
         # The slot replacement depends on the order of the counts, so they are applied one
         # by one, in order within each row (rows are independent) - on a host copy of the
-        # touched rows' memory (one transfer each way; per-element tensor indexing cost
-        # ~20 us a count, a third of a CPU step).
+        # touched rows' memory (one transfer each way instead of a tensor indexing per
+        # count, which would dominate a CPU step).
         rows, at = np.unique(r_all, return_inverse=True)
         off = self.trans_off
         rows_t = torch.from_numpy(rows.astype(np.int64)).to(self.device)

@@ -1,9 +1,9 @@
 """key_by(catalogue bucket) -> EmbedItemTexts: item text -> text vector, before the trainer.
 
-The transformer is the costliest part of catalogue ingestion (~5 ms an item on one CPU
-core for MiniLM). In the trainer it ran inside the one sequential learner and blocked its
-training, and the checkpoints waiting on it, for as long as a catalogue load took. Here it
-runs beside the trainer, with the job's parallelism, and the trainer ingests ready vectors.
+The transformer is the costliest part of catalogue ingestion. Inside the trainer it would
+run in the one sequential learner and block its training, and the checkpoints waiting on
+it, for as long as a catalogue load takes. Here it runs beside the trainer, with the job's
+parallelism, and the trainer ingests ready vectors.
 
 Items are batched per bucket (``model key`` + hash of the item id, so one item's records
 keep their order) in a ListState, so a buffered item is never only in Python memory. A

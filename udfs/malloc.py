@@ -3,11 +3,10 @@
 A learner step allocates and frees dozens of [batch, catalogue] float tensors (2 MB at
 256 x 2,040), the text encoder its activations. glibc serves blocks above its mmap
 threshold (128 KB at start, raised as such blocks are freed) with fresh mappings and
-gives a freed heap top above its trim threshold back to the OS, so such buffers were
-faulted in again and again: in a job at p2, ~6,700 minor page faults a second in the
-trainer's worker and ~13,000 in the worker that embeds the catalogue. With fixed
-thresholds freed blocks stay in the heap for the next step (README "Optimisations",
-nineteenth round). Set once per worker process, by each stage's ``open``.
+gives a freed heap top above its trim threshold back to the OS, so such buffers are
+faulted in again and again (minor page faults in the trainer's worker and in the worker
+that embeds the catalogue). With fixed thresholds freed blocks stay in the heap for the
+next step. Set once per worker process, by each stage's ``open``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 from pyflink.common import Types
-from pyflink.datastream import OutputTag
 
 from models.events import Event, Item
 from models.history import Sample
@@ -50,11 +49,6 @@ ITEM_TYPE = Types.TUPLE(
         Types.PICKLED_BYTE_ARRAY(),
     ]
 )
-# The item rows of state written before the text vector was added (the trainer's
-# "pending_items"; still read so that such a savepoint loses no catalogue record).
-LEGACY_ITEM_TYPE = Types.TUPLE(
-    [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG()]
-)
 SEP = "\x1f"
 
 
@@ -89,9 +83,8 @@ def item_to_row(model_key: str, it: Item) -> tuple:
 
 
 def row_to_item(r: tuple) -> Item:
-    """An ITEM_TYPE row (or a LEGACY_ITEM_TYPE one, without a text vector) -> Item."""
-    vector = (r[6] or b"") if len(r) > 6 else b""
-    return Item(r[1], r[2], r[3], tuple(r[4].split(SEP)) if r[4] else (), int(r[5]), vector)
+    """An ITEM_TYPE row -> Item (a null text vector reads as b"": not embedded yet)."""
+    return Item(r[1], r[2], r[3], tuple(r[4].split(SEP)) if r[4] else (), int(r[5]), r[6] or b"")
 
 
 def sample_to_row(s: Sample) -> tuple:
@@ -110,28 +103,3 @@ def sample_to_row(s: Sample) -> tuple:
 def row_to_sample(r: tuple) -> Sample:
     hist = tuple(r[2].split(SEP)) if r[2] else ()
     return Sample(r[0], r[1], hist, r[3], int(r[4]), float(r[5]), int(r[6]), r[7])
-
-
-def _drop_java(type_info: object) -> None:
-    """Clear cached Java type objects in a (nested) PyFlink TypeInformation tree."""
-    from pyflink.common.typeinfo import TypeInformation
-
-    if isinstance(type_info, TypeInformation):
-        type_info._j_typeinfo = None
-        for v in vars(type_info).values():
-            for item in v if isinstance(v, list | tuple) else [v]:
-                if isinstance(item, TypeInformation):
-                    _drop_java(item)
-
-
-class PicklableOutputTag(OutputTag):
-    """OutputTag that pickles with nested tuple types.
-
-    PyFlink's own ``OutputTag.__getstate__`` only clears the top-level Java type object,
-    so a tag over a TUPLE type that was already used cannot be shipped with a window
-    function (``cannot pickle '_thread.RLock'``).
-    """
-
-    def __getstate__(self):
-        _drop_java(self.type_info)
-        return self.tag_id, self.type_info

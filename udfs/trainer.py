@@ -1,15 +1,17 @@
 """key_by(model key) -> OnlineTrainer: the model's parameters and optimizer state in keyed state.
 
 Two inputs, both keyed by model key: training samples (1) and catalogue items (2).
-State per model key (see DESIGN.md "State rules"):
+State per model key (see docs/design.md "State rules"):
 - ``buffer`` ListState of sample rows not yet learned from;
 - ``pending_catalogue`` ListState of catalogue rows not yet ingested, with their text
-  vectors (udfs/embed.py); ``pending_items``: such rows from before the vectors, if any;
+  vectors (udfs/embed.py), and ``pending_count``, their number;
 - ``dense`` the dense parameters + optimizer state blob;
 - ``rows`` MapState item id -> packed id-embedding row (only touched rows are written);
 - ``items`` MapState item id -> packed catalogue entry (text embedding, categories, counts);
 - ``meta`` counters (step, version, events seen, high-water mark...), the prequential
-  metrics aggregates and the drift detector (models/metrics.py).
+  metrics aggregates and the drift detector (models/metrics.py);
+- ``flush_timer`` the pending processing-time flush; ``ordered`` (deterministic mode)
+  samples waiting for the watermark.
 
 Besides model versions (main output) every firing that trained emits its prequential
 metrics record as JSON on the ``METRICS_TAG`` side output, updates the operator's Flink
@@ -34,7 +36,7 @@ from models.text_encoder import configured_precision, lazy_encoder
 from models.trainer import OnlineLearner, new_meta, preload
 from udfs.buffer import KeyedBuffer
 from udfs.malloc import keep_large_blocks
-from udfs.records import ITEM_TYPE, LEGACY_ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
+from udfs.records import ITEM_TYPE, SAMPLE_TYPE, row_to_item, row_to_sample
 
 END_OF_INPUT_TS = 2**63 - 2  # fires when a bounded input ends (watermark = Long.MAX_VALUE)
 # One JSON metrics record (models.metrics.metrics_record) per firing that trained.
@@ -69,9 +71,6 @@ class OnlineTrainer(KeyedCoProcessFunction):
         threading.Thread(target=preload, name="rtrec-preload", daemon=True).start()
         self.buffer = KeyedBuffer(rc.get_list_state(ListStateDescriptor("buffer", SAMPLE_TYPE)))
         self.pending_items = rc.get_list_state(ListStateDescriptor("pending_catalogue", ITEM_TYPE))
-        self.legacy_pending = rc.get_list_state(
-            ListStateDescriptor("pending_items", LEGACY_ITEM_TYPE)
-        )
         self.pending_count = rc.get_state(ValueStateDescriptor("pending_count", Types.INT()))
         self.dense = rc.get_state(ValueStateDescriptor("dense", Types.PICKLED_BYTE_ARRAY()))
         self.rows = rc.get_map_state(
@@ -92,7 +91,6 @@ class OnlineTrainer(KeyedCoProcessFunction):
         # reads the state again on a key's first element.
         self._armed: set[str] = set()  # end-of-input timer registered (or meta exists)
         self._flush_at: dict[str, int] = {}  # the pending flush timer
-        self._migrated: set[str] = set()  # keys whose legacy pending rows were moved over
         # (end, duration) of each key's last step, monotonic seconds: whether the trainer
         # keeps up with its input (models.online.step_due). Processing time, not state: a
         # restored instance starts as keeping up.
@@ -222,19 +220,11 @@ class OnlineTrainer(KeyedCoProcessFunction):
             samples = [row_to_sample(row) for _, row in batch]
             yield from self._fire(key, watermark, samples, final=final and i == len(batches) - 1)
 
-    def _due_items(self, key: str, horizon: int) -> list:
+    def _due_items(self, horizon: int) -> list:
         """Pending catalogue rows with ts <= ``horizon`` (models.online.catalogue_horizon);
         the rest stay pending."""
         if not self.pending_count.value():
             return []
-        if key not in self._migrated:
-            # Once per key and instance: rows in "pending_items" (state of releases before
-            # the embedding stage) move over, with an empty text vector.
-            legacy = [(*r, b"") for r in self.legacy_pending.get()]
-            if legacy:
-                self.pending_items.add_all(legacy)
-                self.legacy_pending.clear()
-            self._migrated.add(key)
         due, keep = [], []
         for r in self.pending_items.get():
             (due if r[5] <= horizon else keep).append(r)
@@ -255,7 +245,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
             )
         if samples is None:
             samples = [row_to_sample(r) for r in self.buffer.drain(key)]
-        items = self._due_items(key, catalogue_horizon(watermark, meta, self.cfg.deterministic))
+        items = self._due_items(catalogue_horizon(watermark, meta, self.cfg.deterministic))
         firing = train_and_maybe_export(
             learner,
             meta,

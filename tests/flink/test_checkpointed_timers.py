@@ -1,8 +1,9 @@
 """Timers that a Python function registers are part of the checkpoint that flushes them.
 
 PyFlink 2.2 registers them asynchronously (mailbox mails that run after the snapshot), so
-a savepoint taken while the function's bundle is open held its keyed state but not its
-timers, and after a restore that state never fired (flink_job/operators.py). The
+with PyFlink's own operators a savepoint taken while the function's bundle is open holds
+its keyed state but not its timers, and after a restore that state never fires
+(flink_job/operators.py). The
 fault-tolerance e2e tests hit this only now and then; here it happens every time:
 
 1. every element is read into one open bundle (bundle size and time far above the input:
@@ -196,15 +197,3 @@ def test_every_keyed_stage_of_the_job_uses_the_checkpointed_timer_operators(make
     assert ops["trainer"] == "rtrec.flink.CheckpointedTimersKeyedCoProcessOperator"
     assert ops["parse-events"].startswith("org.apache.flink.")
     assert ops["user-window-events"].endswith("WindowOperator")
-
-
-def test_only_a_job_started_from_saved_state_looks_for_earlier_layouts(make_cfg, tmp_path):
-    """restores_saved_state decides whether the user windows read the state layout of
-    earlier releases; every way of naming a savepoint counts."""
-    from flink_job.job import restores_saved_state
-
-    cfg = make_cfg()
-    assert not restores_saved_state(make_env(cfg))
-    for key in ("execution.savepoint.path", "execution.state-recovery.path"):
-        assert restores_saved_state(make_env(cfg, {key: (tmp_path / "sp").as_uri()}))
-    assert restores_saved_state(make_env(make_cfg(f"job.from_savepoint='{tmp_path}'")))

@@ -99,7 +99,7 @@ def test_each_closed_window_is_applied_once_in_order_and_late_events_are_split_o
     )
     windows, late_events = windows_by_field(events, 1, WINDOW_MS, "user-window-events")
     samples = windows.process(
-        UserWindows(UserStageConfig(), 5, "m", WINDOW_MS, earlier_layout=False),
+        UserWindows(UserStageConfig(), 5, "m"),
         output_type=SAMPLE_TYPE,
     )
     tagged = samples.map(lambda s: ("sample", s[1], s), output_type=None).union(

@@ -53,7 +53,7 @@ def test_freed_large_blocks_are_reused_instead_of_faulted_in_again():
 def test_stages_set_the_thresholds_when_they_open_unless_told_not_to(monkeypatch):
     calls = []
     monkeypatch.setattr(user_window, "keep_large_blocks", lambda: calls.append(1) or True)
-    UserWindows(UserStageConfig(), 5, "m", 1000).open(Context())
+    UserWindows(UserStageConfig(), 5, "m").open(Context())
     assert calls == [1]
-    UserWindows(UserStageConfig(), 5, "m", 1000, malloc_thresholds=False).open(Context())
+    UserWindows(UserStageConfig(), 5, "m", malloc_thresholds=False).open(Context())
     assert calls == [1]
