@@ -5,7 +5,11 @@ Rules users rely on:
 - values are type-checked against the dataclass annotations;
 - ``kafka.properties`` passes Kafka client properties through with their dotted names
   (``"security.protocol" = "SASL_SSL"``) to every Kafka client the job creates;
-- CLI overrides use ``--set section.key=value`` (TOML value syntax, bare strings allowed).
+- CLI overrides use ``--set section.key=value`` (TOML value syntax, bare strings allowed);
+- ``--config`` takes a TOML file or the name of a profile in flink_job/profiles/.
+
+Each key carries its meaning in its field metadata (``models.config.setting``), from which
+``python -m rtrec.config_docs`` generates docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.cluster import JVM_OPTIONS
-from models.config import ModelConfig, TrainerConfig, UserStageConfig
+from models.config import ModelConfig, TrainerConfig, UserStageConfig, meta, setting
 from models.text_encoder import PRECISIONS
 
 
@@ -29,23 +33,43 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class KafkaConfig:
-    """Kafka connection and topics. An empty bootstrap_servers means "start the embedded broker"."""
+    """Kafka connection and topics."""
 
-    bootstrap_servers: str = ""
-    events_topic: str = "events"
-    items_topic: str = "items"
-    dlq_topic: str = "events.dlq"
-    models_topic: str = "models"
-    # Prequential metrics, one JSON record per trainer firing ("" = not published).
-    metrics_topic: str = "metrics"
-    group_id: str = "rtrec"
-    partitions: int = 2
-    # "earliest" | "latest" | "committed": where the job starts when it has no checkpoint.
-    starting_offsets: str = "earliest"
-    # Stop at the offsets that were the latest when the job started (replay-and-finish runs).
-    bounded: bool = False
-    # Passed verbatim to every Kafka client (source, sinks, admin, replay producer).
-    properties: dict[str, str] = field(default_factory=dict)
+    bootstrap_servers: str = setting(
+        "",
+        'Kafka brokers, host:port[,host:port...] ("" = rtrec\'s embedded broker: the one '
+        "`rtrec kafka up` started, or one started for the command).",
+    )
+    events_topic: str = setting("events", "Topic of the user events the job learns from.")
+    items_topic: str = setting("items", "Topic of the item catalogue (texts, categories).")
+    dlq_topic: str = setting("events.dlq", "Dead-letter topic: malformed and late events.")
+    models_topic: str = setting(
+        "models", "Topic the model versions are published to (with export.publish_kafka)."
+    )
+    metrics_topic: str = setting(
+        "metrics",
+        'Topic of the prequential metrics, one JSON record per trainer firing ("" = not '
+        "published).",
+    )
+    group_id: str = setting("rtrec", "Consumer group id of the job's Kafka sources.")
+    partitions: int = setting(2, "Partitions of the topics rtrec creates (kafka up, replay).")
+    starting_offsets: str = setting(
+        "earliest",
+        'Where the job starts reading when it has no checkpoint: "earliest", "latest" or '
+        '"committed" (the group\'s committed offsets).',
+    )
+    bounded: bool = setting(
+        False,
+        "Stop at the offsets that were the latest when the job started (replay-and-finish "
+        "runs); cannot be combined with job.from_savepoint.",
+    )
+    properties: dict[str, str] = field(
+        default_factory=dict,
+        metadata=meta(
+            "Kafka client properties with their dotted names, passed verbatim to every Kafka "
+            "client (source, sinks, admin, replay producer).",
+        ),
+    )
 
     def topics(self) -> list[str]:
         """Every topic the job reads or writes (what `kafka up` and replay create)."""
@@ -55,120 +79,192 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Flink-level settings of the job graph."""
+    """Flink-level settings of the job graph: parallelism, windows and watermarks,
+    checkpoints, restarts and the Python workers."""
 
-    name: str = "rtrec-online-trainer"
-    parallelism: int = 1
-    model_key: str = "default"
-    # Key of the HMAC that pseudonymises user ids before anything is stored; "" disables it.
-    # Change it per deployment (and keep it stable: user state is keyed by the result).
-    hmac_key: str = "rtrec-change-me"
-    # "process" (Python worker processes). "thread" (embedded, one GIL) is refused: the
-    # trainer hangs in it with PyFlink 2.2 (see validate()).
-    python_mode: str = "process"
-    # Where a local run's (mini-cluster's) Python workers run: "process" = worker processes,
-    # one per task slot, each with its own GIL; "loopback" = threads of the rtrec process
-    # (PyFlink's local default: starts faster, but every Python operator shares one GIL).
-    # A cluster always uses processes.
-    local_python_workers: str = "process"
-    # Slot-sharing group of the trainer (and the sinks after it): its own slots, hence its own
-    # Python worker process and GIL, instead of sharing them with parsing and user windows;
-    # "" = share. The job then needs parallelism + 1 slots (the trainer runs at parallelism
-    # 1; a local run sizes its mini-cluster so; a cluster needs them). With local worker
-    # processes: +31% events/s at p1 (README "Optimisations").
-    trainer_slot_group: str = "trainer"
-    # Slot-sharing group of the item-text embedding stage (udfs/embed.py; only with a text
-    # encoder). "" = the parsing stages' slots (default: on 2 cores a third Python worker per
-    # subtask was slower); a name gives it its own Python workers, for machines with cores
-    # to spare, and the job then needs another parallelism's worth of slots.
-    embed_slot_group: str = ""
-    window_ms: int = 1000
-    out_of_orderness_ms: int = 5000
-    # Source idleness (processing time): a partition silent this long stops holding the
-    # watermark back. Off (0) for events: while the job catches up on a backlog, a partition
-    # read behind the others counts as idle and its events arrive "late" (a 10k-event replay
-    # lost 46% of them to the dead-letter topic with 5 s); turn it on only if some event
-    # partitions stay empty. The catalogue topic is often silent for long, and its records
-    # are never late-dropped, so it has idleness on.
-    idleness_ms: int = 0
-    items_idleness_ms: int = 5000
-    checkpoint_interval_ms: int = 10_000  # 0 disables checkpointing
-    checkpoint_mode: str = "exactly_once"  # or "at_least_once"
-    checkpoint_timeout_ms: int = 600_000
-    checkpoint_min_pause_ms: int = 0
-    # Where checkpoints go (a path or URI; "" = .rtrec/checkpoints); kept after cancellation
-    # when retain_checkpoints, so a job can be restarted from the latest one.
-    checkpoint_dir: str = ""
-    retain_checkpoints: bool = True
-    state_backend: str = "hashmap"  # or "rocksdb" (state larger than memory)
-    # Start from this savepoint / retained checkpoint ("" = fresh start or Kafka offsets).
-    from_savepoint: str = ""
-    restart_attempts: int = 3
-    restart_delay_ms: int = 1000
-    # Python bundles: elements (or ms, whichever first) per round trip to a Python worker.
-    # Each bundle ends in a blocking flush of its stage. Catching up on a backlog, the
-    # parse stage fills 5000 elements several times a second and the flushes starve the
-    # trainer: 20000 sustained ~1.6x the events/s of 5000 (README "Optimisations"). A live
-    # stream below capacity is flushed by bundle_time_ms long before the size is reached,
-    # so latency is unchanged; a checkpoint waits for the bundle in flight, and a slow
-    # stream waits up to bundle_time_ms per Python stage (configs/low-latency.toml: 20 ms).
-    bundle_size: int = 20_000
-    bundle_time_ms: int = 1000
-    # Entries (keys, or map entries) of keyed state each Python worker keeps cached
-    # (python.state.cache-size and the map-state read/write caches). A read that misses is
-    # a round trip to the JVM; more users or items than this per worker thrash it.
-    state_cache_size: int = 100_000
-    # Any other Flink option, with its dotted name (applied last, on the local mini-cluster
-    # and in the submitted job's configuration).
-    flink: dict[str, str] = field(default_factory=dict)
-    # Directory holding the connector jar on the machine that builds the job graph ("" = cache).
-    jars_dir: str = ""
-    # Python interpreter of the workers ("" = the interpreter running rtrec).
-    python_executable: str = ""
-    # Options of the JVMs rtrec starts itself: the local mini-cluster of `rtrec run` and
-    # infra.cluster.StandaloneCluster (docker-compose.yml sets the same). A cluster you
-    # submit to keeps its own env.java.opts.*. The default suits small TaskManagers (see
-    # infra.cluster.JVM_OPTIONS); "" = the JVM's defaults (better on large TaskManagers).
-    jvm_options: str = JVM_OPTIONS
-    # Fixed glibc malloc thresholds in the Python workers (udfs/malloc.py): the learner's
-    # and the text encoder's large tensors are reused from the heap instead of mapped and
-    # page-faulted in again at every step. No effect without glibc.
-    malloc_thresholds: bool = True
+    name: str = setting("rtrec-online-trainer", "Flink job name (pipeline.name).")
+    parallelism: int = setting(
+        1, "Parallelism of the sources, parsing, user windows and item embedding."
+    )
+    model_key: str = setting(
+        "default", "Key of the model this job trains; registry and manifests name it."
+    )
+    # Keep it stable: user state is keyed by the pseudonymised id.
+    hmac_key: str = setting(
+        "rtrec-change-me",
+        "Key of the HMAC that pseudonymises user ids before anything is stored "
+        '("" disables it); change it per deployment.',
+    )
+    window_ms: int = setting(1000, "Event-time length of a user window (tumbling).")
+    out_of_orderness_ms: int = setting(
+        5000,
+        "Bounded out-of-orderness of the event watermark; events further behind the newest "
+        "one of their partition go to the dead-letter topic as late.",
+    )
+    # Off for events: while the job catches up on a backlog, a partition read behind the
+    # others would count as idle and its events would arrive late. The catalogue topic is
+    # often silent for long, and its records are never late-dropped.
+    idleness_ms: int = setting(
+        0,
+        "Source idleness of the events (processing time): a partition silent this long "
+        "stops holding the watermark back (0 = off; set it only if some event partitions "
+        "stay empty).",
+    )
+    items_idleness_ms: int = setting(5000, "Source idleness of the catalogue topic.")
+    checkpoint_interval_ms: int = setting(
+        10_000, "Checkpoint interval (0 disables checkpointing, and with it exactly-once)."
+    )
+    checkpoint_mode: str = setting("exactly_once", '"exactly_once" or "at_least_once".')
+    checkpoint_timeout_ms: int = setting(600_000, "A checkpoint not done by then fails.")
+    checkpoint_min_pause_ms: int = setting(0, "Least time between two checkpoints.")
+    checkpoint_dir: str = setting(
+        "", 'Where checkpoints go, a path or URI ("" = .rtrec/checkpoints).'
+    )
+    retain_checkpoints: bool = setting(
+        True,
+        "Keep the latest checkpoint when the job is cancelled, so it can be restarted from it.",
+    )
+    state_backend: str = setting("hashmap", '"hashmap" or "rocksdb" (state larger than memory).')
+    from_savepoint: str = setting(
+        "",
+        'Start from this savepoint or retained checkpoint ("" = fresh start or committed '
+        "Kafka offsets).",
+    )
+    restart_attempts: int = setting(3, "Attempts of the fixed-delay restart strategy.")
+    restart_delay_ms: int = setting(1000, "Delay between two restart attempts.")
+    flink: dict[str, str] = field(
+        default_factory=dict,
+        metadata=meta(
+            "Any other Flink option with its dotted name, applied last (on the local "
+            "mini-cluster and in a submitted job's configuration).",
+        ),
+    )
+    jars_dir: str = setting(
+        "",
+        'Directory holding the connector jar on the machine that builds the job graph ("" = '
+        "rtrec's jar cache).",
+    )
+    python_executable: str = setting(
+        "", 'Python interpreter of the workers ("" = the interpreter running rtrec).'
+    )
+    # Performance only: placement of the Python stages, Python bundles and state caches,
+    # and the JVM and malloc tuning; none changes what the job computes.
+    # "loopback" is PyFlink's local default: it starts faster, but all Python operators
+    # share one GIL.
+    local_python_workers: str = setting(
+        "process",
+        'Where a local run\'s Python workers run: "process" (worker processes, one per task '
+        'slot, each with its own GIL) or "loopback" (threads of the rtrec process). A '
+        "cluster always uses processes.",
+        perf=True,
+    )
+    # Its own slots give the trainer its own Python worker process and GIL instead of
+    # sharing them with parsing and the user windows.
+    trainer_slot_group: str = setting(
+        "trainer",
+        'Slot-sharing group of the trainer and the sinks after it ("" = share). The job then '
+        "needs parallelism + 1 slots, the trainer running at parallelism 1 (a local run "
+        "sizes its mini-cluster so).",
+        perf=True,
+    )
+    # Default: sharing, as a third Python worker per subtask competes for the cores of a
+    # small machine.
+    embed_slot_group: str = setting(
+        "",
+        'Slot-sharing group of the item-text embedding stage, with a text encoder ("" = the '
+        "parsing stages' slots); a name gives it its own Python workers and needs another "
+        "parallelism's worth of slots.",
+        perf=True,
+    )
+    # Each bundle ends in a blocking flush of its stage: catching up on a backlog, small
+    # bundles flush several times a second and starve the trainer. A live stream below
+    # capacity is flushed by bundle_time_ms long before the size is reached, so a large
+    # size adds no latency.
+    bundle_size: int = setting(
+        20_000, "Elements per Python bundle (round trip to a Python worker).", perf=True
+    )
+    bundle_time_ms: int = setting(
+        1000,
+        "Longest a Python bundle waits to fill: what a slow stream waits per Python stage, "
+        "and what a checkpoint may wait for the bundle in flight.",
+        perf=True,
+    )
+    # A read that misses is a round trip to the JVM.
+    state_cache_size: int = setting(
+        100_000,
+        "Keyed-state entries each Python worker caches (python.state.cache-size and the "
+        "map-state read/write caches); more users or items per worker thrash it.",
+        perf=True,
+    )
+    # The default suits small TaskManagers (infra.cluster.JVM_OPTIONS; docker-compose.yml
+    # sets the same).
+    jvm_options: str = setting(
+        JVM_OPTIONS,
+        "Options of the JVMs rtrec starts itself: the local mini-cluster and "
+        'infra.cluster.StandaloneCluster ("" = the JVM\'s defaults, better on large '
+        "TaskManagers). A cluster you submit to keeps its own env.java.opts.*.",
+        perf=True,
+    )
+    # The learner's and the text encoder's large tensors are then reused from the heap
+    # instead of mapped and page-faulted in again at every step.
+    malloc_thresholds: bool = setting(
+        True,
+        "Fixed glibc malloc thresholds in the Python workers (udfs/malloc.py; no effect "
+        "without glibc).",
+        perf=True,
+    )
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """Where and how model versions are published."""
 
-    registry_dir: str = ".rtrec/registry"
-    top_k: int = 50
-    publish_kafka: bool = True
-    # "exactly_once" (transactional, visible to read_committed consumers at checkpoints)
-    # or "at_least_once".
-    kafka_delivery: str = "exactly_once"
-    # TensorBoard event files of the prequential metrics, <dir>/<model key> ("" = off).
-    tensorboard_dir: str = ""
+    registry_dir: str = setting(
+        ".rtrec/registry", "Model registry: a directory per model key, one per version in it."
+    )
+    top_k: int = setting(50, "Items each exported model returns per query (its top-K).")
+    publish_kafka: bool = setting(True, "Also publish each version to kafka.models_topic.")
+    kafka_delivery: str = setting(
+        "exactly_once",
+        '"exactly_once" (transactional: visible to read_committed consumers at checkpoints) '
+        'or "at_least_once".',
+    )
+    tensorboard_dir: str = setting(
+        "",
+        "Directory of TensorBoard event files of the prequential metrics, one subdirectory "
+        'per model key ("" = off).',
+    )
 
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    """What `rtrec replay` / the demo writes into Kafka."""
+    """What `rtrec replay` and the demo write into Kafka."""
 
-    dataset: str = "synthetic"  # "synthetic" or a MovieLens directory (ratings.csv + movies.csv)
-    num_users: int = 300
-    num_items: int = 400
-    num_events: int = 6000
-    new_items_midstream: int = 40
-    malformed_fraction: float = 0.01
-    drift_every_events: int = 2000
-    drift_fraction: float = 0.2  # share of the users whose taste moves at each drift
-    drift_reshuffle: bool = False  # at each drift also reshuffle every topic's item order
-    seed: int = 7
-    max_events: int = 0  # 0 = all (MovieLens)
+    dataset: str = setting(
+        "synthetic", '"synthetic" or a MovieLens directory (ratings.csv + movies.csv).'
+    )
+    num_users: int = setting(300, "Synthetic users.")
+    num_items: int = setting(400, "Synthetic items, new_items_midstream of them included.")
+    num_events: int = setting(6000, "Synthetic events.")
+    new_items_midstream: int = setting(
+        40, "Synthetic items that first appear in the catalogue during the stream."
+    )
+    malformed_fraction: float = setting(
+        0.01, "Share of malformed events (they go to the dead-letter topic)."
+    )
+    drift_every_events: int = setting(
+        2000, "Synthetic events between two taste drifts (0 = no drift)."
+    )
+    drift_fraction: float = setting(0.2, "Share of the users whose taste moves at each drift.")
+    drift_reshuffle: bool = setting(False, "At each drift also reshuffle every topic's item order.")
+    seed: int = setting(7, "Seed of the synthetic stream.")
+    max_events: int = setting(0, "Events replayed from MovieLens (0 = all).")
 
 
 @dataclass(frozen=True)
 class AppConfig:
+    """The job's whole configuration, one section per TOML table."""
+
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -257,15 +353,38 @@ def _merge(base: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+def profile_names() -> list[str]:
+    """The ready profiles (flink_job/profiles/NAME.toml) that ``--config NAME`` loads."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """The TOML file ``--config`` names: an existing file, else a profile by its bare name
+    (``low-latency`` or ``low-latency.toml``); ConfigError naming the profiles otherwise."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    bare = p.name == str(path)  # no directory part
+    if bare:
+        profile = PROFILES_DIR / (p.name if p.suffix == ".toml" else f"{p.name}.toml")
+        if profile.is_file():
+            return profile
+    what = "is neither a file nor a profile" if bare else "does not exist"
+    raise ConfigError(
+        f"config file {p} {what}: pass --config PATH to an existing TOML or the name of a "
+        f"profile ({', '.join(profile_names())})"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
-    """Load defaults <- TOML file <- ``--set`` overrides, validating every key and type."""
+    """Load defaults <- TOML file or profile (see :func:`config_path`) <- ``--set``
+    overrides, validating every key and type."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(
-                f"config file {p} does not exist (pass --config PATH to an existing TOML)"
-            )
+        p = config_path(path)
         try:
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
@@ -299,18 +418,6 @@ def replace_values(cfg: AppConfig, values: dict[str, Any]) -> AppConfig:
 
 def validate(cfg: AppConfig) -> None:
     """Cross-field checks with messages that say what to change."""
-    if cfg.job.python_mode not in ("process", "thread"):
-        raise ConfigError(
-            f"job.python_mode must be 'process' or 'thread', got {cfg.job.python_mode!r}"
-        )
-    if cfg.job.python_mode == "thread":
-        # Measured with PyFlink 2.2.1: in the embedded interpreter (PEMJA) the trainer's
-        # first torch call never returns, and state TTL tries to start a py4j gateway.
-        raise ConfigError(
-            "job.python_mode='thread' hangs this job: in PyFlink 2.2's embedded Python "
-            "(PEMJA) the trainer's first torch call never returns and state TTL tries to "
-            "start a py4j gateway; use job.python_mode='process'"
-        )
     if cfg.job.local_python_workers not in ("process", "loopback"):
         raise ConfigError(
             "job.local_python_workers must be 'process' or 'loopback'; "
@@ -345,9 +452,9 @@ def validate(cfg: AppConfig) -> None:
             f"got {cfg.export.kafka_delivery!r}"
         )
     if cfg.kafka.bounded and cfg.job.from_savepoint:
-        # flink-sql-connector-kafka 5.0.0: a restored enumerator that finds no new partitions
-        # never tells its readers that no splits are left (FLINK-31006), so the job would
-        # read to the end and then wait forever.
+        # A restored Kafka enumerator that finds no new partitions never tells its readers
+        # that no splits are left (FLINK-31006), so the job would read to the end and then
+        # wait forever.
         raise ConfigError(
             "kafka.bounded=true cannot restore from a savepoint (job.from_savepoint / "
             "--from-savepoint): the Kafka connector never ends a restored bounded source "

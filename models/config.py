@@ -2,153 +2,223 @@
 
 These dataclasses are pure Python so that ``models`` stays free of Flink; the job's
 full configuration (``flink_job.config``) composes them with Kafka and job settings.
+
+Every key keeps its one-line meaning in its field's metadata (``"doc"``, see :func:`meta`
+and :func:`setting`) for the generated reference, docs/configuration.md. Keys marked
+``perf=True`` only tune performance (speed, latency, resource use), never what is
+computed; each dataclass lists them last, under a "Performance only" comment.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def meta(doc: str, *, perf: bool = False) -> dict[str, object]:
+    """Field metadata of a config key: its one-line meaning ``doc`` and ``perf`` = whether
+    it only tunes performance. A table takes it as ``field(default_factory=...,
+    metadata=meta(...))``."""
+    return {"doc": doc, "perf": perf}
+
+
+def setting(default: T, doc: str, *, perf: bool = False) -> T:
+    """A config key with an immutable ``default`` and its :func:`meta`."""
+    return field(default=default, metadata=meta(doc, perf=perf))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the two-tower model.
+    """Shape of the two-tower model: embeddings, user tower, text and category features,
+    the item-to-item transition memory and the id lifecycle."""
 
-    dim: embedding width D of item and user vectors (the text embedding T is projected to D).
-    history_length: H, the number of most recent items the user tower reads.
-    hidden: width of the user-tower MLP.
-    max_items: capacity of the dynamic id vocabulary (rows, excluding the pad row).
-    init_std: std of the normal init of new id rows.
-    """
-
-    dim: int = 32
-    history_length: int = 20
-    hidden: int = 64
-    max_items: int = 100_000
-    init_std: float = 0.05
-    # "minilm" (bundled all-MiniLM-L6-v2), "none" (id-only items) or a local HF model dir.
-    text_encoder: str = "minilm"
-    text_max_length: int = 64
-    # The transformer's arithmetic when embedding item texts: "auto" (bfloat16 where the
-    # CPU or GPU computes it natively, else float32), "float32" or "bfloat16".
-    text_precision: str = "auto"
-    # Hashed category embeddings (0 disables).
-    category_buckets: int = 64
-    dropout: float = 0.0
-    # User tower: "attention" (static-query attention pooling + newest item + MLP) or
-    # "sequence" (one self-attention block over the recent items, read at the newest one,
-    # plus a learned item-to-item transition map from the newest items).
-    user_tower: str = "attention"
-    # Recent items that feed the transition map of the "sequence" tower.
-    transition_items: int = 3
-    # Item-to-item transition memory learned online: each id row keeps its
-    # ``transition_slots`` strongest neighbours (catalogue index + count; 0 = off), and
-    # the score of item j adds sum_p w_p * log(1 + count(h_p -> j)) over the
-    # ``transition_window`` newest history items h_p, with w learned by the loss.
-    transition_slots: int = 64
-    transition_window: int = 10
-    # Each positive counts "h_d -> target" for its ``transition_pairs`` newest history items
-    # h_d (d = 0 newest) with weight 1 / (d + 1), and with ``transition_symmetric`` also
-    # "target -> h_d" (co-occurrence within a short span is evidence in both directions).
-    transition_pairs: int = 3
-    transition_symmetric: bool = True
-    # Probability of hiding an item's id embedding in training, so the text/category part
-    # must rank items on its own (what a brand-new item has) - DropoutNet-style cold start.
-    id_dropout: float = 0.25
-    # Id lifecycle: interactions before an item gets its own id row (below: text only),
-    # and event time without interactions after which the row is dropped (0 = never).
-    admission_threshold: int = 1
-    expiry_ms: int = 0
+    dim: int = setting(
+        32, "Embedding width D of item and user vectors (the text embedding is projected to D)."
+    )
+    history_length: int = setting(20, "H: how many of a user's most recent items the tower reads.")
+    hidden: int = setting(64, "Width of the user-tower MLP.")
+    max_items: int = setting(
+        100_000, "Capacity of the dynamic id vocabulary (id rows, not counting the pad row)."
+    )
+    init_std: float = setting(0.05, "Standard deviation of the normal init of new id rows.")
+    text_encoder: str = setting(
+        "minilm",
+        'Item-text encoder: "minilm" (bundled all-MiniLM-L6-v2), "none" (id-only items) '
+        "or a local Hugging Face model directory.",
+    )
+    text_max_length: int = setting(64, "Tokens of an item's text the encoder reads.")
+    text_precision: str = setting(
+        "auto",
+        'Arithmetic of the text encoder: "auto" (bfloat16 where the CPU or GPU computes it '
+        'natively, else float32; float32 in deterministic mode), "float32" or "bfloat16".',
+    )
+    category_buckets: int = setting(64, "Buckets of the hashed category embeddings (0 = off).")
+    dropout: float = setting(0.0, "Dropout rate in the user-tower MLP while training.")
+    user_tower: str = setting(
+        "attention",
+        'User tower: "attention" (static-query attention pooling + newest item + MLP) or '
+        '"sequence" (one self-attention block over the recent items, read at the newest one, '
+        "plus a learned item-to-item transition map from the newest items).",
+    )
+    transition_items: int = setting(
+        3, 'Newest history items that feed the transition map of the "sequence" tower.'
+    )
+    # The memory adds sum_p w_p * log(1 + count(h_p -> j)) to the score of item j, over the
+    # transition_window newest history items h_p, with w learned by the loss.
+    transition_slots: int = setting(
+        64,
+        "Item-to-item transition memory learned online: strongest neighbours each id row "
+        "keeps (catalogue index + count); 0 = off.",
+    )
+    transition_window: int = setting(
+        10, "Newest history items whose transition counts add to a candidate's score."
+    )
+    # Pair d (d = 0 newest) counts with weight 1 / (d + 1).
+    transition_pairs: int = setting(
+        3,
+        'Newest history items h_d whose "h_d -> target" transition each positive counts, '
+        "weighted 1 / (d + 1); at most history_length.",
+    )
+    # Co-occurrence within a short span is evidence in both directions.
+    transition_symmetric: bool = setting(
+        True, 'Each positive also counts "target -> h_d" for the same pairs.'
+    )
+    # DropoutNet-style cold start: the text/category part must rank items on its own,
+    # which is all a brand-new item has.
+    id_dropout: float = setting(
+        0.25, "Probability of hiding an item's id embedding in a training sample."
+    )
+    admission_threshold: int = setting(
+        1, "Interactions before an item gets its own id row (below it: text and category only)."
+    )
+    expiry_ms: int = setting(
+        0, "Event time without interactions after which an item's id row is dropped (0 = never)."
+    )
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """How the online trainer learns.
+    """How the online trainer learns, when it publishes model versions, and its
+    prequential metrics and drift detection."""
 
-    optimizer: "adagrad" (row-wise for sparse rows), "sgd" or "adam" (dense part).
-    batch_size: samples per micro-batch gradient step.
-    num_negatives: uniformly sampled negatives added to the in-batch ones.
-    temperature: softmax temperature on dot-product logits.
-    export_every_steps / export_every_seconds: when to publish a model version
-    (whichever comes first; seconds are processing time and ignored in deterministic mode).
-    """
+    optimizer: str = setting(
+        "adagrad", '"adagrad" (row-wise for the sparse id rows), "sgd" or "adam" (dense part).'
+    )
+    loss: str = setting(
+        "sampled_softmax",
+        '"sampled_softmax" (in-batch + sampled negatives, logQ correction), "bpr", or '
+        '"adaptive_softmax" (torch.nn.AdaptiveLogSoftmaxWithLoss over the catalogue).',
+    )
+    adaptive_cutoffs: tuple[int, ...] = setting(
+        (2_000, 20_000), 'Cluster cutoffs (catalogue ranks) of "adaptive_softmax".'
+    )
+    adaptive_resort_steps: int = setting(
+        500, 'Steps between re-sorting the "adaptive_softmax" classes by item frequency.'
+    )
+    ema_decay: float = setting(
+        0.0,
+        "Decay of an exponential moving average of the dense weights, exported instead "
+        "of the raw ones (0 = off).",
+    )
+    lr: float = setting(0.05, "Learning rate.")
+    batch_size: int = setting(64, "Samples per micro-batch gradient step.")
+    num_negatives: int = setting(64, "Uniformly sampled negatives added to the in-batch ones.")
+    temperature: float = setting(0.1, "Softmax temperature on the dot-product logits.")
+    logq: float = setting(1.0, "Scale of the sampled-softmax logQ correction (1 = full, 0 = none).")
+    transition_negatives: int = setting(
+        0,
+        "Hard negatives from the transition memory: this many of the newest history item's "
+        "most frequent successors join each sample's candidates (0 = none).",
+    )
+    blend_head: int = setting(
+        100,
+        "With the transition memory on, the blend weights (dot-product scale, cold-vector and "
+        "per-position transition weights) learn from a softmax over each sample's "
+        "blend_head best-scored items + its target (0 = over the whole catalogue).",
+    )
+    l2: float = setting(0.0, "L2 penalty on the id embedding rows of each step's batch.")
+    grad_clip: float = setting(10.0, "Clip of the gradient norm of each step (0 = off).")
+    seed: int = setting(1234, "Seed of the initial weights, negative sampling and id dropout.")
+    export_every_steps: int = setting(50, "Publish a model version every this many steps.")
+    export_every_seconds: float = setting(
+        10.0,
+        "Also publish after this much processing time with unpublished steps (checked when "
+        "the trainer fires; ignored in deterministic mode).",
+    )
+    flush_after_seconds: float = setting(
+        5.0,
+        "Train on a partial batch after this much processing time (ignored in deterministic mode).",
+    )
+    # Most of a step's cost is per step (ranking the catalogue, the dense update and blob),
+    # so a trainer that is behind learns more samples/s in larger steps and catches up
+    # sooner; at live rates steps stay at batch_size (models.online.step_due).
+    catchup_factor: int = setting(
+        4,
+        "While samples arrive faster than the trainer learns them, a step waits for up to "
+        "catchup_factor x batch_size samples (1 = fixed steps; deterministic mode always "
+        "uses batch_size).",
+    )
+    deterministic: bool = setting(
+        False,
+        "Train in event-time order behind the watermark, in fixed batches, with no "
+        "processing-time flushes or exports: the same input gives the same models.",
+    )
+    initial_state: str = setting(
+        "", 'A `rtrec pretrain` output that every new model key starts from ("" = random init).'
+    )
+    metrics_k: int = setting(
+        10, "K of the prequential (test-then-train) Recall@K and NDCG@K (models/metrics.py)."
+    )
+    # Page-Hinkley drift detection on the prequential loss, one observation per step.
+    drift_enabled: bool = setting(True, "Detect drift in the prequential loss (Page-Hinkley).")
+    drift_delta: float = setting(0.01, "Page-Hinkley tolerance per step.")
+    drift_threshold: float = setting(1.5, "Page-Hinkley alarm threshold.")
+    drift_min_samples: int = setting(30, "Steps before a drift alarm may fire.")
+    # Short: the mean must forget the loss of the first, untrained steps.
+    drift_memory: int = setting(20, "Window (steps) of the running mean of the loss.")
+    drift_lr_boost: float = setting(
+        1.0,
+        "On a drift detection, multiply the learning rate by this for drift_boost_steps "
+        "steps (1.0 = no boost).",
+    )
+    drift_boost_steps: int = setting(20, "Steps a drift_lr_boost lasts after a detection.")
+    # Performance only: torch's CPU threads.
+    # One per trainer: a Flink slot is a core, and on a busy small machine more threads
+    # spin and fight the JVM for the cores, which slows the learn loop down a lot.
+    torch_threads: int = setting(
+        1,
+        "Intra-op CPU threads of each trainer and embedding worker (torch.set_num_threads; "
+        "0 = torch's default, one per core). Runs agree bit for bit only with the same "
+        "thread count (float reduction order).",
+        perf=True,
+    )
 
-    optimizer: str = "adagrad"
-    # "sampled_softmax" (in-batch + sampled negatives, logQ correction), "bpr", or
-    # "adaptive_softmax" (torch.nn.AdaptiveLogSoftmaxWithLoss over the catalogue).
-    loss: str = "sampled_softmax"
-    adaptive_cutoffs: tuple[int, ...] = (2_000, 20_000)
-    adaptive_resort_steps: int = 500
-    ema_decay: float = 0.0
-    lr: float = 0.05
-    batch_size: int = 64
-    num_negatives: int = 64
-    temperature: float = 0.1
-    # Scale of the sampled-softmax logQ correction (1 = full, 0 = none).
-    logq: float = 1.0
-    # Hard negatives from the transition memory: per sample, this many of the newest
-    # history item's most frequent successors join the candidates (0 = none).
-    transition_negatives: int = 0
-    # With the transition memory on, the blend weights (dot-product scale, transition and
-    # popularity weights) learn from a softmax over each sample's `blend_head` best-scored
-    # items + its target (0 = over the whole catalogue).
-    blend_head: int = 100
-    l2: float = 0.0
-    grad_clip: float = 10.0
-    seed: int = 1234
-    export_every_steps: int = 50
-    export_every_seconds: float = 10.0
-    flush_after_seconds: float = 5.0
-    # Catch-up steps: while samples arrive faster than the trainer learns them (a backlog,
-    # a burst), a step waits for up to catchup_factor x batch_size samples instead of
-    # batch_size (models.online.step_due). Most of a step's cost is per step (ranking the
-    # catalogue, the dense update and blob), so a trainer that is behind learns ~1.7x as
-    # many samples/s in 4x larger steps and catches up sooner; at live rates steps stay at
-    # batch_size. 1 = fixed steps. Deterministic mode always uses batch_size.
-    catchup_factor: int = 4
-    deterministic: bool = False
-    # Intra-op CPU threads of each trainer (torch.set_num_threads; 0 = torch's default, one
-    # per core). One per trainer: a Flink slot is a core, and on a busy 2-core machine two
-    # threads made the learn loop up to 30x slower (spinning threads fight the JVM). Runs
-    # agree bit for bit only with the same thread count (float reduction order).
-    torch_threads: int = 1
-    # A `rtrec pretrain` output: every new model key starts from it ("" = random init).
-    initial_state: str = ""
-    # Prequential metrics (test-then-train, models/metrics.py): Recall@K / NDCG@K at this K.
-    metrics_k: int = 10
-    # Page-Hinkley drift detection on the prequential loss (one observation per step):
-    # tolerance per step, alarm threshold, steps before it may fire, running-mean window.
-    drift_enabled: bool = True
-    drift_delta: float = 0.01
-    drift_threshold: float = 1.5
-    drift_min_samples: int = 30
-    drift_memory: int = 20  # short: the mean must forget the loss of the first, untrained steps
-    # On a detection, multiply the learning rate by drift_lr_boost for drift_boost_steps
-    # steps (1.0 = no boost).
-    drift_lr_boost: float = 1.0
-    drift_boost_steps: int = 20
+
+def _default_weights() -> dict[str, float]:
+    return {"view": 0.5, "click": 1.0, "cart": 1.5, "purchase": 2.0, "rating": 1.0}
 
 
 @dataclass(frozen=True)
 class UserStageConfig:
-    """Per-user stage: history kept per user and how events become samples.
+    """Per-user stage: the history kept per user and how events become samples.
 
-    The history length is ``ModelConfig.history_length`` (one source of truth).
-
-    weights: training weight per event type; a rating r becomes a positive with
-    weight r / 5 when r >= min_positive_rating, else a label-0 sample.
+    The history length is ``model.history_length`` (one source of truth).
     """
 
-    dedup_size: int = 256
-    # Processing-time TTL of a user's history (0 = keep forever). Expired histories are
-    # dropped as state is accessed and from full snapshots; until then one can be read.
-    state_ttl_hours: float = 24.0 * 30
-    min_positive_rating: float = 3.5
+    dedup_size: int = setting(
+        256, "Event ids remembered per user: a repeated event id among them is dropped."
+    )
+    state_ttl_hours: float = setting(
+        24.0 * 30,
+        "Processing-time TTL of a user's history (0 = keep forever). Expired histories are "
+        "dropped as state is accessed and from full snapshots; until then one can be read.",
+    )
+    min_positive_rating: float = setting(
+        3.5,
+        "A rating r >= this is a positive of weight r / 5; a lower one is a label-0 sample.",
+    )
     weights: dict[str, float] = field(
-        default_factory=lambda: {
-            "view": 0.5,
-            "click": 1.0,
-            "cart": 1.5,
-            "purchase": 2.0,
-            "rating": 1.0,
-        }
+        default_factory=_default_weights, metadata=meta("Training weight per event type.")
     )

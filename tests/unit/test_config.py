@@ -1,10 +1,21 @@
+import dataclasses
 import subprocess
 import sys
 import tomllib
 
 import pytest
 
-from flink_job.config import AppConfig, ConfigError, load_config, to_toml
+from flink_job.config import (
+    PROFILES_DIR,
+    AppConfig,
+    ConfigError,
+    JobConfig,
+    load_config,
+    profile_names,
+    to_toml,
+)
+
+pytestmark = pytest.mark.unit
 
 
 def test_defaults_are_valid():
@@ -39,8 +50,6 @@ def test_int_accepted_for_float():
         ("trainer.optimizer='rmsprop'", "trainer.optimizer must be one of"),
         ("trainer.batch_size=0", "trainer.batch_size must be > 0"),
         ("trainer.catchup_factor=0", "trainer.catchup_factor must be > 0"),
-        ("job.python_mode='fork'", "job.python_mode"),
-        ("job.python_mode='thread'", "hangs this job"),
         ("job.local_python_workers='threads'", "job.local_python_workers must be"),
         ("model.text_precision='half'", "model.text_precision must be one of auto, float32"),
         ("noequals", "must look like section.key=value"),
@@ -90,6 +99,50 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("[trainer\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_a_removed_key_is_an_error_naming_the_valid_keys(tmp_path):
+    """A file that sets job.python_mode (no longer a key: Python always runs in worker
+    processes) fails like any unknown key, naming the keys [job] takes."""
+    f = tmp_path / "old.toml"
+    f.write_text('[job]\npython_mode = "process"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    msg = str(err.value)
+    assert msg.startswith("unknown key(s) job.python_mode; valid keys in [job]: ")
+    valid = msg.split(": ", 1)[1].split(", ")
+    assert valid == sorted(k.name for k in dataclasses.fields(JobConfig))
+    assert "python_mode" not in valid and "bundle_size" in valid
+
+
+def test_profiles_load_by_name():
+    assert profile_names() == sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+    assert {"low-latency", "high-throughput"} <= set(profile_names())
+    for name in profile_names():
+        from_file = load_config(PROFILES_DIR / f"{name}.toml")
+        assert load_config(name) == from_file
+        assert load_config(f"{name}.toml", []) == from_file
+        assert from_file != load_config()
+    assert load_config("low-latency", ["job.window_ms=7"]).job.window_ms == 7
+
+
+def test_an_existing_file_wins_over_a_profile_of_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "low-latency").write_text("[trainer]\nlr = 0.25\n")
+    cfg = load_config("low-latency")
+    assert cfg.trainer.lr == 0.25
+    assert cfg.job.window_ms == JobConfig.window_ms  # not the profile's
+
+
+def test_an_unknown_profile_names_the_profiles(tmp_path):
+    with pytest.raises(ConfigError, match="is neither a file nor a profile") as err:
+        load_config("low-latncy")
+    assert ", ".join(profile_names()) in str(err.value)
+    # A path is never looked up among the profiles.
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "low-latency")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/low-latency.toml")
 
 
 def test_to_toml_round_trips():
