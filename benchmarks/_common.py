@@ -1,18 +1,26 @@
 """Helpers shared by the benchmark scripts (not a test or library API).
 
 Every script: ``python benchmarks/<name>.py [--quick] [--out DIR]`` prints its figures,
-the ratio to a baseline measured in the same run, and writes ``<out>/<name>.json``.
+the ratio to a baseline measured in the same run, and writes ``<out>/<name>.json``:
+the benchmark's name, the command line, the commit, the parameters and the job's
+configuration, the machine (with its load average at start and end), and ``figures``,
+one entry per figure with its baseline and ratio (see :func:`figure`), which
+``benchmarks/render.py`` turns into the tables of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import importlib.metadata
 import json
 import math
 import os
 import platform
+import shlex
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +33,20 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
 DEFAULT_OUT = REPO / ".rtrec" / "bench"
+# Set by run_all.py (``rtrec bench``) for the scripts it starts: recorded as the command
+# that ran them.
+VIA_ENV = "RTREC_BENCH_VIA"
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+# When the script started: with the figure at the end, how busy the machine was meanwhile.
+_LOAD_AT_START = _loadavg()
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
@@ -33,7 +55,11 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
         description=(doc or "").strip().splitlines()[0] if doc else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, ~1-2 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes (a smoke run; its figures are not results)",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for <name>.json")
     p.add_argument(
         "--set",
@@ -77,7 +103,9 @@ def _toml_value(value: Any) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
+    """What the figures were measured on, and how busy it was (1/5/15-minute load
+    averages when the script started and when it wrote its result: other processes on
+    the same cores make the figures noisy)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -91,26 +119,125 @@ def machine() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
-    load = None
-    with contextlib.suppress(OSError):
-        load = [round(x, 2) for x in os.getloadavg()]
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cuda = torch.cuda.is_available()
     return {
         "host": socket.gethostname(),
         "cpu": cpu,
         "cpus": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "mem_gb": mem_gb,
-        "loadavg_at_end": load,
-        "gpu": gpu,
+        "loadavg_at_start": _LOAD_AT_START,
+        "loadavg_at_end": _loadavg(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "cuda": torch.version.cuda if cuda else None,
+        "os": f"{platform.system()} {platform.release()}",
+        "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "platform": platform.platform(),
+        "pyflink": _version("apache-flink"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
     }
 
 
-def write_result(out_dir: str | Path, name: str, args: argparse.Namespace, result: dict) -> Path:
-    """``<out>/<name>.json`` with the parameters, the machine and the figures."""
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def commit() -> dict[str, Any]:
+    """The checkout the figures come from: ``sha`` (git rev-parse HEAD) and ``dirty``
+    (tracked files differ from it; untracked ones are not counted); both None without
+    git or outside a repository."""
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", "--no-optional-locks", *args],  # read-only: never writes the index
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {
+        "sha": sha.strip() if sha else None,
+        "dirty": bool(status.strip()) if status is not None else None,
+    }
+
+
+def _repo_relative(arg: str) -> str:
+    """``arg`` with this checkout's absolute path (and the interpreter) made portable."""
+    if arg == sys.executable:
+        return "python"
+    with contextlib.suppress(ValueError):
+        p = Path(arg)
+        if p.is_absolute():
+            return str(p.resolve().relative_to(REPO))
+    return arg
+
+
+def command() -> dict[str, str | None]:
+    """``argv``: this script's command line, run from the repository root; ``via``: the
+    command that started it (``rtrec bench ...``), if any."""
+    argv = [_repo_relative(a) for a in sys.argv]
+    if argv and argv[0].endswith(".py"):
+        argv.insert(0, "python")
+    return {"argv": shlex.join(argv), "via": os.environ.get(VIA_ENV) or None}
+
+
+def _plain(config: Any) -> Any:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if isinstance(config, dict):
+        return {k: _plain(v) for k, v in config.items()}
+    return config
+
+
+def figure(
+    name: str,
+    value: float | None,
+    unit: str,
+    baseline: str | None = None,
+    baseline_value: float | None = None,
+    ratio: float | None = None,
+    headline: bool = False,
+) -> dict[str, Any]:
+    """One figure of a result: ``value`` in ``unit``, next to the ``baseline`` measured in
+    the same run (what it is and its value, in the same unit) and ``ratio`` (value /
+    baseline value unless given). ``headline``: the figure goes in the compact table of
+    ``benchmarks/render.py --readme``."""
+    if ratio is None:
+        ratio = _quotient(value, baseline_value)
+    return {
+        "figure": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": baseline_value,
+        "ratio": ratio,
+        "headline": headline,
+    }
+
+
+def write_result(
+    out_dir: str | Path,
+    name: str,
+    args: argparse.Namespace,
+    result: dict,
+    config: Any = None,
+) -> Path:
+    """``<out>/<name>.json``: what ran (benchmark, command, commit, parameters, the
+    ``--set`` overrides and ``config``, the resolved configuration the run used: an
+    AppConfig, other dataclasses or a dict of them), where (machine), when (utc), and
+    ``result``, whose ``figures`` (a list of :func:`figure`) the renderer reads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if getattr(args, "tag", ""):
@@ -119,8 +246,15 @@ def write_result(out_dir: str | Path, name: str, args: argparse.Namespace, resul
         "benchmark": name,
         "quick": bool(getattr(args, "quick", False)),
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command(),
+        "commit": commit(),
         "params": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "config": {
+            "overrides": list(getattr(args, "set", None) or []),
+            "resolved": _plain(config),
+        },
         "machine": machine(),
+        "figures": [],
         **result,
     }
     path = out / f"{name}.json"
@@ -169,6 +303,11 @@ def percentiles(xs: list[float], ps: tuple[int, ...] = (50, 95, 99)) -> dict[str
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b; None when either is missing or b is 0."""
+    return _quotient(a, b)
+
+
+def _quotient(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b

@@ -212,8 +212,31 @@ def main(argv: list[str] | None = None) -> int:
         "produced_in_window": len(window),
         "headline": headline,
     }
-    C.write_result(args.out, "freshness", args, result)
+    result["figures"] = figures(rows)
+    C.write_result(args.out, "freshness", args, result, config=cfg)
     return 0
+
+
+def figures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each path's p50/p95/p99 against the events topic's transport latency at the same
+    percentile, and the exactly-once path's p50 against the registry's."""
+    registry, exactly_once, transport = rows[0], rows[1], rows[2]
+    out = []
+    for r, name in ((registry, "registry"), (exactly_once, "exactly-once Kafka")):
+        for q in ("p50", "p95", "p99"):
+            out.append(
+                C.figure(
+                    f"freshness {q}, {name}", r[f"{q}_s"], "s", f"Kafka transport {q}",
+                    transport[f"{q}_s"], headline=q == "p50" and r is registry,
+                )
+            )  # fmt: skip
+    out.append(
+        C.figure(
+            "freshness p50, exactly-once Kafka", exactly_once["p50_s"], "s", "registry p50",
+            registry["p50_s"], headline=True,
+        )
+    )  # fmt: skip
+    return out
 
 
 def _fmt(r: dict) -> str:

@@ -4,6 +4,8 @@ on the current device.
 The device is CUDA when present, else CPU (``RTREC_DEVICE`` overrides, as in the job).
 Prints the device name (``torch.cuda.get_device_name``). Baseline measured in the same
 run: the same measurements on the CPU (skipped when the device is the CPU; ratio 1).
+``--skip-without-gpu`` (what ``rtrec bench`` passes) measures nothing on a machine without
+one: it says so and writes a result marked ``skipped``.
 
 - trainer: ``train_and_maybe_export`` (the Flink trainer's call) on Zipf samples over a
   catalogue with MiniLM-width (384) text vectors, default model/trainer config;
@@ -15,6 +17,7 @@ run: the same measurements on the CPU (skipped when the device is the CPU; ratio
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -28,23 +31,30 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def trainer_rate(
-    device, n_items: int, samples: int, batch_size: int, threads: int
-) -> dict[str, Any]:
-    from catalogue import RandomTextEncoder, make_items, make_samples
-
+def configs(batch_size: int, threads: int):
+    """(ModelConfig, TrainerConfig) of the trainer measurement: defaults, with exports
+    never due inside the timed loop."""
     from models.config import ModelConfig, TrainerConfig
-    from models.export import build_version
-    from models.online import train_and_maybe_export
-    from models.trainer import OnlineLearner, new_meta
 
-    mcfg = ModelConfig()
     tcfg = TrainerConfig(
         batch_size=batch_size,
         export_every_steps=10**9,
         export_every_seconds=1e12,
         torch_threads=threads or TrainerConfig.torch_threads,
     )
+    return ModelConfig(), tcfg
+
+
+def trainer_rate(
+    device, n_items: int, samples: int, batch_size: int, threads: int
+) -> dict[str, Any]:
+    from catalogue import RandomTextEncoder, make_items, make_samples
+
+    from models.export import build_version
+    from models.online import train_and_maybe_export
+    from models.trainer import OnlineLearner, new_meta
+
+    mcfg, tcfg = configs(batch_size, threads)
     enc = RandomTextEncoder()
     learner = OnlineLearner(mcfg, tcfg, device=device, text_dim=enc.dim)
     meta = new_meta("default")
@@ -153,8 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads of the trainer and encoder (0 = trainer.torch_threads's "
-        "default, 1, as in the job)",
+        help="torch CPU threads of the trainer and encoder (0 = the default of "
+        "trainer.torch_threads, as in the job)",
+    )
+    p.add_argument(
+        "--skip-without-gpu",
+        action="store_true",
+        help="on a machine without a GPU, measure nothing: say so and write a skipped result",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -165,6 +180,23 @@ def main(argv: list[str] | None = None) -> int:
 
     device = pick_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    mcfg, tcfg = configs(args.batch_size, args.threads)
+    config = {"model": mcfg, "trainer": tcfg}
+    if device.type == "cpu" and args.skip_without_gpu:
+        reason = (
+            f"no GPU: the device is the CPU (torch.cuda.is_available() "
+            f"{torch.cuda.is_available()}, RTREC_DEVICE={os.environ.get('RTREC_DEVICE') or '-'})"
+        )
+        headline = f"skipped, {reason}"
+        print(f"gpu.py: {headline}")
+        C.write_result(
+            args.out,
+            "gpu",
+            args,
+            {"device_name": name, "skipped": reason, "rows": [], "headline": headline},
+            config=config,
+        )
+        return 0
     # (The learner sets the thread count, --threads or trainer.torch_threads: the table's
     # torch_threads column, not the process's count before it.)
     print(f"device: {device} ({name}); torch {torch.__version__}")
@@ -204,9 +236,48 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         "gpu",
         args,
-        {"device_name": name, "rows": rows, "baseline": "cpu", "headline": headline},
+        {
+            "device_name": name,
+            "rows": rows,
+            "baseline": "cpu",
+            "figures": figures(rows),
+            "headline": headline,
+        },
+        config=config,
     )
     return 0
+
+
+def figures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The device's trainer, onnxruntime and encoder rates against the CPU's (the device's
+    own figures, ratio 1, when the device is the CPU)."""
+    d, base = rows[0], rows[-1]
+    cpu = "CPU" if base is not d else "CPU (the device itself)"
+    on = f"on {d['device_name']}"
+    out = [
+        C.figure(
+            f"trainer {on}", d["trainer_samples_per_s"], "samples/s",
+            cpu, base["trainer_samples_per_s"], headline=True,
+        ),
+        C.figure(f"export a version {on}", d["export_s"], "s", cpu, base["export_s"]),
+        C.figure(
+            f"onnxruntime rankings {on} ({d['onnx_provider']})", d["onnx_rankings_per_s"],
+            "rankings/s", cpu, base["onnx_rankings_per_s"],
+        ),
+    ]  # fmt: skip
+    if d.get("encoder_items_per_s") is not None:
+        out += [
+            C.figure(
+                f"text encoder {on} ({d['encoder_precision']})", d["encoder_items_per_s"],
+                "items/s", cpu, base["encoder_items_per_s"],
+            ),
+            C.figure(
+                f"text encoder {on}, {d['encoder_precision']} vs float32",
+                d["encoder_items_per_s"], "items/s", "float32, same device",
+                d["encoder_float32_items_per_s"],
+            ),
+        ]  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """Run every benchmark (each in its own process), then print a summary table.
 
 ``rtrec bench [--quick] [--only a,b] [--out DIR]`` and ``make bench`` call this; each
-script also runs on its own (``python benchmarks/<name>.py --help``).
+script also runs on its own (``python benchmarks/<name>.py --help``). ``gpu`` runs with
+``--skip-without-gpu``: on a machine without a GPU it is reported as skipped. Results go
+to ``<out>/<name>.json``; ``--out benchmarks/results`` for the committed ones, which
+``python benchmarks/render.py`` turns into the tables of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -43,6 +48,8 @@ VARIANTS = {
         "--tag",
         "low-latency",
     ],
+    # A CPU-only machine has no accelerator to compare with the CPU: skipped, not failed.
+    "gpu": ["gpu", "--skip-without-gpu"],
 }
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     status: dict[str, tuple[int, float]] = {}
+    # Recorded in each result as the command that ran the script.
+    via = shlex.join(["rtrec", "bench", *(C._repo_relative(a) for a in (argv or sys.argv[1:]))])
+    env = {**os.environ, C.VIA_ENV: via}
     for name in names:
         script, *variant = VARIANTS.get(name, [name])
         cmd = [sys.executable, str(HERE / f"{script}.py"), "--out", args.out, *variant]
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += extra if len(names) == 1 else []  # extra flags only make sense for one script
         C.log(f"=== {name}: {' '.join(cmd[1:])}")
         t0 = time.monotonic()
-        rc = subprocess.call(cmd, cwd=C.REPO)
+        rc = subprocess.call(cmd, cwd=C.REPO, env=env)
         status[name] = (rc, time.monotonic() - t0)
         if rc:
             C.log(f"=== {name} failed (exit {rc})")
@@ -74,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rc, secs = status[name]
         path = Path(args.out) / f"{name}.json"
-        headline = "-"
+        headline, result = "-", "ok" if rc == 0 else f"FAILED ({rc})"
         if rc == 0 and path.is_file():
-            headline = json.loads(path.read_text()).get("headline", "-")
+            doc = json.loads(path.read_text())
+            headline = doc.get("headline", "-")
+            result = "skipped" if doc.get("skipped") else result
         rows.append({
             "benchmark": name,
-            "result": "ok" if rc == 0 else f"FAILED ({rc})",
+            "result": result,
             "wall_s": secs,
             "headline (vs baseline of the same run)": headline,
         })  # fmt: skip

@@ -135,10 +135,10 @@ def produce(cfg, bootstrap: str, users: int, items: int, per_user: int) -> dict[
     return {"events": n, "items_in_events": len(touched)}
 
 
-def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: int, args) -> dict:
+def size_overrides(work: Path, users: int, items: int, args) -> list[str]:
+    """The job's config overrides for one size (its own topics, checkpoints, registry)."""
     tag = f"state-{users}x{items}"
-    registry = work / tag / "registry"
-    ov = [
+    return [
         *C.topic_overrides(tag),
         f"model.text_encoder='{args.encoder}'",
         f"model.max_items={max(100_000, items)}",
@@ -146,9 +146,15 @@ def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: i
         f"job.checkpoint_dir='{work / tag / 'checkpoints'}'",
         "job.retain_checkpoints=false",
         f"job.state_backend='{args.backend}'",
-        f"export.registry_dir='{registry}'",
+        f"export.registry_dir='{work / tag / 'registry'}'",
         *args.set,
     ]
+
+
+def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: int, args) -> dict:
+    tag = f"state-{users}x{items}"
+    registry = work / tag / "registry"
+    ov = size_overrides(work, users, items, args)
     cfg = C.config(ov)
     C.create_all_topics(cfg, bootstrap)
     stats = produce(cfg, bootstrap, users, items, args.events_per_user)
@@ -187,12 +193,9 @@ def run_size(cluster_addr: str, bootstrap: str, work: Path, users: int, items: i
     }
 
 
-def run_demo(cluster_addr: str, bootstrap: str, work: Path, args) -> dict[str, Any]:
-    """The demo workload as a bounded job; every completed checkpoint's size and duration."""
-    from replay.producer import replay
-
+def demo_overrides(work: Path, args) -> list[str]:
     tag = "state-demo"
-    ov = [
+    return [
         *C.topic_overrides(tag),
         "kafka.bounded=true",
         f"job.checkpoint_interval_ms={args.checkpoint_ms}",
@@ -202,6 +205,14 @@ def run_demo(cluster_addr: str, bootstrap: str, work: Path, args) -> dict[str, A
         f"export.registry_dir='{work / tag / 'registry'}'",
         *args.set,
     ]
+
+
+def run_demo(cluster_addr: str, bootstrap: str, work: Path, args) -> dict[str, Any]:
+    """The demo workload as a bounded job; every completed checkpoint's size and duration."""
+    from replay.producer import replay
+
+    tag = "state-demo"
+    ov = demo_overrides(work, args)
     cfg = C.config(ov)
     stats = replay(cfg, bootstrap, progress=False)
     C.log(f"{tag}: replayed {stats.events} events, {stats.items} items; submitting")
@@ -308,10 +319,38 @@ def main(argv: list[str] | None = None) -> int:
         {
             "rows": rows,
             "fit": {"intercept_bytes": a, "bytes_per_user": b, "r2": r2},
+            "figures": figures(rows, a, b, r2),
             "headline": headline,
         },
+        config=C.config(size_overrides(work, *sizes[-1], args)),  # the largest size's
     )
     return 0
+
+
+def figures(rows: list[dict[str, Any]], a: float, b: float, r2: float) -> list[dict[str, Any]]:
+    """Per size: checkpointed state and checkpoint duration against the smallest size (the
+    ratio of sizes is in the figure's name), and the fitted line."""
+    base = rows[0]
+    smallest = f"smallest size, {base['users']:,} users x {base['items']:,} items"
+    out = []
+    for r in rows:
+        size = f"{r['users']:,} users x {r['items']:,} items ({r['size_vs_smallest']:.1f}x size)"
+        out += [
+            C.figure(
+                f"checkpointed state, {size}", r["state_mb"], "MB", smallest, base["state_mb"],
+                headline=r is rows[-1] and len(rows) > 1,
+            ),
+            C.figure(
+                f"checkpoint duration, {size}", r["duration_ms"], "ms", smallest,
+                base["duration_ms"],
+            ),
+        ]  # fmt: skip
+    out += [
+        C.figure("state per user (+ item), least-squares slope", b, "B"),
+        C.figure("state at zero users, least-squares intercept", a / 1e6, "MB"),
+        C.figure("R^2 of the line", r2, ""),
+    ]
+    return out
 
 
 def main_demo(args) -> int:
@@ -333,8 +372,23 @@ def main_demo(args) -> int:
         f"median {row['duration_ms_median']} ms (max {row['duration_ms_max']} ms)"
     )
     print(headline)
-    C.write_result(args.out, "state_demo", args, {"row": row, "headline": headline})
+    figs = [
+        C.figure("checkpoints completed", row["checkpoints"], ""),
+        *(C.figure(f"checkpointed state, {q}", row[f"state_mb_{q}"], "MB") for q in _QS),
+        *(C.figure(f"checkpoint duration, {q}", row[f"duration_ms_{q}"], "ms") for q in _QS),
+    ]
+    figs[2]["headline"] = figs[5]["headline"] = True  # the medians
+    C.write_result(
+        args.out,
+        "state_demo",
+        args,
+        {"row": row, "figures": figs, "headline": headline},
+        config=C.config(demo_overrides(work, args)),
+    )
     return 0
+
+
+_QS = ("min", "median", "max")
 
 
 _COLS = [

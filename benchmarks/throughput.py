@@ -1,8 +1,9 @@
 """Throughput: sustained events/s from Kafka through the whole job, checkpointing on.
 
 Setup: the embedded Kafka broker, the synthetic dataset replayed once into ``bench.events``
-(+ its catalogue into ``bench.items``, 1% malformed records so validation and the DLQ
-work); every run reads it from the beginning as a bounded source.
+(+ its catalogue into ``bench.items``, with the replay's share of malformed records,
+``replay.malformed_fraction``, so that validation and the DLQ work); every run reads it
+from the beginning as a bounded source.
 
 - job: the real job (``build_job`` via ``run_local`` on a local mini-cluster: parse +
   validate + DLQ, user windows, trainer, registry + transactional ``models`` topic),
@@ -302,8 +303,8 @@ def run_compute_only(cfg, threads: int | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = C.parser("throughput", __doc__)
-    # 120k: a steady window of ~25 s at 4-5k events/s. With 40k it was 8-11 s and still
-    # overlapped the catalogue's embedding, so the figure varied 1.4x from run to run.
+    # Enough events for a steady window of tens of seconds that is not dominated by the
+    # catalogue's embedding at the start: a short window makes the figure vary run to run.
     p.add_argument("--events", type=int, default=120_000, help="events replayed")
     p.add_argument("--users", type=int, default=2_000)
     p.add_argument("--items", type=int, default=2_000)
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                     job = run_job(cfg, bootstrap, args.timeout, work / tag / "trainer-log")
                     enc_rows.append((par, pt, up, job))
                 # Same intra-op thread count as the job's trainer (a Python worker process):
-                # on a busy machine it changes the learn loop's speed several times over.
+                # on a busy machine the loop's speed depends strongly on it.
                 threads = args.torch_threads or enc_rows[0][3]["trainer_torch_threads"]
                 C.log(f"compute-only ({enc}, {threads} torch thread(s)): without Flink")
                 comp = run_compute_only(cfg0, threads)
@@ -425,11 +426,48 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         "throughput",
         args,
-        {"events": stats.events, "rows": rows, "headline": headline},
+        {"events": stats.events, "rows": rows, "figures": figures(rows), "headline": headline},
+        config=C.config(base),
     )
     plot_timelines(rows, path.with_suffix(".png"))
     print(f"wrote {path.with_suffix('.png')}")
     return 0
+
+
+ENCODER_NAMES = {"none": "id-only", "minilm": "MiniLM"}
+
+
+def figures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (parallelism, encoder): the job's steady events/s against each baseline of the
+    same run, the upstream run against the pass-through, and the steady CPU per event."""
+    best = max(rows, key=lambda r: r["job_events_per_s"])
+    out = []
+    for r in rows:
+        run = f"p{r['parallelism']}, {ENCODER_NAMES.get(r['encoder'], r['encoder'])}"
+        job = r["job_events_per_s"]
+        out += [
+            C.figure(
+                f"job, {run}", job, "events/s", "pass-through", r["passthrough_events_per_s"],
+                headline=r is best,
+            ),
+            C.figure(
+                f"job, {run}", job, "events/s", "upstream (the job without its learner)",
+                r["upstream_events_per_s"],
+            ),
+            C.figure(
+                f"job, {run}", job, "events/s", "compute-only (no Flink)",
+                r["compute_only_events_per_s"],
+            ),
+            C.figure(
+                f"upstream, {run}", r["upstream_events_per_s"], "events/s", "pass-through",
+                r["passthrough_events_per_s"],
+            ),
+            C.figure(
+                f"job CPU per event (steady), {run}", r["job_steady_cpu_us_per_event"], "us",
+                "pass-through", r["passthrough_steady_cpu_us_per_event"],
+            ),
+        ]  # fmt: skip
+    return out
 
 
 def learning_timeline(

@@ -1,6 +1,8 @@
-"""The no-Flink benchmark scripts run end to end at tiny sizes and write valid JSON.
+"""The no-Flink benchmark scripts run end to end at tiny sizes and write valid JSON; the
+renderer turns results into tables, and docs/benchmarks.md is up to date with the
+committed ones.
 
-(The benchmarks themselves are not tests: `rtrec bench` runs them; see README "Benchmarks".)
+(The benchmarks themselves are not tests: `rtrec bench` runs them; see docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -8,12 +10,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.unit
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -31,6 +36,15 @@ def run(script: str, out: Path, *args: str) -> dict:
     assert doc["benchmark"] == script.removesuffix(".py")
     assert doc["machine"]["cpus"] >= 1
     assert doc["headline"] in proc.stdout
+    # What ran, where and when, for the renderer.
+    assert doc["command"]["argv"].startswith(f"python benchmarks/{script}")
+    assert set(doc["commit"]) == {"sha", "dirty"}
+    assert doc["utc"].endswith("Z")
+    assert {"loadavg_at_start", "loadavg_at_end", "os", "python", "torch", "pyflink"} <= set(
+        doc["machine"]
+    )
+    assert doc["config"]["resolved"]
+    assert all(f["value"] is not None for f in doc["figures"])
     return doc
 
 
@@ -60,6 +74,24 @@ def test_gpu_script_writes_json(tmp_path: Path) -> None:
     assert row["trainer_samples_per_s"] > 0 and row["trainer_vs_cpu"] == pytest.approx(1.0)
     # The exported version ranked through the serving class, on the CPU's provider here.
     assert row["onnx_rankings_per_s"] > 0 and row["onnx_provider"] == "CPUExecutionProvider"
+
+
+def test_bench_reports_gpu_as_skipped_without_a_gpu(tmp_path: Path) -> None:
+    """``rtrec bench`` runs gpu.py with --skip-without-gpu: on the CPU it measures nothing,
+    says why, and the summary reports it as skipped rather than failed."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--only", "gpu", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RTREC_DEVICE": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert "no GPU" in doc["skipped"] and doc["rows"] == [] and doc["figures"] == []
+    assert doc["command"]["argv"].startswith("python benchmarks/gpu.py")
+    assert doc["command"]["via"].startswith("rtrec bench --only gpu")
+    assert re.search(r"^\| gpu +\| skipped +\|", proc.stdout, re.MULTILINE), proc.stdout
 
 
 def _bench_module(name: str):
@@ -290,3 +322,77 @@ def test_process_cpu_waiting_per_process_kind() -> None:
         "other": 0.0,
         "python_workers": [0.5, 0.8],  # w1, then w2: the order of their cores
     }
+
+
+# ------------------------------------------------------------------------------ render.py
+def _fixture_result(C) -> dict:
+    """A result as write_result writes it, with made-up figures."""
+    return {
+        "benchmark": "throughput",
+        "quick": False,
+        "utc": "2000-01-01T00:00:00Z",
+        "command": {"argv": "python benchmarks/throughput.py --events 5000", "via": None},
+        "commit": {"sha": "0123456789abcdef0123456789abcdef01234567", "dirty": False},
+        "config": {"overrides": ["job.bundle_size=5000"], "resolved": {}},
+        "machine": {
+            "cpu": "Test CPU 9000", "cpus": 4, "mem_gb": 16.0, "gpu": None, "os": "Linux 6",
+            "python": "3.11.7", "torch": "2.15.0", "pyflink": "2.2.1",
+            "loadavg_at_start": [0.5, 0.25, 0.1], "loadavg_at_end": [1.5, 0.75, 0.3],
+        },
+        "figures": [
+            C.figure("job, p1, id-only", 1234.6, "events/s", "pass-through", 4938.0,
+                     headline=True),
+            C.figure("job CPU per event", 812.25, "us"),
+        ],
+        "headline": "job 1234 events/s",
+    }  # fmt: skip
+
+
+def test_render_puts_a_result_s_figures_in_a_table(tmp_path: Path) -> None:
+    C, R = _common(), _bench_module("render")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "throughput.json").write_text(json.dumps(_fixture_result(C)))
+    (results / "gpu.json").write_text(
+        json.dumps({**_fixture_result(C), "benchmark": "gpu", "figures": [], "skipped": "no GPU"})
+    )
+    docs = tmp_path / "benchmarks.md"
+    head = "# B\n\nBetween `<!-- results:start -->` and `<!-- results:end -->`.\n\n"
+    docs.write_text(f"{head}<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- figures:start -->\n<!-- figures:end -->\n")
+    assert not R.check(results, docs, readme)
+    assert R.main(["--results", str(results), "--docs", str(docs), "--check"]) == 1
+    assert R.main(["--results", str(results), "--docs", str(docs), "--readme", str(readme)]) == 0
+    assert R.check(results, docs, readme)
+    assert R.main(["--results", str(results), "--docs", str(docs), "--check"]) == 0
+
+    text = docs.read_text()
+    # Only the lines between the markers change (not where prose quotes them).
+    assert text.startswith(f"{head}<!-- results:start -->\n") and text.endswith("end -->\ntail\n")
+    assert "old" not in text
+    # In rtrec bench's order: gpu before throughput.
+    assert text.index("### gpu") < text.index("### throughput")
+    assert "Skipped: no GPU." in text
+    assert "| figure | value | baseline (same run) | ratio |" in text
+    assert "| job, p1, id-only | 1,235 events/s | pass-through: 4,938 events/s | 0.25x |" in text
+    assert "| job CPU per event | 812 us | - | - |" in text
+    assert "`python benchmarks/throughput.py --events 5000`" in text
+    assert "`0123456789`" in text and "Test CPU 9000, 4 CPUs, 16.0 GB, no GPU" in text
+    assert "0.50/0.25/0.10 at start, 1.50/0.75/0.30 at end" in text
+    assert "`job.bundle_size=5000`" in text
+
+    head = readme.read_text()
+    assert "| throughput | job, p1, id-only | 1,235 events/s | pass-through: 4,938 events/s" in head
+    assert "job CPU per event" not in head  # only the headline figures
+    assert "| gpu | skipped | no GPU |" in head
+
+    # A file without its markers is refused rather than overwritten.
+    docs.write_text("no markers\n")
+    assert R.main(["--results", str(results), "--docs", str(docs)]) == 2
+    assert docs.read_text() == "no markers\n"
+
+
+def test_docs_benchmarks_is_up_to_date_with_the_committed_results() -> None:
+    R = _bench_module("render")
+    assert R.check(), "docs/benchmarks.md is stale: run python benchmarks/render.py"
