@@ -70,7 +70,8 @@ RUN set -eux; \
         pip install -c constraints.txt --index-url "$TORCH_INDEX_URL" torch; fi; \
     pip install -c constraints.txt "apache-flink==${FLINK_VERSION}"
 
-COPY pyproject.toml ./
+# README.md is the package's long description (pyproject.toml `readme`).
+COPY pyproject.toml README.md ./
 COPY rtrec ./rtrec
 COPY flink_job ./flink_job
 COPY infra ./infra

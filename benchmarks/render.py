@@ -204,14 +204,16 @@ def results_body(docs: list[dict[str, Any]]) -> str:
 
 
 def figures_body(docs: list[dict[str, Any]]) -> str:
-    """What goes between the figures markers of README.md: the headline figures."""
+    """What goes between the figures markers of README.md: the headline figures, each with
+    the machine and the command that reproduces it (skipped benchmarks are left out)."""
     rows = []
     for d in docs:
-        name = d["benchmark"] + (" (quick)" if d.get("quick") else "")
-        common = [short_machine(d.get("machine") or {}), short_commit(d, compact=True)]
         if d.get("skipped"):
-            rows.append([name, "skipped", d["skipped"], "-", "-", *common])
             continue
+        name = d["benchmark"] + (" (quick)" if d.get("quick") else "")
+        cmd = d.get("command") or {}
+        argv = cmd if isinstance(cmd, str) else (cmd.get("argv") or "?")
+        common = [short_machine(d.get("machine") or {}), f"`{argv}`"]
         for f in (f for f in d.get("figures") or [] if f.get("headline")):
             baseline = (
                 f"{f['baseline']}: {quantity(f.get('baseline_value'), f.get('unit'))}"
@@ -224,13 +226,13 @@ def figures_body(docs: list[dict[str, Any]]) -> str:
             ])  # fmt: skip
     if not rows:
         return "\n".join([GENERATED, "", "No results yet (`benchmarks/results/` is empty)."])
-    header = ["benchmark", "figure", "value", "baseline (same run)", "ratio", "machine", "commit"]
+    header = ["benchmark", "figure", "value", "baseline (same run)", "ratio", "machine", "command"]
     return "\n".join([
         GENERATED,
         "",
         table(header, rows),
         "",
-        "Every figure, with the command and the machine's load: "
+        "Every figure with its commit, configuration and the machine's load: "
         "[docs/benchmarks.md](docs/benchmarks.md#results).",
     ])  # fmt: skip
 

@@ -1,7 +1,25 @@
 """`rtrec`: the one command-line entry point.
 
-Subcommands: setup, config, kafka up|down|status, replay, run, demo, submit, serve.
-Every subcommand takes ``--config FILE`` and repeated ``--set section.key=value``.
+Subcommands:
+
+- ``setup``: resolve the Java jars (Kafka connector, Kafka broker) and build the operator jar
+- ``config``: print the resolved configuration as TOML
+- ``kafka up|down|status``: an embedded single-node Kafka broker (KRaft) on loopback
+- ``replay``: write a dataset (synthetic or MovieLens-format) into the Kafka topics
+- ``run``: run the job on a local Flink mini-cluster
+- ``demo``: end to end: embedded Kafka, replay, the job, ONNX recommendations
+- ``pretrain``: offline warm start: train on a historical slice, write the initial state
+- ``eval``: prequential evaluation of the online model against baselines, without Flink
+- ``tune``: hyperparameter search (Optuna) scored by prequential NDCG@k
+- ``submit``: submit the job to a Flink cluster (``flink run --python``)
+- ``savepoint``: take a savepoint of a job running on a Flink cluster
+- ``stop``: stop a job on a Flink cluster with a final savepoint
+- ``serve``: HTTP recommendations from the registry's latest model version, hot-swapped
+- ``bench``: run the benchmarks of a source checkout and print a summary
+
+The subcommands that read a configuration take ``--config FILE|PROFILE`` (a TOML file, or
+the name of a profile in flink_job/profiles, e.g. ``low-latency``) and repeated
+``--set section.key=value``.
 """
 
 from __future__ import annotations
@@ -27,7 +45,11 @@ STATE_DIR = Path(".rtrec")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (see `rtrec config`)")
+    p.add_argument(
+        "--config",
+        help="TOML config file, or the name of a profile in flink_job/profiles "
+        "(e.g. low-latency); `rtrec config` prints the result",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -396,7 +418,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark scripts of ``benchmarks/`` (each in its own process) + a summary."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
     if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: `rtrec bench` runs from a source checkout")
+        # benchmarks/ is not one of the wheel's packages (pyproject.toml packages.find).
+        print(
+            "rtrec bench: error: rtrec bench needs a source checkout: the benchmarks are not "
+            "part of the wheel; clone the repository and run `make bench` (or `rtrec bench` "
+            "from its editable install)",
+            file=sys.stderr,
+        )
+        return 2
     cmd = [sys.executable, str(script), "--out", args.out]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--only", args.only] if args.only else []

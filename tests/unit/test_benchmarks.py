@@ -385,7 +385,12 @@ def test_render_puts_a_result_s_figures_in_a_table(tmp_path: Path) -> None:
     head = readme.read_text()
     assert "| throughput | job, p1, id-only | 1,235 events/s | pass-through: 4,938 events/s" in head
     assert "job CPU per event" not in head  # only the headline figures
-    assert "| gpu | skipped | no GPU |" in head
+    # Each headline figure names the machine and the command that reproduces it; a skipped
+    # benchmark has no headline figure.
+    assert (
+        "Test CPU 9000, 4 CPUs, no GPU | `python benchmarks/throughput.py --events 5000` |" in head
+    )
+    assert "| gpu |" not in head
 
     # A file without its markers is refused rather than overwritten.
     docs.write_text("no markers\n")

@@ -1,8 +1,8 @@
 """models.device: device choice and deterministic kernels (trainer.deterministic on a GPU).
 
-On an NVIDIA H200 the deterministic-mode replay was not run-to-run identical with
-PyTorch's default CUDA kernels (atomic scatter-adds); with ``deterministic_kernels`` it
-was, for every loss and optimizer (README, "GPU"). These tests check the switch itself
+On a GPU, PyTorch's default CUDA kernels (atomic scatter-adds) make the deterministic-mode
+replay differ run to run; ``deterministic_kernels`` makes it identical, for every loss and
+optimizer (benchmarks/gpu.py checks it on a GPU). These tests check the switch itself
 and that every trainer firing goes through it; they need no GPU.
 """
 
