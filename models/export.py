@@ -149,7 +149,7 @@ def _trace(model: nn.Module, history_length: int, outputs: list[str]) -> onnx.Mo
     buf = io.BytesIO()
     batch = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript exporter is ~40x faster than dynamo here and these graphs are static.
+        # The TorchScript exporter is much faster than dynamo here and these graphs are static.
         # Without constant folding every initializer is a named parameter or buffer (what
         # the graph cache swaps), and tracing is faster; onnxruntime folds at load time.
         warnings.simplefilter("ignore")

@@ -91,10 +91,10 @@ def resolve_precision(spec: str, device: torch.device) -> str:
 
     Why bfloat16: the transformer's matmuls are the catalogue's ingestion cost, and in
     bfloat16 (under autocast: layer norms, softmax and the pooling stay float32) MiniLM
-    embeds ~1.8x faster on an AVX512-BF16 CPU core, with vectors within cosine 0.99997
-    of float32's. Every path that embeds (the job's stages, offline runs, evaluation)
-    resolves the same setting, so on one machine they embed alike (up to the rounding
-    that depends on batch mates, see :func:`configured_precision`).
+    embeds markedly faster on a CPU core with AVX512-BF16, with vectors that agree with
+    float32's to within rounding. Every path that embeds (the job's stages, offline runs,
+    evaluation) resolves the same setting, so on one machine they embed alike (up to the
+    rounding that depends on batch mates, see :func:`configured_precision`).
     """
     import torch
 
