@@ -259,6 +259,17 @@ class ReplayConfig:
     drift_reshuffle: bool = setting(False, "At each drift also reshuffle every topic's item order.")
     seed: int = setting(7, "Seed of the synthetic stream.")
     max_events: int = setting(0, "Events replayed from MovieLens (0 = all).")
+    permute_ids: bool = setting(
+        False,
+        "Replace every item id (and event id) by a random opaque one, so that nothing can "
+        "learn from how a dataset numbers its items (an evaluation guard).",
+    )
+    shuffle_ties: bool = setting(
+        False,
+        "Shuffle the order of events with equal timestamps (files often list a burst in id "
+        "order, which leaks; an evaluation guard).",
+    )
+    guard_seed: int = setting(0, "Seed of permute_ids and shuffle_ties.")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,14 @@ Baselines:
 - :class:`Popularity`: all-time positive counts;
 - :class:`RecentPopularity`: counts over a sliding window of the last N positives;
 - :class:`ISGD`: incremental matrix factorisation (Vinagre et al., 2014);
-- :class:`CoOccurrence`: "last items -> next item" transition counts.
+- :class:`CoOccurrence`: "last items -> next item" transition counts ("co-occurrence
+  (last item)");
+- :class:`WindowedCoOccurrence`: symmetric co-occurrence over a window of each user's
+  recent positives, decayed by distance, scored against the user's decayed recent history;
+- :class:`SessionKNN`: session-based nearest neighbours (V-SKNN: sessions split at a gap,
+  the current session's recent items weighted by recency, cosine similarity).
+
+``rtrec eval`` reports the online learner against the strongest of them.
 """
 
 from __future__ import annotations
@@ -257,7 +264,7 @@ class CoOccurrence(Baseline):
     term smaller than any difference of co-occurrence scores (it only breaks ties).
     """
 
-    name = "cooccurrence"
+    name = "cooccurrence_last_item"
 
     def __init__(self, last_n: int = 5, pair_window: int = 1) -> None:
         super().__init__()
@@ -297,6 +304,164 @@ class CoOccurrence(Baseline):
         return out
 
 
+def _sparse_add(out: FloatArray, row: dict[int, float] | None, scale: float) -> None:
+    """``out[j] += scale * row[j]`` for every entry of a sparse count row."""
+    if not row:
+        return
+    idx = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
+    val = np.fromiter(row.values(), dtype=np.float64, count=len(row))
+    out[idx] += scale * val
+
+
+class WindowedCoOccurrence(Baseline):
+    """Symmetric, windowed, decayed co-occurrence of a user's positives.
+
+    When a user's new positive j arrives and the user's previous ``window`` positives are
+    h_1 (newest) ... h_W, ``decay ** (d - 1)`` is added to C[h_d, j] and to C[j, h_d].
+    The score of a candidate c is ``sum_a decay ** a * C[h_(a+1), c]`` over the same
+    window of the sample's history; popularity only breaks ties. C is stored as sparse
+    rows (a catalogue of n items would need n^2 dense cells).
+    """
+
+    name = "cooccurrence_windowed"
+
+    def __init__(self, window: int = 10, decay: float = 0.7) -> None:
+        super().__init__()
+        if window <= 0 or not 0.0 < decay <= 1.0:
+            raise ValueError(f"window must be > 0 and decay in (0, 1], got {window}, {decay}")
+        self.window = window
+        self.decay = decay
+        self.rows: dict[int, dict[int, float]] = {}
+        self.counts: FloatArray = np.zeros(0)
+        # The smallest non-zero score is decay^(2(W-1)) (one pair at the far end of both
+        # windows); the popularity term stays far below it so it only breaks ties.
+        self._tie_scale = 1e-6 * decay ** (2 * (window - 1))
+
+    def _grow(self, capacity: int) -> None:
+        self.counts = self._resize(self.counts, capacity)
+
+    def _learn_one(self, s: Sample, target: int) -> None:
+        self.counts[target] += 1.0
+        recent = s.history[-self.window :]
+        for d, h in enumerate(reversed(recent), start=1):
+            hi = self.index[h]
+            if hi == target:
+                continue
+            w = self.decay ** (d - 1)
+            fwd = self.rows.setdefault(hi, {})
+            fwd[target] = fwd.get(target, 0.0) + w
+            back = self.rows.setdefault(target, {})
+            back[hi] = back.get(hi, 0.0) + w
+
+    def _scores(self, samples: list[Sample]) -> FloatArray:
+        n = len(self.ids)
+        pop = self.counts[:n]
+        top = float(pop.max()) if n else 0.0
+        out: FloatArray = np.tile(pop * (self._tie_scale / (top + 1.0)), (len(samples), 1))
+        for row, s in enumerate(samples):
+            for a, h in enumerate(reversed(s.history[-self.window :])):
+                _sparse_add(out[row], self.rows.get(self.index.get(h, -1)), self.decay**a)
+        return out
+
+
+class SessionKNN(Baseline):
+    """V-SKNN style session-based nearest neighbours.
+
+    Each user's positives are cut into sessions at gaps longer than ``gap_ms``. To score
+    a sample, the user's latest session's last ``recent`` items form the query, weighted
+    linearly by recency (newest 1, then (recent - 1) / recent, ...). Past sessions (every
+    user's closed sessions) that share an item with the query are candidates; their
+    similarity is the weighted overlap over sqrt(|query| * |session|) (cosine of the
+    binary session vectors with the query's weights), and the ``neighbours`` most similar
+    vote for their items with their similarity. Popularity only breaks ties.
+
+    ``sample_per_item`` bounds the candidates: only the most recent sessions holding each
+    query item are looked at, as V-SKNN samples recent sessions.
+    """
+
+    name = "session_knn"
+
+    def __init__(
+        self,
+        gap_ms: int = 30 * 60 * 1000,
+        recent: int = 10,
+        neighbours: int = 100,
+        sample_per_item: int = 500,
+    ) -> None:
+        super().__init__()
+        if gap_ms <= 0 or recent <= 0 or neighbours <= 0 or sample_per_item <= 0:
+            raise ValueError("gap_ms, recent, neighbours and sample_per_item must be > 0")
+        self.gap_ms = gap_ms
+        self.recent = recent
+        self.neighbours = neighbours
+        self.sample_per_item = sample_per_item
+        self.sessions: list[IntArray] = []  # closed sessions: unique item indices
+        self.by_item: dict[int, deque[int]] = {}  # item -> ids of recent sessions holding it
+        self.current: dict[str, tuple[list[int], int]] = {}  # user -> (items, last ts)
+        self.counts: FloatArray = np.zeros(0)
+        self._tie_scale = 1e-9
+
+    def _grow(self, capacity: int) -> None:
+        self.counts = self._resize(self.counts, capacity)
+
+    def _close(self, items: list[int]) -> None:
+        sid = len(self.sessions)
+        unique = np.unique(np.asarray(items, dtype=np.int64))
+        self.sessions.append(unique)
+        for i in unique.tolist():
+            self.by_item.setdefault(i, deque(maxlen=self.sample_per_item)).append(sid)
+
+    def _learn_one(self, s: Sample, target: int) -> None:
+        self.counts[target] += 1.0
+        items, last = self.current.get(s.user_id, ([], s.ts))
+        if items and s.ts - last > self.gap_ms:
+            self._close(items)
+            items = []
+        items.append(target)
+        self.current[s.user_id] = (items, max(last, s.ts))
+
+    def _query(self, s: Sample) -> dict[int, float]:
+        items = self.current.get(s.user_id, ([], 0))[0][-self.recent :]
+        n = len(items)
+        weights: dict[int, float] = {}
+        for pos, i in enumerate(items):  # oldest first: the newest gets weight 1
+            weights[i] = max(weights.get(i, 0.0), (self.recent - (n - 1 - pos)) / self.recent)
+        return weights
+
+    def _scores(self, samples: list[Sample]) -> FloatArray:
+        n = len(self.ids)
+        pop = self.counts[:n]
+        top = float(pop.max()) if n else 0.0
+        out: FloatArray = np.tile(pop * (self._tie_scale / (top + 1.0)), (len(samples), 1))
+        for row, s in enumerate(samples):
+            q = self._query(s)
+            if not q:
+                continue
+            overlap: dict[int, float] = {}
+            for i, w in q.items():
+                for sid in self.by_item.get(i, ()):
+                    overlap[sid] = overlap.get(sid, 0.0) + w
+            if not overlap:
+                continue
+            sids = np.fromiter(overlap.keys(), dtype=np.int64, count=len(overlap))
+            ov = np.fromiter(overlap.values(), dtype=np.float64, count=len(overlap))
+            sizes = np.array([len(self.sessions[j]) for j in sids.tolist()], dtype=np.float64)
+            sim = ov / np.sqrt(len(q) * sizes)
+            if len(sids) > self.neighbours:
+                keep = np.argpartition(-sim, self.neighbours - 1)[: self.neighbours]
+                sids, sim = sids[keep], sim[keep]
+            for sid, w in zip(sids.tolist(), sim.tolist(), strict=True):
+                out[row, self.sessions[sid]] += w
+        return out
+
+
 def default_baselines() -> list[Baseline]:
     """The baselines `rtrec eval` compares the online learner with."""
-    return [Popularity(), RecentPopularity(), ISGD(), CoOccurrence()]
+    return [
+        Popularity(),
+        RecentPopularity(),
+        ISGD(),
+        CoOccurrence(),
+        WindowedCoOccurrence(),
+        SessionKNN(),
+    ]

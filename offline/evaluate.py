@@ -9,8 +9,9 @@ warm-up that only ingests catalogue items. Models:
 - ``online``: the job's :class:`~models.trainer.OnlineLearner`, learning;
 - ``frozen``: the same learner after warm-up, not learning (what a batch-trained model
   deployed at the end of the warm-up would do);
-- ``popularity``, ``recent_popularity``, ``isgd``, ``cooccurrence``: the baselines of
-  :mod:`models.baselines`, learning.
+- ``popularity``, ``recent_popularity``, ``isgd``, ``cooccurrence_last_item``,
+  ``cooccurrence_windowed``, ``session_knn``: the baselines of :mod:`models.baselines`,
+  learning. "online / best baseline" ratios are against the strongest of them.
 
 Metrics (per time bucket = an equal share of the test positives in order, and overall):
 Recall@k, NDCG@k, MRR and catalogue coverage of the top-k lists.

@@ -9,6 +9,7 @@ so the dead-letter path is always exercised.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import random
@@ -292,6 +293,92 @@ def kafka_time_range(
 
 
 def records(cfg: ReplayConfig, stats: ReplayStats | None = None) -> Iterator[Record]:
-    if cfg.dataset == "synthetic":
-        return synthetic(cfg, stats)
-    return movielens(cfg.dataset, cfg.max_events, stats)
+    """The configured dataset, with the evaluation guards applied (``replay.shuffle_ties``
+    first, then ``replay.permute_ids``)."""
+    out = (
+        synthetic(cfg, stats)
+        if cfg.dataset == "synthetic"
+        else movielens(cfg.dataset, cfg.max_events, stats)
+    )
+    if cfg.shuffle_ties:
+        out = shuffle_ties(out, cfg.guard_seed)
+    if cfg.permute_ids:
+        out = permute_item_ids(out, cfg.guard_seed)
+    return out
+
+
+def _body(rec: Record) -> dict[str, object] | None:
+    """A valid record's JSON object, None for anything else (left untouched)."""
+    if not rec.valid:
+        return None
+    try:
+        body = json.loads(rec.value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def permute_item_ids(recs: Iterator[Record], seed: int = 0) -> Iterator[Record]:
+    """Every item id replaced by a random opaque id (the same item keeps the same new id in
+    the catalogue and in events), and every event id by a keyed hash of it, because event
+    ids may embed item ids and break event-time ties. Invalid records pass unchanged."""
+    key = f"rtrec-permute-{seed}".encode()
+    rng = random.Random(seed)
+    mapping: dict[str, str] = {}
+    used: set[str] = set()
+
+    def new_id(old: str) -> str:
+        if old not in mapping:
+            while (cand := f"i{rng.getrandbits(48):012x}") in used:
+                pass
+            used.add(cand)
+            mapping[old] = cand
+        return mapping[old]
+
+    for rec in recs:
+        body = _body(rec)
+        if body is None or not isinstance(body.get("item_id"), (str, int)):
+            yield rec
+            continue
+        body["item_id"] = new_id(str(body["item_id"]))
+        if rec.topic == "items":
+            value = json.dumps(body).encode()
+            yield Record(rec.topic, str(body["item_id"]).encode(), value, rec.ts, rec.valid)
+            continue
+        if isinstance(body.get("event_id"), (str, int)):
+            digest = hashlib.blake2b(str(body["event_id"]).encode(), key=key, digest_size=8)
+            body["event_id"] = digest.hexdigest()
+        value = json.dumps(body, separators=(",", ":")).encode()
+        yield Record(rec.topic, rec.key, value, rec.ts, rec.valid)
+
+
+def shuffle_ties(recs: Iterator[Record], seed: int = 0) -> Iterator[Record]:
+    """Events with equal timestamps in a random order, and event ids renumbered in that
+    order, because the user stage orders a window's events by (ts, event_id). Catalogue
+    records and invalid records keep their place relative to the runs around them."""
+    rng = random.Random(seed)
+    run: list[Record] = []
+    seq = 0
+
+    def flush() -> Iterator[Record]:
+        nonlocal seq
+        rng.shuffle(run)
+        for rec in run:
+            body = _body(rec)
+            if body is not None:
+                body["event_id"] = f"s{seq:010d}"
+                value = json.dumps(body, separators=(",", ":")).encode()
+                rec = Record(rec.topic, rec.key, value, rec.ts, rec.valid)
+            seq += 1
+            yield rec
+        run.clear()
+
+    for rec in recs:
+        if rec.topic != "events" or _body(rec) is None:
+            yield from flush()
+            yield rec
+            continue
+        if run and run[0].ts != rec.ts:
+            yield from flush()
+        run.append(rec)
+    yield from flush()

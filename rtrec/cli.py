@@ -282,8 +282,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from offline.training import compare
 
     extra = [f"replay.dataset={json.dumps(args.dataset)}"] if args.dataset else []
+    extra += ["replay.permute_ids=true"] if args.permute_ids else []
+    extra += ["replay.shuffle_ties=true"] if args.shuffle_ties else []
     cfg = _cfg(args, extra)
     stream = _dataset_stream(cfg)
+    if not 0.0 < args.head <= 1.0:
+        raise SystemExit(f"rtrec eval: --head must be in (0, 1], got {args.head}")
+    if args.head < 1.0:
+        from offline.training import split_stream
+
+        stream, _ = split_stream(stream, args.head)
     if not args.variants:
         out_dir = Path(args.out or STATE_DIR / "eval")
         res = run_eval(cfg, stream, warmup=args.warmup, k=args.k, out_dir=out_dir)
@@ -507,6 +515,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=float, default=0.2, help="leading share used as history")
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--out", help="output directory (default .rtrec/eval)")
+    s.add_argument(
+        "--head",
+        type=float,
+        default=1.0,
+        help="evaluate on the first share of the samples only (tune on --head 0.5; report "
+        "the rest with --warmup 0.5)",
+    )
+    s.add_argument(
+        "--permute-ids",
+        action="store_true",
+        help="guard: random opaque item ids (replay.permute_ids)",
+    )
+    s.add_argument(
+        "--shuffle-ties",
+        action="store_true",
+        help="guard: equal-timestamp events in random order (replay.shuffle_ties)",
+    )
     s.add_argument(
         "--variants",
         action="store_true",

@@ -6,7 +6,14 @@ import json
 import torch
 
 from flink_job.config import load_config
-from models.baselines import ISGD, CoOccurrence, Popularity, RecentPopularity
+from models.baselines import (
+    ISGD,
+    CoOccurrence,
+    Popularity,
+    RecentPopularity,
+    SessionKNN,
+    WindowedCoOccurrence,
+)
 from models.events import Item
 from models.history import Sample
 from models.trainer import OnlineLearner, new_meta
@@ -103,6 +110,73 @@ def test_cooccurrence_popularity_only_breaks_ties():
     assert m.rank_targets([sample("v", ["h"], "a"), sample("v", ["h"], "b")]) == [1, 2]
 
 
+def ts_sample(user, history, target, ts):
+    return Sample("m", user, tuple(history), target, 1, 1.0, ts, f"e{next(_events)}")
+
+
+def test_windowed_cooccurrence_counts_both_directions_with_decay():
+    m = WindowedCoOccurrence(window=3, decay=0.5)
+    m.ingest_items(items("a", "b", "c", "d"))
+    # The user's history before d is a, b, c (c newest): d pairs with c (1), b (0.5), a (0.25).
+    m.learn([sample("u", ["a", "b", "c"], "d")])
+    ix = m.index
+    assert m.rows[ix["c"]][ix["d"]] == 1.0 and m.rows[ix["d"]][ix["c"]] == 1.0
+    assert m.rows[ix["b"]][ix["d"]] == 0.5 and m.rows[ix["d"]][ix["b"]] == 0.5
+    assert m.rows[ix["a"]][ix["d"]] == 0.25 and m.rows[ix["d"]][ix["a"]] == 0.25
+    # Score of c for a history (d, b) (b newest) = 1 * C[b, c] + 0.5 * C[d, c] = 0 + 0.5.
+    scores = m._scores([sample("v", ["d", "b"], "c")])[0]
+    assert abs(scores[ix["c"]] - 0.5) < 1e-6
+    # Symmetric: d is recommended after c although d never preceded c.
+    assert m.top_k([sample("v", ["c"], "x")], 1) == [["d"]]
+    # Pairs beyond the window are not counted.
+    m2 = WindowedCoOccurrence(window=1)
+    m2.ingest_items(items("a", "b", "c"))
+    m2.learn([sample("u", ["a", "b"], "c")])
+    assert m2.index["a"] not in m2.rows
+
+
+def test_windowed_cooccurrence_popularity_only_breaks_ties():
+    m = WindowedCoOccurrence()
+    m.ingest_items(items("h", "a", "b"))
+    m.learn([sample("u", ["h"], "a")] + [sample(f"p{i}", [], "b") for i in range(1000)])
+    assert m.rank_targets([sample("v", ["h"], "a"), sample("v", ["h"], "b")]) == [1, 2]
+    # The smallest possible score (one pair at the far end of the window, read at the far
+    # end of the query's window: 0.7^18) still beats 1000 positives of popularity.
+    far = WindowedCoOccurrence()
+    far.ingest_items(items(*(f"f{i}" for i in range(10)), "t", "pop"))
+    far.learn([sample("u", [f"f{i}" for i in range(10)], "t")])  # f0 is the oldest
+    far.learn([sample(f"p{i}", [], "pop") for i in range(1000)])
+    assert far.rank_targets([sample("v", ["f0"] + ["unknown"] * 9, "t")]) == [1]
+
+
+def test_session_knn_recommends_what_similar_sessions_held():
+    m = SessionKNN(gap_ms=1000, recent=3, neighbours=2)
+    m.ingest_items(items("a", "b", "c", "d", "e", "pop"))
+    gap = 10_000
+    # Two past users had sessions {a, b, c}; one had {a, e}. Sessions close at a gap.
+    stream = []
+    for u, sess in (("p1", "abc"), ("p2", "abc"), ("p3", "ae")):
+        for j, it in enumerate(sess):
+            stream.append(ts_sample(u, [], it, j))
+        stream.append(ts_sample(u, [], "pop", gap))  # a later session closes the first
+    stream += [ts_sample(f"q{i}", [], "pop", 0) for i in range(50)]
+    m.learn(stream)
+    assert len(m.sessions) == 3
+    # The current user's session so far: a, b. The neighbours {a, b, c} vote for c.
+    m.learn([ts_sample("v", [], "a", 5 * gap), ts_sample("v", [], "b", 5 * gap + 1)])
+    q = ts_sample("v", ["a", "b"], "c", 5 * gap + 2)
+    assert m.top_k([q], 1) == [["c"]]
+    assert m.rank_targets([q]) == [1]
+    # With one neighbour only the most similar session ({a, b, c}) votes: e gets nothing
+    # but popularity, and ties with d (both 0 apart from popularity 0).
+    one = SessionKNN(gap_ms=1000, recent=3, neighbours=1)
+    one.ingest_items(items("a", "b", "c", "d", "e", "pop"))
+    one.learn(stream)
+    one.learn([ts_sample("v", [], "a", 5 * gap), ts_sample("v", [], "b", 5 * gap + 1)])
+    s = one._scores([q])[0]
+    assert s[one.index["c"]] > 0.5 and s[one.index["e"]] < 1e-6
+
+
 def test_isgd_learns_a_users_item():
     m = ISGD()
     m.ingest_items(items(*(f"i{j}" for j in range(30))))
@@ -157,7 +231,16 @@ def test_run_eval_writes_the_report(tmp_path):
     )
     stream = to_stream(synthetic(cfg.replay), cfg)
     res = run_eval(cfg, stream, warmup=0.2, k=10, n_buckets=4, out_dir=tmp_path, progress=False)
-    names = ["online", "frozen", "popularity", "recent_popularity", "isgd", "cooccurrence"]
+    names = [
+        "online",
+        "frozen",
+        "popularity",
+        "recent_popularity",
+        "isgd",
+        "cooccurrence_last_item",
+        "cooccurrence_windowed",
+        "session_knn",
+    ]
     assert list(res["models"]) == names
     for name in names:
         m = res["models"][name]
@@ -168,7 +251,8 @@ def test_run_eval_writes_the_report(tmp_path):
                 assert 0.0 <= d[metric] <= 1.0, (name, metric, d[metric])
     # The synthetic stream has a strong "next item" structure: co-occurrence beats popularity.
     overall = {n: res["models"][n]["overall"]["recall@10"] for n in names}
-    assert overall["cooccurrence"] > overall["popularity"]
+    assert overall["cooccurrence_last_item"] > overall["popularity"]
+    assert overall["cooccurrence_windowed"] > overall["popularity"]
     assert res["online_vs_best_baseline"]["recall@10"]["best_baseline"] in names[2:]
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
     md = (tmp_path / "results.md").read_text()

@@ -28,6 +28,8 @@ def test_rtrec_eval_writes_table_json_and_plots(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert {"online", "frozen", "cooccurrence", "popularity"} <= set(res["models"])
+    assert {"online", "frozen", "cooccurrence_windowed", "session_knn", "popularity"} <= set(
+        res["models"]
+    )
     assert (out / "recall_over_time.png").stat().st_size > 1000
     assert "online" in proc.stdout and "|" in proc.stdout  # the markdown table

@@ -64,3 +64,100 @@ def test_movielens_loader(tmp_path):
     ]
     assert events[0].ts == 964981247000 and all(e.type == "rating" for e in events)
     assert st.histories["1"] == ["20", "10"]
+
+
+def _bursty_movielens(d):
+    """A MovieLens-format directory whose users rate in same-second bursts, listed in
+    movieId order as the real files are."""
+    import random
+
+    rng = random.Random(3)
+    rows = ["userId,movieId,rating,timestamp"]
+    for u in range(40):
+        for burst in range(4):
+            ts = 964_900_000 + 1000 * burst + u
+            for m in sorted(rng.sample(range(1, 80), 6)):
+                rows.append(f"{u},{m},{rng.choice([2.0, 3.5, 4.0, 5.0])},{ts}")
+    (d / "ratings.csv").write_text("\n".join(rows) + "\n")
+    movies = ["movieId,title,genres"] + [f"{m},Movie {m} (1995),Drama" for m in range(1, 80)]
+    (d / "movies.csv").write_text("\n".join(movies) + "\n")
+    return d
+
+
+def _guard_stream(tmp_path, **replay):
+    from dataclasses import replace
+
+    from flink_job.config import load_config
+    from offline.stream import to_stream
+    from replay.datasets import records
+
+    d = tmp_path / "ml"
+    if not d.exists():
+        d.mkdir()
+        _bursty_movielens(d)
+    cfg = load_config(None, [f"replay.dataset='{d}'"])
+    cfg = replace(cfg, replay=replace(cfg.replay, **replay))
+    recs = list(records(cfg.replay))
+    return cfg, recs, list(to_stream(iter(recs), cfg))
+
+
+def test_permute_ids_is_a_consistent_bijection_and_leaves_the_rest_alone(tmp_path):
+    _, plain, _ = _guard_stream(tmp_path)
+    _, perm, _ = _guard_stream(tmp_path, permute_ids=True)
+    assert len(plain) == len(perm)
+    mapping: dict[str, str] = {}
+    for a, b in zip(plain, perm, strict=True):
+        assert (a.topic, a.ts, a.valid) == (b.topic, b.ts, b.valid)
+        if not a.valid:
+            assert a.value == b.value  # hostile records pass unchanged
+            continue
+        ja, jb = json.loads(a.value), json.loads(b.value)
+        old, new = str(ja.pop("item_id")), str(jb.pop("item_id"))
+        assert mapping.setdefault(old, new) == new  # one item, one new id everywhere
+        if a.topic == "events":
+            # "ml-<user>-<movie>-<ts>" becomes an opaque hash.
+            assert ja.pop("event_id").startswith("ml-")
+            assert not jb.pop("event_id").startswith("ml-")
+        assert ja == jb  # users, types, times, values and texts are untouched
+    assert len(set(mapping.values())) == len(mapping)  # a bijection
+    assert not set(mapping) & set(mapping.values())
+
+
+def test_shuffle_ties_reorders_only_within_equal_timestamps(tmp_path):
+    _, plain, _ = _guard_stream(tmp_path)
+    _, shuf, _ = _guard_stream(tmp_path, shuffle_ties=True)
+
+    def events(recs):
+        out = []
+        for r in recs:
+            if r.topic == "events" and r.valid:
+                j = json.loads(r.value)
+                out.append((j.pop("ts"), j.pop("event_id"), json.dumps(j, sort_keys=True)))
+        return out
+
+    a, b = events(plain), events(shuf)
+    assert [t for t, _, _ in a] == [t for t, _, _ in b]  # timestamps keep their order
+    assert sorted((t, x) for t, _, x in a) == sorted((t, x) for t, _, x in b)
+    assert [x for _, _, x in a] != [x for _, _, x in b]  # some run was reordered
+    ids = [e for _, e, _ in b]
+    assert ids == sorted(ids)  # (ts, event_id) order = the shuffled order
+
+
+def test_a_counting_baseline_ranks_the_same_under_permuted_ids(tmp_path):
+    """The guard itself: nothing in a baseline's ranks may depend on how items are named."""
+    from models.baselines import WindowedCoOccurrence, positives
+    from models.history import Sample
+
+    runs = []
+    for permute in (False, True):
+        _, _, stream = _guard_stream(tmp_path, permute_ids=permute)
+        m, ranks = WindowedCoOccurrence(), []
+        for x in stream:
+            if isinstance(x, Sample):
+                if positives([x]):
+                    ranks += m.rank_targets([x])
+                m.learn([x])
+            else:
+                m.ingest_items([x])
+        runs.append(ranks)
+    assert runs[0] == runs[1] and len(runs[0]) > 300
