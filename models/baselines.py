@@ -369,11 +369,11 @@ class SessionKNN(Baseline):
 
     Each user's positives are cut into sessions at gaps longer than ``gap_ms``. To score
     a sample, the user's latest session's last ``recent`` items form the query, weighted
-    linearly by recency (newest 1, then (recent - 1) / recent, ...). Past sessions (every
-    user's closed sessions) that share an item with the query are candidates; their
-    similarity is the weighted overlap over sqrt(|query| * |session|) (cosine of the
-    binary session vectors with the query's weights), and the ``neighbours`` most similar
-    vote for their items with their similarity. Popularity only breaks ties.
+    linearly by recency (newest 1, then (recent - 1) / recent, ...). Every other session
+    seen so far (of any user, still open or not) that shares an item with the query is a
+    candidate; its similarity is the weighted overlap over sqrt(|query| * |session|) (the
+    cosine of binary session vectors, with the query's weights), and the ``neighbours``
+    most similar vote for their items with their similarity. Popularity only breaks ties.
 
     ``sample_per_item`` bounds the candidates: only the most recent sessions holding each
     query item are looked at, as V-SKNN samples recent sessions.
@@ -395,38 +395,33 @@ class SessionKNN(Baseline):
         self.recent = recent
         self.neighbours = neighbours
         self.sample_per_item = sample_per_item
-        self.sessions: list[IntArray] = []  # closed sessions: unique item indices
+        self.sessions: list[list[int]] = []  # session id -> its unique items, in order
         self.by_item: dict[int, deque[int]] = {}  # item -> ids of recent sessions holding it
-        self.current: dict[str, tuple[list[int], int]] = {}  # user -> (items, last ts)
+        self.current: dict[str, tuple[int, int]] = {}  # user -> (session id, last ts)
         self.counts: FloatArray = np.zeros(0)
         self._tie_scale = 1e-9
 
     def _grow(self, capacity: int) -> None:
         self.counts = self._resize(self.counts, capacity)
 
-    def _close(self, items: list[int]) -> None:
-        sid = len(self.sessions)
-        unique = np.unique(np.asarray(items, dtype=np.int64))
-        self.sessions.append(unique)
-        for i in unique.tolist():
-            self.by_item.setdefault(i, deque(maxlen=self.sample_per_item)).append(sid)
-
     def _learn_one(self, s: Sample, target: int) -> None:
         self.counts[target] += 1.0
-        items, last = self.current.get(s.user_id, ([], s.ts))
-        if items and s.ts - last > self.gap_ms:
-            self._close(items)
-            items = []
-        items.append(target)
-        self.current[s.user_id] = (items, max(last, s.ts))
+        sid, last = self.current.get(s.user_id, (-1, s.ts))
+        if sid < 0 or s.ts - last > self.gap_ms:
+            sid = len(self.sessions)
+            self.sessions.append([])
+        session = self.sessions[sid]
+        if target not in session:
+            session.append(target)
+            self.by_item.setdefault(target, deque(maxlen=self.sample_per_item)).append(sid)
+        self.current[s.user_id] = (sid, max(last, s.ts))
 
-    def _query(self, s: Sample) -> dict[int, float]:
-        items = self.current.get(s.user_id, ([], 0))[0][-self.recent :]
+    def _query(self, s: Sample) -> tuple[int, dict[int, float]]:
+        """(the user's latest session id or -1, {item: recency weight})."""
+        sid = self.current.get(s.user_id, (-1, 0))[0]
+        items = self.sessions[sid][-self.recent :] if sid >= 0 else []
         n = len(items)
-        weights: dict[int, float] = {}
-        for pos, i in enumerate(items):  # oldest first: the newest gets weight 1
-            weights[i] = max(weights.get(i, 0.0), (self.recent - (n - 1 - pos)) / self.recent)
-        return weights
+        return sid, {i: (self.recent - (n - 1 - pos)) / self.recent for pos, i in enumerate(items)}
 
     def _scores(self, samples: list[Sample]) -> FloatArray:
         n = len(self.ids)
@@ -434,13 +429,12 @@ class SessionKNN(Baseline):
         top = float(pop.max()) if n else 0.0
         out: FloatArray = np.tile(pop * (self._tie_scale / (top + 1.0)), (len(samples), 1))
         for row, s in enumerate(samples):
-            q = self._query(s)
-            if not q:
-                continue
+            own, q = self._query(s)
             overlap: dict[int, float] = {}
             for i, w in q.items():
                 for sid in self.by_item.get(i, ()):
-                    overlap[sid] = overlap.get(sid, 0.0) + w
+                    if sid != own:
+                        overlap[sid] = overlap.get(sid, 0.0) + w
             if not overlap:
                 continue
             sids = np.fromiter(overlap.keys(), dtype=np.int64, count=len(overlap))

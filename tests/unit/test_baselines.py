@@ -153,7 +153,7 @@ def test_session_knn_recommends_what_similar_sessions_held():
     m = SessionKNN(gap_ms=1000, recent=3, neighbours=2)
     m.ingest_items(items("a", "b", "c", "d", "e", "pop"))
     gap = 10_000
-    # Two past users had sessions {a, b, c}; one had {a, e}. Sessions close at a gap.
+    # Two past users had sessions {a, b, c}; one had {a, e}; then each a session {pop}.
     stream = []
     for u, sess in (("p1", "abc"), ("p2", "abc"), ("p3", "ae")):
         for j, it in enumerate(sess):
@@ -161,7 +161,7 @@ def test_session_knn_recommends_what_similar_sessions_held():
         stream.append(ts_sample(u, [], "pop", gap))  # a later session closes the first
     stream += [ts_sample(f"q{i}", [], "pop", 0) for i in range(50)]
     m.learn(stream)
-    assert len(m.sessions) == 3
+    assert len(m.sessions) == 6 + 50
     # The current user's session so far: a, b. The neighbours {a, b, c} vote for c.
     m.learn([ts_sample("v", [], "a", 5 * gap), ts_sample("v", [], "b", 5 * gap + 1)])
     q = ts_sample("v", ["a", "b"], "c", 5 * gap + 2)
