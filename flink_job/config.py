@@ -504,17 +504,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def toml_value(v: Any) -> str:
+    """One value as TOML (strings quoted, tables inline)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        inner = ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items())
+        return "{ " + inner + " }" if inner else "{}"
+    return repr(v)
+
+
 def to_toml(cfg: AppConfig) -> str:
     """Render the resolved config as TOML (what `rtrec config` prints)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return repr(v)
+    fmt = toml_value
 
     lines: list[str] = []
     for section, values in to_dict(cfg).items():

@@ -67,6 +67,10 @@ class Baseline:
         self.index: dict[str, int] = {}
         self.ids: list[str] = []
         self._capacity = 0
+        # Counting baselines: positives per item, and the scale that keeps popularity below
+        # any difference of their own scores (see _tie_breaks).
+        self.counts: FloatArray = np.zeros(0)
+        self._tie_scale = 0.0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,6 +98,14 @@ class Baseline:
     def _resize(a: FloatArray, capacity: int) -> FloatArray:
         out = np.zeros((capacity, *a.shape[1:]), dtype=a.dtype)
         out[: a.shape[0]] = a
+        return out
+
+    def _tie_breaks(self, rows: int) -> FloatArray:
+        """``[rows, n]`` popularity scores scaled below ``self._tie_scale``, the start of a
+        counting baseline's scores: popularity then only breaks ties. Needs ``counts``."""
+        pop = self.counts[: len(self.ids)]
+        top = float(pop.max()) if len(pop) else 0.0
+        out: FloatArray = np.tile(pop * (self._tie_scale / (top + 1.0)), (rows, 1))
         return out
 
     def ingest_items(self, items: Iterable[Item]) -> None:
@@ -288,11 +300,7 @@ class CoOccurrence(Baseline):
             row[target] = row.get(target, 0.0) + 1.0
 
     def _scores(self, samples: list[Sample]) -> FloatArray:
-        n = len(self.ids)
-        pop = self.counts[:n]
-        top = float(pop.max()) if n else 0.0
-        base = pop * (self._tie_scale / (top + 1.0))
-        out: FloatArray = np.tile(base, (len(samples), 1))
+        out = self._tie_breaks(len(samples))
         for row, s in enumerate(samples):
             for p, h in enumerate(reversed(s.history[-self.last_n :])):
                 nxt = self.next_counts.get(self.index.get(h, -1))
@@ -354,10 +362,7 @@ class WindowedCoOccurrence(Baseline):
             back[hi] = back.get(hi, 0.0) + w
 
     def _scores(self, samples: list[Sample]) -> FloatArray:
-        n = len(self.ids)
-        pop = self.counts[:n]
-        top = float(pop.max()) if n else 0.0
-        out: FloatArray = np.tile(pop * (self._tie_scale / (top + 1.0)), (len(samples), 1))
+        out = self._tie_breaks(len(samples))
         for row, s in enumerate(samples):
             for a, h in enumerate(reversed(s.history[-self.window :])):
                 _sparse_add(out[row], self.rows.get(self.index.get(h, -1)), self.decay**a)
@@ -424,10 +429,7 @@ class SessionKNN(Baseline):
         return sid, {i: (self.recent - (n - 1 - pos)) / self.recent for pos, i in enumerate(items)}
 
     def _scores(self, samples: list[Sample]) -> FloatArray:
-        n = len(self.ids)
-        pop = self.counts[:n]
-        top = float(pop.max()) if n else 0.0
-        out: FloatArray = np.tile(pop * (self._tie_scale / (top + 1.0)), (len(samples), 1))
+        out = self._tie_breaks(len(samples))
         for row, s in enumerate(samples):
             own, q = self._query(s)
             overlap: dict[int, float] = {}

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from flink_job.config import AppConfig, profile_names
+from flink_job.config import AppConfig, profile_names, toml_value
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 COMMAND = "python -m rtrec.config_docs"
@@ -77,19 +77,6 @@ def default_value(f: dataclasses.Field[Any]) -> Any:
     return f.default
 
 
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, dict):
-        inner = ", ".join(f"{_toml(str(k))} = {_toml(x)}" for k, x in v.items())
-        return "{ " + inner + " }" if inner else "{}"
-    return repr(v)
-
-
 def _cell(text: str) -> str:
     """``text`` safe inside a Markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ")
@@ -100,7 +87,7 @@ def _table(section: str, fields: list[dataclasses.Field[Any]], hints: dict[str, 
     for f in fields:
         rows.append(
             f"| `{section}.{f.name}` | `{_cell(_type_name(hints[f.name]))}` "
-            f"| `{_cell(_toml(default_value(f)))}` | {_cell(f.metadata['doc'])} |"
+            f"| `{_cell(toml_value(default_value(f)))}` | {_cell(f.metadata['doc'])} |"
         )
     return "\n".join(rows) + "\n"
 
