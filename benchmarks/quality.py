@@ -19,6 +19,10 @@ import time
 import _common as C
 
 
+def _times(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = C.parser("quality", __doc__)
     p.add_argument("--dataset", default="synthetic", help="'synthetic' or a MovieLens dir")
@@ -32,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     from offline.stream import to_stream
     from replay.datasets import records
 
-    overrides = [f"replay.dataset={json.dumps(args.dataset)}", *args.set]
+    overrides = [f"replay.dataset={json.dumps(args.dataset)}"]
     if args.quick and args.dataset == "synthetic":
         overrides += ["replay.num_events=3000", "model.text_encoder='none'"]
+    overrides += args.set
     overrides += ["replay.permute_ids=true"] if args.permute_ids else []
     overrides += ["replay.shuffle_ties=true"] if args.shuffle_ties else []
     cfg = C.config(overrides)
@@ -63,12 +68,19 @@ def main(argv: list[str] | None = None) -> int:
             for name, m in models.items()
             if name != "online"
         ]
+    r, n = figures[0], next(f for f in figures if f["headline"] and f is not figures[0])
+    headline = (
+        f"quality: online Recall@{k} {r['value']:.4f} / NDCG@{k} {n['value']:.4f}; "
+        f"online / {r['baseline']} {_times(r['ratio'])} / {_times(n['ratio'])}"
+    )
+    print(headline)
     C.write_result(
         args.out,
         "quality",
         args,
         {
             "figures": figures,
+            "headline": headline,
             "dataset": args.dataset,
             "test_positives": res["test_positives"],
             "catalogue_items": res["catalogue_items"],

@@ -48,6 +48,19 @@ def run(script: str, out: Path, *args: str) -> dict:
     return doc
 
 
+def test_quality_script_reports_online_against_the_strongest_baseline(tmp_path: Path) -> None:
+    doc = run("quality.py", tmp_path, "--quick", "--set", "replay.num_events=1200")
+    head = [f for f in doc["figures"] if f["headline"]]
+    assert [f["figure"] for f in head] == ["online Recall@10", "online NDCG@10"]
+    for f, metric in zip(head, ("recall@10", "ndcg@10"), strict=True):
+        strongest = max(
+            (v[metric], name) for name, v in doc["eval"].items() if name not in ("online", "frozen")
+        )
+        assert f["baseline"] == f"strongest baseline ({strongest[1]})"
+        assert f["baseline_value"] == strongest[0] and f["value"] == doc["eval"]["online"][metric]
+    assert doc["config"]["resolved"]["replay"]["num_events"] == 1200
+
+
 def test_catalogue_script_writes_json(tmp_path: Path) -> None:
     doc = run("catalogue.py", tmp_path, "--sizes", "200,400", "--samples", "128", "--exports", "1")
     rows = doc["rows"]
