@@ -67,8 +67,11 @@ class ModelConfig:
     )
     # The memory adds sum_p w_p * log(1 + count(h_p -> j)) to the score of item j, over the
     # transition_window newest history items h_p, with w learned by the loss.
+    # Popular items co-occur with thousands of others; too few slots keep evicting real
+    # neighbours (rtrec eval shows it against cooccurrence_windowed). Each slot costs 8
+    # bytes per id row in state.
     transition_slots: int = setting(
-        64,
+        256,
         "Item-to-item transition memory learned online: strongest neighbours each id row "
         "keeps (catalogue index + count); 0 = off.",
     )
