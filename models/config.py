@@ -84,6 +84,14 @@ class ModelConfig:
         'Newest history items h_d whose "h_d -> target" transition each positive counts, '
         "weighted 1 / (d + 1); at most history_length.",
     )
+    # Tastes and catalogues drift: old co-occurrences should weigh less than new ones. The
+    # clock is learned positives, not event time, so a quiet hour forgets nothing and a
+    # replay forgets as much as the live run did.
+    transition_half_life: int = setting(
+        5000,
+        "Learned positives after which a transition count weighs half as much (exponential "
+        "forgetting); 0 = counts never fade.",
+    )
     # Co-occurrence within a short span is evidence in both directions.
     transition_symmetric: bool = setting(
         True, 'Each positive also counts "target -> h_d" for the same pairs.'

@@ -99,6 +99,11 @@ def _count_all(
     block[:, m:] = np.frombuffer(cnt, dtype=np.float32).reshape(-1, m)
 
 
+# Exponent span of one count epoch (see OnlineLearner._fade): counts added within an
+# epoch differ in scale by less than 2^FADE_SPAN, far inside float32's range.
+FADE_SPAN = 16
+
+
 def preload() -> None:
     """Import what the first learner pulls in lazily: ``torch.optim`` imports
     ``torch._dynamo`` (hundreds of modules, seconds of CPU) on its first optimizer. The job's
@@ -199,10 +204,18 @@ class OnlineLearner:
             set_cpu_threads(cfg.torch_threads)
         self.dim = model_cfg.dim
         self.text_dim = text_dim
-        # Id rows: [embedding D | optimizer slots | transition memory: M indices, M counts].
+        # Id rows: [embedding D | optimizer slots | transition memory: M indices, M counts,
+        # and with forgetting on, the row's count epoch (see _fade)].
         self.trans_m = model_cfg.transition_slots if cfg.loss != "adaptive_softmax" else 0
         self.trans_off = model_cfg.dim + optimizer_slots(cfg.optimizer, model_cfg.dim)
-        self.slots = optimizer_slots(cfg.optimizer, model_cfg.dim) + 2 * self.trans_m
+        self.half_life = model_cfg.transition_half_life if self.trans_m else 0
+        self.slots = (
+            optimizer_slots(cfg.optimizer, model_cfg.dim)
+            + 2 * self.trans_m
+            + (1 if self.half_life > 0 else 0)
+        )
+        # meta["positives_trained"] as of the cache: the clock the transition counts fade by.
+        self.positives = 0
         self.loaded_step: int | None = None
         # Set by `rtrec pretrain --unfreeze-top N`: catalogue indices [N] -> differentiable
         # text embeddings [N, T] from the language model being fine-tuned.
@@ -279,6 +292,7 @@ class OnlineLearner:
         items: Callable[[], Iterable[tuple[str, bytes]]] = lambda: (),
     ) -> None:
         """Rebuild the cache from state unless it already reflects ``meta['step']``."""
+        self.positives = meta["positives_trained"]
         if self.loaded_step == meta["step"]:
             return
         self._fresh()
@@ -625,6 +639,7 @@ class OnlineLearner:
                 self._sparse_update(rows, sub.grad)
             self._update_ema()
             meta["positives_trained"] += len(pos)
+            self.positives = meta["positives_trained"]
             lv = float(reported.item())
             meta["loss_ema"] = (
                 lv if meta["loss_ema"] is None else 0.98 * meta["loss_ema"] + 0.02 * lv
@@ -865,10 +880,10 @@ class OnlineLearner:
     def successors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Transition memory per catalogue index: successor indices [size, M] (0 = empty
         slot) and their counts [size, M]; items without an id row have none."""
-        cat, m, off = self.catalog, self.trans_m, self.trans_off
+        cat = self.catalog
         rows = torch.from_numpy(cat.row_of[: cat.size]).to(self.device)
-        block = self.table.data[rows, off : off + 2 * m]
-        return block[:, :m].long(), block[:, m:]
+        idx, cnt = self._memory(rows)
+        return idx.long(), cnt
 
     def transition_scores(
         self, hist: torch.Tensor, mask: torch.Tensor, model: TwoTower | None = None
@@ -878,13 +893,24 @@ class OnlineLearner:
         weight = (model or self.model).transition_weight
         if weight is None or self.trans_m == 0:
             return None
-        cat, m, off = self.catalog, self.trans_m, self.trans_off
+        cat = self.catalog
         newest = hist[:, : weight.shape[0]]  # [B, P]: only their memories are read
         rows = torch.from_numpy(cat.row_of[newest.cpu().numpy()]).to(self.device)
-        block = self.table.data[rows, off : off + 2 * m]  # [B, P, 2M]
-        return history_transition_scores(
-            weight, block[..., :m].long(), block[..., m:], mask, cat.size
-        )
+        idx, cnt = self._memory(rows)  # [B, P, M] each
+        return history_transition_scores(weight, idx.long(), cnt, mask, cat.size)
+
+    def _memory(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transition memory of id rows ``rows`` (any shape S): neighbour catalogue
+        indices [*S, M] (as float32) and their counts [*S, M] as of now (faded)."""
+        m, off = self.trans_m, self.trans_off
+        block = self.table.data[rows, off : off + 2 * m + (1 if self.half_life else 0)]
+        cnt = block[..., m : 2 * m]
+        if self.half_life:
+            # A row's counts are stored relative to its epoch k: the true count is
+            # stored * 2^-(E - FADE_SPAN * k) with E = positives / half_life.
+            e = self.positives / self.half_life
+            cnt = cnt * torch.exp2(block[..., 2 * m :] * FADE_SPAN - e)
+        return block[..., :m], cnt
 
     def _transition_negatives(self, hist: torch.Tensor) -> torch.Tensor:
         """The most frequent remembered successors of each sample's newest history item
@@ -937,13 +963,36 @@ class OnlineLearner:
         # touched rows' memory (one transfer each way instead of a tensor indexing per
         # count, which would dominate a CPU step).
         rows, at = np.unique(r_all, return_inverse=True)
-        off = self.trans_off
+        off, end = self.trans_off, self.trans_off + 2 * m + (1 if self.half_life else 0)
         rows_t = torch.from_numpy(rows.astype(np.int64)).to(self.device)
-        block = self.table.data[rows_t, off : off + 2 * m].cpu().numpy()  # [R, 2M] (a copy)
-        _count_all(block, at, j_all, w_all)
+        block = self.table.data[rows_t, off:end].cpu().numpy()  # [R, 2M (+1)] (a copy)
+        if self.half_life:
+            w_all = w_all * self._fade(block)
+        _count_all(block[:, : 2 * m], at, j_all, w_all)
         with torch.no_grad():
-            self.table.data[rows_t, off : off + 2 * m] = torch.from_numpy(block).to(self.device)
+            self.table.data[rows_t, off:end] = torch.from_numpy(block).to(self.device)
         touched_rows.update(rows.tolist())
+
+    def _fade(self, block: npt.NDArray[np.float32]) -> float:
+        """Bring the memories ``block`` [R, 2M + 1] (host copy) to the current count epoch
+        and return the factor a count added now is stored with.
+
+        Forgetting multiplies every count by 2^(-1 / half_life) per learned positive. Doing
+        that to every row per step would write the whole table; instead a count added at
+        clock E = positives / half_life is stored times 2^(E - FADE_SPAN * k), k =
+        floor(E / FADE_SPAN) the epoch, which each row keeps in its last slot. Within an
+        epoch stored counts compare as the true ones do (the least counted slot is the
+        same) and no factor exceeds 2^FADE_SPAN; a row written in a later epoch is first
+        rescaled to it (ancient counts underflow to 0, freeing their slots)."""
+        m = self.trans_m
+        e = self.positives / self.half_life
+        k = math.floor(e / FADE_SPAN)
+        behind = block[:, 2 * m] < k
+        if behind.any():
+            lag = (k - block[behind, 2 * m].astype(np.float64)) * FADE_SPAN
+            block[behind, m : 2 * m] *= np.exp2(-lag)[:, None].astype(np.float32)
+            block[behind, 2 * m] = k
+        return float(2.0 ** (e - FADE_SPAN * k))
 
     def _sparse_update(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Apply the configured optimizer to the touched id rows only ([R, D] grads)."""

@@ -1,8 +1,10 @@
 """Sequence user tower + transition memory: learning, exact restore, ONNX equality."""
 
 import copy
+import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from models.config import ModelConfig, TrainerConfig
@@ -10,11 +12,20 @@ from models.export import build_version
 from models.history import Sample
 from models.registry import publish
 from models.serving import OnnxRecommender
-from models.trainer import OnlineLearner, _count_all, new_meta
+from models.trainer import FADE_SPAN, OnlineLearner, _count_all, new_meta
 from tests.unit.helpers import topic_samples
 from tests.unit.test_trainer import StateStore, run
 
-MC = ModelConfig(dim=16, history_length=8, hidden=32, user_tower="sequence", transition_slots=4)
+MC = ModelConfig(
+    dim=16,
+    history_length=8,
+    hidden=32,
+    user_tower="sequence",
+    transition_slots=4,
+    transition_half_life=1000,
+)
+# A short half-life: the restore and ONNX tests run across several count epochs.
+MC_FADING = dataclasses.replace(MC, transition_half_life=20)
 CPU = torch.device("cpu")
 
 
@@ -30,7 +41,7 @@ def chain(n: int, length: int = 30, users: int = 50) -> list[Sample]:
 
 def test_memory_counts_transitions_and_evicts_least_frequent():
     learner = OnlineLearner(
-        ModelConfig(dim=8, history_length=4, hidden=8, transition_slots=2),
+        ModelConfig(dim=8, history_length=4, hidden=8, transition_slots=2, transition_half_life=0),
         TrainerConfig(num_negatives=2),
         CPU,
     )
@@ -47,6 +58,45 @@ def test_memory_counts_transitions_and_evicts_least_frequent():
     assert dict(zip(idx[a].tolist(), cnt[a].tolist(), strict=True)) == {b: 2.0, d: 1.0}
 
 
+def test_counts_fade_by_half_life_across_epochs():
+    """A count halves every ``transition_half_life`` learned positives, also once the clock
+    has passed several count epochs (FADE_SPAN half-lives each), and the faded count
+    decides which slot a new neighbour takes."""
+    learner = OnlineLearner(
+        ModelConfig(dim=8, history_length=4, hidden=8, transition_slots=2, transition_half_life=4),
+        TrainerConfig(num_negatives=2),
+        CPU,
+    )
+    meta = new_meta("m")
+    n = iter(range(10_000))
+    s = lambda h, t: Sample("m", "u", h, t, 1, 1.0, next(n), f"e{next(n)}")  # noqa: E731
+
+    def filler(k: int) -> None:  # k positives without history: the clock moves, no counts
+        learner.learn([s((), f"f{next(n) % 50}") for _ in range(k)], meta)
+
+    def row(item: str) -> dict[str, float]:
+        idx, cnt = learner.successors()
+        cat = learner.catalog
+        at = cat.index[item]
+        return {
+            cat.ids[j]: c for j, c in zip(idx[at].tolist(), cnt[at].tolist(), strict=True) if c > 0
+        }
+
+    learner.learn([s((), "a")], meta)  # "a" gets an id row, which holds its memory
+    filler(3)
+    learner.learn([s(("a",), "b")], meta)
+    assert row("a") == {"b": pytest.approx(1.0)}
+    filler(4)  # one half-life
+    assert row("a") == {"b": pytest.approx(0.5)}
+    filler(8 * FADE_SPAN)  # two epochs later: 2^-(1 + 2 * FADE_SPAN)
+    learner.learn([s(("a",), "c")], meta)  # rescales row a to the current epoch
+    faded = 0.5 ** (1 + 2 * FADE_SPAN + 0.25)
+    assert row("a") == {"b": pytest.approx(faded, rel=1e-4), "c": pytest.approx(1.0)}
+    filler(4)
+    learner.learn([s(("a",), "d")], meta)  # full: d replaces b, now the least counted
+    assert row("a") == {"c": pytest.approx(0.5**1.25), "d": pytest.approx(1.0)}
+
+
 def test_transition_memory_learns_a_chain():
     learner = OnlineLearner(MC, TrainerConfig(batch_size=32, transition_negatives=2), CPU)
     run(learner, StateStore(), chain(3000))
@@ -57,12 +107,12 @@ def test_transition_memory_learns_a_chain():
 def test_restore_from_state_is_exact():
     cfg = TrainerConfig(batch_size=32, transition_negatives=2)
     data = topic_samples(1200)
-    a, store_a = OnlineLearner(MC, cfg, CPU), StateStore()
+    a, store_a = OnlineLearner(MC_FADING, cfg, CPU), StateStore()
     run(a, store_a, data[:600])
     store_b = StateStore()
     store_b.rows, store_b.items = dict(store_a.rows), dict(store_a.items)
     store_b.dense, store_b.meta = store_a.dense, copy.deepcopy(store_a.meta)
-    b = OnlineLearner(MC, cfg, CPU)
+    b = OnlineLearner(MC_FADING, cfg, CPU)
     run(a, store_a, data[600:])
     run(b, store_b, data[600:])
     assert store_a.rows == store_b.rows and store_a.items == store_b.items
@@ -70,7 +120,7 @@ def test_restore_from_state_is_exact():
 
 
 def test_onnx_matches_learner_scores(tmp_path):
-    learner = OnlineLearner(MC, TrainerConfig(batch_size=64), CPU)
+    learner = OnlineLearner(MC_FADING, TrainerConfig(batch_size=64), CPU)
     meta = new_meta("m")
     data = topic_samples(2000) + chain(600, length=20)
     for i in range(0, len(data), 64):
@@ -128,7 +178,14 @@ def test_a_step_counts_every_pair_in_sample_order():
     positive's pairs one by one in batch order (nearest history item first, "h -> t"
     before "t -> h"): skipped are history items equal to the target and padding, and
     duplicates in a history count twice."""
-    mc = ModelConfig(dim=8, history_length=4, hidden=8, transition_slots=3, transition_pairs=3)
+    mc = ModelConfig(  # stored counts are true counts without forgetting
+        dim=8,
+        history_length=4,
+        hidden=8,
+        transition_slots=3,
+        transition_pairs=3,
+        transition_half_life=0,
+    )
     learner = OnlineLearner(mc, TrainerConfig(num_negatives=2), CPU)
     meta = new_meta("m")
     s = lambda h, t, i: Sample("m", "u", h, t, 1, 1.0, i, f"e{i}")  # noqa: E731
