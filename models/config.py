@@ -215,8 +215,17 @@ def _default_weights() -> dict[str, float]:
 class UserStageConfig:
     """Per-user stage: the history kept per user and how events become samples.
 
-    The history length is ``model.history_length`` (one source of truth).
+    The towers read the newest ``model.history_length`` items (one source of truth); the
+    stage keeps up to ``known_items`` so that ranking can leave out everything the user
+    already interacted with, not only what the towers read.
     """
+
+    known_items: int = setting(
+        200,
+        "A user's most recent positives kept as known history: ranking (eval, in-stream "
+        "metrics) leaves them all out, and the towers read the newest model.history_length "
+        "of them. Raised to model.history_length when lower. Bounds the per-user state.",
+    )
 
     dedup_size: int = setting(
         256, "Event ids remembered per user: a repeated event id among them is dropped."

@@ -1,8 +1,9 @@
 """Model versions: a self-contained ONNX graph plus a manifest.
 
 ``model.onnx`` maps ``history_ids`` int64 [B, H] (indices into the version's item list,
-newest first, 0 = padding) and ``history_mask`` bool [B, H] to ``top_ids`` int64 [B, K]
-and ``top_scores`` float32 [B, K]. The item matrix is inside the graph, and the item id
+newest first, 0 = padding), ``history_mask`` bool [B, H] and ``exclude_ids`` int64 [B, E]
+(items never to recommend, any E, 0 = padding) to ``top_ids`` int64 [B, K] and
+``top_scores`` float32 [B, K]. The item matrix is inside the graph, and the item id
 strings are in the ONNX metadata (``item_ids``, a JSON list; index i+1 <-> item_ids[i]),
 so ``model.onnx`` alone is enough to serve. Beside it, for approximate-nearest-neighbour
 serving at larger catalogues: ``user_encoder.onnx`` (same inputs -> ``user_vector`` [B, D]),
@@ -30,7 +31,7 @@ from torch import nn
 
 from models.metrics import summary
 from models.trainer import OnlineLearner
-from models.two_tower import TopKModel, TwoTower
+from models.two_tower import TopKModel, TwoTower, excluded_items
 from models.version import ModelVersion
 
 ONNX_OPSET = 18
@@ -60,8 +61,10 @@ class AsmTopKModel(nn.Module):
         self.register_buffer("classes", classes)
         self.k = min(k, item_vectors.shape[0] - 1)
 
+    input_names = TopKModel.input_names
+
     def forward(
-        self, history_ids: torch.Tensor, history_mask: torch.Tensor
+        self, history_ids: torch.Tensor, history_mask: torch.Tensor, exclude_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.item_rows
         classes = self.classes
@@ -69,9 +72,7 @@ class AsmTopKModel(nn.Module):
         user = self.dense.user_vectors(rows[history_ids], history_mask.to(torch.float32))
         scores = self.asm.log_prob(user)[:, classes.clamp(min=0)]  # [B, V + 1]
         scores = scores - (classes < 0).to(scores.dtype).unsqueeze(0) * 1e9
-        seen = torch.zeros_like(scores).scatter(1, history_ids, 1.0)
-        seen[:, 0] = 1.0
-        scores = scores - seen * 1e9
+        scores = scores - excluded_items(scores, history_ids, exclude_ids) * 1e9
         top_scores, top_ids = torch.topk(scores, self.k, dim=1)
         return top_ids, top_scores
 
@@ -146,8 +147,14 @@ def _signature(
 def _trace(model: nn.Module, history_length: int, outputs: list[str]) -> onnx.ModelProto:
     ids = torch.zeros(1, history_length, dtype=torch.long)
     mask = torch.zeros(1, history_length, dtype=torch.bool)
+    inputs: tuple[torch.Tensor, ...] = (ids, mask)
+    names: list[str] = list(getattr(model, "input_names", ("history_ids", "history_mask")))
+    axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in [*names, *outputs]}
+    if "exclude_ids" in names:
+        # Two columns: a one-column example would let the tracer fold the axis away.
+        inputs = (ids, mask, torch.zeros(1, 2, dtype=torch.long))
+        axes["exclude_ids"] = {0: "batch", 1: "excluded"}
     buf = io.BytesIO()
-    batch = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is much faster than dynamo here and these graphs are static.
         # Without constant folding every initializer is a named parameter or buffer (what
@@ -155,11 +162,11 @@ def _trace(model: nn.Module, history_length: int, outputs: list[str]) -> onnx.Mo
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (ids, mask),
+            inputs,
             buf,  # type: ignore[arg-type]  # file objects are accepted at run time
-            input_names=["history_ids", "history_mask"],
+            input_names=names,
             output_names=outputs,
-            dynamic_axes={name: batch for name in ["history_ids", "history_mask", *outputs]},
+            dynamic_axes=axes,
             opset_version=ONNX_OPSET,
             dynamo=False,
             do_constant_folding=False,

@@ -64,12 +64,16 @@ def advance_user(
 ) -> tuple[UserState, list[Sample]]:
     """Apply one window of a user's events, in (ts, event_id) order.
 
+    A sample's history is the user's last ``max(cfg.known_items, history_length)``
+    positives: the towers read the newest ``history_length``, ranking excludes them all.
+
     Duplicates (same event_id seen in the last ``cfg.dedup_size`` events) are dropped and
     counted; every other event yields exactly one Sample. Positives extend the history.
     """
     st = state if state is not None else UserState()
     if st.format != USER_STATE_FORMAT:
         raise format_error("user history state", st.format, USER_STATE_FORMAT)
+    keep = max(cfg.known_items, history_length)
     seen = set(st.recent_event_ids)
     samples: list[Sample] = []
     for e in sorted(events, key=lambda x: (x.ts, x.event_id)):
@@ -83,7 +87,7 @@ def advance_user(
             Sample(
                 model_key=model_key,
                 user_id=e.user_id,
-                history=tuple(st.history[-history_length:]),
+                history=tuple(st.history[-keep:]),
                 target=e.item_id,
                 label=label,
                 weight=weight,
@@ -95,6 +99,6 @@ def advance_user(
         st.last_ts = max(st.last_ts, e.ts)
         if label == 1:
             st.history.append(e.item_id)
-            del st.history[:-history_length]
+            del st.history[:-keep]
     del st.recent_event_ids[: -cfg.dedup_size]
     return st, samples

@@ -65,13 +65,39 @@ class OnnxRecommender:
             ids[i, : len(recent)] = recent
         return ids, ids > 0
 
-    def raw(self, ids: IntArray, mask: BoolArray) -> tuple[IntArray, FloatArray]:
-        top_ids, top_scores = self.session.run(None, {"history_ids": ids, "history_mask": mask})
+    def encode_excluded(
+        self, histories: list[list[str]], exclude: list[list[str]] | None = None
+    ) -> IntArray:
+        """The ``exclude_ids`` input [B, E]: every item of each history (not only the last
+        H the model reads) plus the caller's ``exclude`` items, 0-padded; unknown ids are
+        skipped (they cannot be recommended anyway)."""
+        rows = [
+            [self.index[x] for x in (*hist, *(exclude[i] if exclude else ())) if x in self.index]
+            for i, hist in enumerate(histories)
+        ]
+        out = np.zeros((len(rows), max([1, *map(len, rows)])), dtype=np.int64)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
+    def raw(
+        self, ids: IntArray, mask: BoolArray, exclude_ids: IntArray | None = None
+    ) -> tuple[IntArray, FloatArray]:
+        """The graph's outputs (top_ids [B, K], top_scores [B, K]) for encoded inputs;
+        ``exclude_ids`` [B, E] defaults to nothing beyond ``ids``."""
+        if exclude_ids is None:
+            exclude_ids = np.zeros((len(ids), 1), dtype=np.int64)
+        feeds = {"history_ids": ids, "history_mask": mask, "exclude_ids": exclude_ids}
+        top_ids, top_scores = self.session.run(None, feeds)
         return top_ids, top_scores
 
-    def recommend(self, histories: list[list[str]], k: int = 10) -> list[list[tuple[str, float]]]:
+    def recommend(
+        self, histories: list[list[str]], k: int = 10, exclude: list[list[str]] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """Top-k (item id, score) per history (oldest -> newest ids). Nothing in a
+        user's history is recommended, however long it is, nor any of ``exclude[i]``."""
         ids, mask = self.encode(histories)
-        top_ids, top_scores = self.raw(ids, mask)
+        top_ids, top_scores = self.raw(ids, mask, self.encode_excluded(histories, exclude))
         return [
             [
                 (self.item_ids[int(i) - 1], float(s))
@@ -102,7 +128,9 @@ class HotSwapRecommender:
         log.info("serving %s/%s (%d items)", self.model_key, name, len(rec.item_ids))
         return True
 
-    def recommend(self, histories: list[list[str]], k: int = 10) -> list[list[tuple[str, float]]]:
+    def recommend(
+        self, histories: list[list[str]], k: int = 10, exclude: list[list[str]] | None = None
+    ) -> list[list[tuple[str, float]]]:
         with self._lock:
             rec = self.current
         if rec is None:
@@ -110,4 +138,4 @@ class HotSwapRecommender:
                 f"no model version published yet under {self.registry}/{self.model_key}; "
                 "is the job running and has it trained?"
             )
-        return rec.recommend(histories, k)
+        return rec.recommend(histories, k, exclude)

@@ -448,6 +448,18 @@ class OnlineLearner:
         t = torch.from_numpy(ids).to(self.device)
         return t, (t > 0)
 
+    def _known_batch(self, samples: list[Sample]) -> torch.Tensor:
+        """Catalogue indices [B, E] of each sample's whole known history (``user.known_items``
+        positives, a superset of the [B, H] the towers read), 0-padded: what ranking leaves
+        out. E is the longest history of the batch."""
+        get = self.catalog.index.get
+        e = max((len(s.history) for s in samples), default=0)
+        ids = np.array(
+            [[get(item, 0) for item in s.history] + [0] * (e - len(s.history)) for s in samples],
+            dtype=np.int64,
+        ).reshape(len(samples), e)
+        return torch.from_numpy(ids).to(self.device)
+
     def _admit(self, idx: int, touched_rows: set[int], meta: dict[str, Any]) -> None:
         cat, table = self.catalog, self.table
         if cat.row_of[idx] == 0 and cat.count[idx] >= self.model_cfg.admission_threshold:
@@ -596,7 +608,8 @@ class OnlineLearner:
             trans = self.transition_scores(hist, mask)  # [B, size] (memory before the batch)
             if self.blending and trans is not None:
                 loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
-                blend_vec = self._blend_loss(user.detach(), hist, trans, targets)
+                known = self._known_batch(pos)
+                blend_vec = self._blend_loss(user.detach(), known, trans, targets)
             else:
                 extra = trans[:, cand] if trans is not None else None
                 loss_vec = self._loss(user, cand_vecs, cand, labels, targets, extra)
@@ -705,20 +718,20 @@ class OnlineLearner:
     def _blend_loss(
         self,
         user: torch.Tensor,
-        hist: torch.Tensor,
+        known: torch.Tensor,
         trans: torch.Tensor,
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """Per-sample softmax loss [B] of the blended score over the whole catalogue, as it
-        is ranked (dead items and the history excluded; the target always competes).
+        is ranked (dead items and the known history excluded; the target always competes).
 
-        user [B, D] (detached: only the blend and transition weights learn here), hist
-        [B, H], trans [B, size] transition scores, targets [B].
+        user [B, D] (detached: only the blend and transition weights learn here), known
+        [B, E] (:meth:`_known_batch`), trans [B, size] transition scores, targets [B].
         """
         with torch.no_grad():
             all_vecs = self.catalogue_vectors()
         dot = user @ all_vecs.t()  # [B, size]
-        excluded = self._excluded(hist)
+        excluded = self._excluded(known)
         blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
         return self._head_loss(blended, blended.detach().masked_fill(excluded, -math.inf), targets)
 
@@ -766,12 +779,12 @@ class OnlineLearner:
         """Whether scores blend dot products and the transition memory (learned scale)."""
         return self.trans_m > 0 and self.model.blend_weight is not None
 
-    def _excluded(self, hist: torch.Tensor) -> torch.Tensor:
-        """[B, size] bool: what a blended ranking leaves out for histories [B, H]: the
-        history's own items, padding and holes."""
+    def _excluded(self, known: torch.Tensor) -> torch.Tensor:
+        """[B, size] bool: what a ranking leaves out for known histories [B, E]
+        (:meth:`_known_batch`): the user's known items, padding and holes."""
         size = self.catalog.size
-        excluded = torch.zeros(hist.shape[0], size, dtype=torch.bool, device=self.device)
-        excluded.scatter_(1, hist, True)
+        excluded = torch.zeros(known.shape[0], size, dtype=torch.bool, device=self.device)
+        excluded.scatter_(1, known, True)
         excluded[:, 0] = True
         return excluded | self._dead().unsqueeze(0)
 
@@ -799,7 +812,9 @@ class OnlineLearner:
 
     def score_histories(self, samples: list[Sample]) -> torch.Tensor:
         """Eval-mode scores [B, size] of every catalogue index for each sample's history;
-        padding, holes and the history's own items are -inf (as the exported graph does)."""
+        padding, holes and the user's known items (the whole ``Sample.history``, not only
+        the towers' last H) are -inf, as the exported graph does given them as
+        ``exclude_ids``."""
         return self._score(samples, keep_blend=False)[0]
 
     def _score(
@@ -811,6 +826,7 @@ class OnlineLearner:
         self.model.eval()
         with torch.no_grad():
             hist, mask = self._history_batch(samples)
+            known = self._known_batch(samples)
             # One whole-catalogue pass gives the history's vectors and the dot products
             # (the adaptive softmax scores classes, not item vectors).
             vecs = self.catalogue_vectors() if self.asm is None else None
@@ -821,7 +837,7 @@ class OnlineLearner:
             with torch.set_grad_enabled(keep_blend):
                 trans = self.transition_scores(hist, mask)
                 dot = user @ vecs.t()
-                excluded = self._excluded(hist)
+                excluded = self._excluded(known)
                 blended = blend_scores(self.model, dot, trans, self._cold(), excluded)
             if keep_blend:
                 kept = blended
@@ -832,7 +848,7 @@ class OnlineLearner:
                 scores = self.score_all(user, vecs)
                 if trans is not None:
                     scores = scores + trans
-        scores.scatter_(1, hist, -math.inf)
+        scores.scatter_(1, known, -math.inf)
         scores[:, 0] = -math.inf
         return scores, kept, hist
 

@@ -258,14 +258,31 @@ def blend_scores(
     return out
 
 
+def excluded_items(
+    scores: torch.Tensor, history_ids: torch.Tensor, exclude_ids: torch.Tensor
+) -> torch.Tensor:
+    """[B, V + 1] float, 1 where an exported graph must not recommend: padding (index 0)
+    and every index of history_ids [B, H] and exclude_ids [B, E]."""
+    seen = torch.zeros_like(scores).scatter(1, history_ids, 1.0)
+    seen = seen.scatter(1, exclude_ids, 1.0)
+    seen[:, 0] = 1.0
+    return seen
+
+
 class TopKModel(nn.Module):
     """What is exported to ONNX: history (indices into the exported item matrix) -> top-k.
 
-    Inputs: history_ids int64 [B, H] (0 = padding), history_mask bool/int [B, H].
+    Inputs: history_ids int64 [B, H] (0 = padding), history_mask bool/int [B, H], and
+    exclude_ids int64 [B, E] (E any, 0 = padding): further items never recommended, e.g.
+    the user's known history beyond the last H, or what the caller has already shown.
     The item matrix holds final item vectors (the item tower is applied before export).
     Outputs: top_ids int64 [B, K] (indices; the version's item list maps them to ids),
-    top_scores float32 [B, K]. Padding and items already in the history are excluded.
+    top_scores float32 [B, K]. Padding and the items of history_ids and exclude_ids are
+    excluded (they also do not count among the user's best-matching warm items that a
+    cold item borrows its transition evidence from, as in training).
     """
+
+    input_names = ("history_ids", "history_mask", "exclude_ids")
 
     def __init__(
         self,
@@ -291,7 +308,7 @@ class TopKModel(nn.Module):
             self.register_buffer("cold", cold)
 
     def forward(
-        self, history_ids: torch.Tensor, history_mask: torch.Tensor
+        self, history_ids: torch.Tensor, history_mask: torch.Tensor, exclude_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.item_rows
         assert isinstance(rows, torch.Tensor)
@@ -313,8 +330,7 @@ class TopKModel(nn.Module):
                 rows.shape[0],
                 torch.zeros_like(scores),  # (the graph takes V from the scores' shape)
             )
-        seen = torch.zeros_like(scores).scatter(1, history_ids, 1.0)
-        seen[:, 0] = 1.0
+        seen = excluded_items(scores, history_ids, exclude_ids)
         cold: torch.Tensor | None = None
         if self.has_cold:
             buf = self.cold

@@ -1,6 +1,8 @@
 """`rtrec serve`: a small HTTP front end over the hot-swapping ONNX recommender.
 
-GET /recommend?history=item1,item2,...&k=10  -> {"version": ..., "items": [[id, score], ...]}
+GET /recommend?history=item1,item2,...&k=10[&exclude=item7,...]
+                                              -> {"version": ..., "items": [[id, score], ...]}
+    (no history item is recommended, nor any ``exclude`` item)
 GET /health                                   -> {"version": ...}
 """
 
@@ -46,8 +48,9 @@ def make_server(rec: HotSwapRecommender, host: str, port: int) -> ThreadingHTTPS
                 self._send(400, {"error": "k must be an integer in 1..1000"})
                 return
             history = [h for h in q.get("history", [""])[0].split(",") if h]
+            exclude = [x for x in q.get("exclude", [""])[0].split(",") if x]
             try:
-                items = rec.recommend([history], k)[0]
+                items = rec.recommend([history], k, [exclude])[0]
             except RuntimeError as e:
                 self._send(503, {"error": str(e)})
                 return

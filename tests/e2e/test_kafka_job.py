@@ -78,6 +78,10 @@ def test_events_in_models_out(kafka, make_cfg, tmp_path):
         url = f"http://127.0.0.1:{port}/recommend?history={','.join(hist)}&k=5"
         body = json.loads(urllib.request.urlopen(url, timeout=10).read())
         assert body["version"] == rec.version_name and len(body["items"]) == 5
+        # `exclude` leaves out what the caller names; the next best items move up.
+        shown = [i for i, _ in body["items"][:2]]
+        body = json.loads(urllib.request.urlopen(f"{url}&exclude={','.join(shown)}").read())
+        assert [i for i, _ in body["items"]][:3] == [i for i, _ in top[2:5]]
     finally:
         server.shutdown()
 

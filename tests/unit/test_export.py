@@ -43,10 +43,11 @@ def test_onnx_matches_torch_within_1e_5(trained, tmp_path):
     histories = [["t1_1", "t1_2", "t1_3"], ["t2_5"], [], ["t0_0"] * 20, ["unknown-item"]]
     for batch in (histories[:1], histories):  # dynamic batch size
         ids, mask = rec.encode(batch)
-        o_ids, o_scores = rec.raw(ids, mask)
+        excl = rec.encode_excluded(batch, [["t1_4", "t3_3"]] * len(batch))
+        o_ids, o_scores = rec.raw(ids, mask, excl)
         ref = TopKModel(learner.model.eval(), reference_item_matrix(learner, rec.item_ids), 20)
         with torch.no_grad():
-            t_ids, t_scores = ref(torch.from_numpy(ids), torch.from_numpy(mask))
+            t_ids, t_scores = ref(*(torch.from_numpy(a) for a in (ids, mask, excl)))
         np.testing.assert_allclose(o_scores, t_scores.numpy(), atol=1e-5, rtol=0)
         distinct = 0
         for o_row, t_row, s_row in zip(o_ids, t_ids.numpy(), t_scores.numpy(), strict=True):
@@ -67,6 +68,21 @@ def test_recommendations_rank_known_items_and_skip_history(trained, tmp_path):
     assert scores == sorted(scores, reverse=True)
     # The model learned topics: most of the top-10 are from the user's topic.
     assert sum(i.startswith("t3_") for i in items) >= 6, items
+    # The caller's exclusions are never recommended, and the rest keeps its order.
+    fewer = [i for i, _ in rec.recommend([hist], k=10, exclude=[items[:3]])[0]]
+    assert not set(fewer) & set(items[:3]) and fewer[:7] == items[3:]
+
+
+def test_history_beyond_what_the_model_reads_is_never_recommended(trained, tmp_path):
+    """The graph reads the last H items; every older one is excluded through exclude_ids."""
+    learner, meta = trained
+    rec = OnnxRecommender(publish(tmp_path, build_version(learner, meta, 30, {})) / "model.onnx")
+    recent = ["t3_1", "t3_2", "t3_4"]
+    top = [i for i, _ in rec.recommend([recent], k=5)[0]]
+    # The same user with their best-matching items seen long ago (beyond the last H).
+    older = [*top, *[f"t0_{n}" for n in range(rec.history_length)]]
+    items = [i for i, _ in rec.recommend([[*older, *recent]], k=10)[0]]
+    assert len(items) == 10 and not set(items) & set(older + recent)
 
 
 def test_manifest_fields(trained):
@@ -222,12 +238,13 @@ def _assert_same_as_fresh_trace(E, learner, meta, reused, newest: int) -> None:
         "history_ids": np.array([[newest, 2, 3, 0], [4, 0, 0, 0]], dtype=np.int64),
         "history_mask": np.array([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=bool),
     }
-    for a, b in (
-        (reused.onnx_bytes, fresh.onnx_bytes),
-        (reused.extras["user_encoder.onnx"], fresh.extras["user_encoder.onnx"]),
+    top_feeds = {**feeds, "exclude_ids": np.array([[5, 0, 0], [6, 7, 8]], dtype=np.int64)}
+    for a, b, f in (
+        (reused.onnx_bytes, fresh.onnx_bytes, top_feeds),
+        (reused.extras["user_encoder.onnx"], fresh.extras["user_encoder.onnx"], feeds),
     ):
-        out_a = ort.InferenceSession(a, providers=["CPUExecutionProvider"]).run(None, feeds)
-        out_b = ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, feeds)
+        out_a = ort.InferenceSession(a, providers=["CPUExecutionProvider"]).run(None, f)
+        out_b = ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, f)
         for x, y in zip(out_a, out_b, strict=True):
             np.testing.assert_array_equal(x, y)
 

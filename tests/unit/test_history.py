@@ -8,7 +8,7 @@ def ev(i, item, ts, etype="click", value=None):
 
 
 def test_one_sample_per_event_in_time_order_with_bounded_history():
-    cfg = UserStageConfig()
+    cfg = UserStageConfig(known_items=0)  # raised to history_length
     events = [ev(i, f"i{i}", 1000 - i) for i in range(5)]  # arrive in reverse time order
     st, samples = advance_user(None, events, cfg, history_length=3, model_key="m")
     assert [s.target for s in samples] == ["i4", "i3", "i2", "i1", "i0"]
@@ -34,3 +34,12 @@ def test_low_ratings_are_label_zero_and_not_in_history():
     assert [(s.target, s.label) for s in samples] == [("a", 0), ("b", 1)]
     assert samples[1].weight == 1.0
     assert st.history == ["b"]
+
+
+def test_known_history_is_longer_than_what_the_towers_read():
+    """Samples carry the last known_items positives (ranking excludes them all)."""
+    cfg = UserStageConfig(known_items=4)
+    events = [ev(i, f"i{i}", i) for i in range(7)]
+    st, samples = advance_user(None, events, cfg, history_length=2, model_key="m")
+    assert samples[6].history == ("i2", "i3", "i4", "i5")
+    assert st.history == ["i3", "i4", "i5", "i6"]

@@ -127,11 +127,16 @@ def test_onnx_matches_learner_scores(tmp_path):
         learner.learn(data[i : i + 64], meta)
     assert learner.model.transition_weight is not None
     rec = OnnxRecommender(publish(tmp_path, build_version(learner, meta, 20, {})) / "model.onnx")
-    histories = [["c1", "c2", "c3"], ["t2_5"], ["t1_1", "c4"], ["c5"] * 3, []]
+    # The last history is longer than the H the model reads: its older items are excluded
+    # through exclude_ids, in the learner's ranking and in the graph alike.
+    long = [f"t{n % 4}_{n % 10}" for n in range(30)] + ["c3"]
+    histories = [["c1", "c2", "c3"], ["t2_5"], ["t1_1", "c4"], ["c5"] * 3, [], long]
     ids, mask = rec.encode(histories)
-    o_ids, o_scores = rec.raw(ids, mask)
+    o_ids, o_scores = rec.raw(ids, mask, rec.encode_excluded(histories))
     samples = [Sample("m", "u", tuple(h), "c0", 1, 1.0, 0, "e") for h in histories]
     scores = learner.score_histories(samples)
+    older = [learner.catalog.index[i] for i in long[: -MC_FADING.history_length]]
+    assert torch.isinf(scores[-1, older]).all()  # known, though not read by the towers
     t_scores, t_idx = torch.topk(scores, 20, dim=1)
     np.testing.assert_allclose(o_scores, t_scores.numpy(), atol=1e-4, rtol=0)
     for o_row, t_row, s_row in zip(o_ids, t_idx.numpy(), t_scores.numpy(), strict=True):
