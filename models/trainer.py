@@ -209,11 +209,8 @@ class OnlineLearner:
         self.trans_m = model_cfg.transition_slots if cfg.loss != "adaptive_softmax" else 0
         self.trans_off = model_cfg.dim + optimizer_slots(cfg.optimizer, model_cfg.dim)
         self.half_life = model_cfg.transition_half_life if self.trans_m else 0
-        self.slots = (
-            optimizer_slots(cfg.optimizer, model_cfg.dim)
-            + 2 * self.trans_m
-            + (1 if self.half_life > 0 else 0)
-        )
+        self.trans_width = 2 * self.trans_m + (1 if self.half_life > 0 else 0)
+        self.slots = optimizer_slots(cfg.optimizer, model_cfg.dim) + self.trans_width
         # meta["positives_trained"] as of the cache: the clock the transition counts fade by.
         self.positives = 0
         self.loaded_step: int | None = None
@@ -919,7 +916,7 @@ class OnlineLearner:
         """The transition memory of id rows ``rows`` (any shape S): neighbour catalogue
         indices [*S, M] (as float32) and their counts [*S, M] as of now (faded)."""
         m, off = self.trans_m, self.trans_off
-        block = self.table.data[rows, off : off + 2 * m + (1 if self.half_life else 0)]
+        block = self.table.data[rows, off : off + self.trans_width]
         cnt = block[..., m : 2 * m]
         if self.half_life:
             # A row's counts are stored relative to its epoch k: the true count is
@@ -979,7 +976,7 @@ class OnlineLearner:
         # touched rows' memory (one transfer each way instead of a tensor indexing per
         # count, which would dominate a CPU step).
         rows, at = np.unique(r_all, return_inverse=True)
-        off, end = self.trans_off, self.trans_off + 2 * m + (1 if self.half_life else 0)
+        off, end = self.trans_off, self.trans_off + self.trans_width
         rows_t = torch.from_numpy(rows.astype(np.int64)).to(self.device)
         block = self.table.data[rows_t, off:end].cpu().numpy()  # [R, 2M (+1)] (a copy)
         if self.half_life:
