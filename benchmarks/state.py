@@ -302,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         r["state_vs_smallest"] = C.ratio(r["state_bytes"], base["state_bytes"])
         r["duration_vs_smallest"] = C.ratio(r["duration_ms"], base["duration_ms"])
         r["state_mb"] = r["state_bytes"] / 1e6
+        # What one more user or item costs: the user stage holds per-user state only, the
+        # trainer per-item state (id rows, their memory, catalogue entries) and the model.
+        if r.get("user_window_bytes") is not None:
+            r["bytes_per_user"] = r["user_window_bytes"] / r["users"]
+        if r.get("trainer_bytes") is not None:
+            r["trainer_bytes_per_item"] = r["trainer_bytes"] / r["items"]
     a, b, r2 = linear_fit([r["users"] for r in rows], [r["state_bytes"] for r in rows])
     print(C.table(rows, _COLS))
     headline = (
@@ -345,6 +351,16 @@ def figures(rows: list[dict[str, Any]], a: float, b: float, r2: float) -> list[d
                 base["duration_ms"],
             ),
         ]  # fmt: skip
+        if "bytes_per_user" in r and r is rows[-1]:
+            out.append(C.figure(f"user-stage state per user, {size}", r["bytes_per_user"], "B"))
+        if "trainer_bytes_per_item" in r and r is rows[-1]:
+            out.append(
+                C.figure(
+                    f"trainer state per item (model included), {size}",
+                    r["trainer_bytes_per_item"],
+                    "B",
+                )
+            )
     out += [
         C.figure("state per user (+ item), least-squares slope", b, "B"),
         C.figure("state at zero users, least-squares intercept", a / 1e6, "MB"),
@@ -394,7 +410,7 @@ _QS = ("min", "median", "max")
 _COLS = [
     "users", "items", "events", "items_in_events", "state_mb", "state_vs_smallest",
     "size_vs_smallest", "duration_ms", "duration_vs_smallest", "trainer_bytes",
-    "user_window_bytes",
+    "user_window_bytes", "bytes_per_user", "trainer_bytes_per_item",
 ]  # fmt: skip
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from infra.cluster import JVM_OPTIONS
-from models.config import ModelConfig, TrainerConfig, UserStageConfig, meta, setting
+from models.config import (
+    HISTORY_SOURCES,
+    ModelConfig,
+    TrainerConfig,
+    UserStageConfig,
+    meta,
+    setting,
+)
 from models.text_encoder import PRECISIONS
 
 
@@ -478,13 +485,15 @@ def validate(cfg: AppConfig) -> None:
             f"model.text_precision must be one of {', '.join(PRECISIONS)}; "
             f"got {cfg.model.text_precision!r}"
         )
-    if cfg.model.transition_pairs > cfg.model.history_length:
-        # The transition memory counts pairs among the history the user tower reads.
+    if cfg.model.history_source not in HISTORY_SOURCES:
         raise ConfigError(
-            f"model.transition_pairs ({cfg.model.transition_pairs}) must be <= "
-            f"model.history_length ({cfg.model.history_length}): a positive's transitions "
-            "are counted from the newest history items the model reads; lower "
-            "transition_pairs or raise history_length"
+            f"model.history_source must be one of {', '.join(HISTORY_SOURCES)}; "
+            f"got {cfg.model.history_source!r}"
+        )
+    if not 0.0 < cfg.model.transition_decay <= 1.0:
+        raise ConfigError(
+            f"model.transition_decay must be in (0, 1]; got {cfg.model.transition_decay} "
+            "(1 = every counted pair weighs the same)"
         )
     for name, v in (
         ("trainer.batch_size", cfg.trainer.batch_size),

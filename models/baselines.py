@@ -4,7 +4,8 @@ Every baseline follows the same protocol as :class:`models.trainer.OnlineLearner
 
 - ``ingest_items(items)``: catalogue items become known (score 0 until learned about);
 - ``rank_targets(samples)``: the 1-based rank of each sample's target among all known
-  items, excluding the items in the sample's history. Call it *before* ``learn``;
+  items, excluding the sample's known items (``Sample.events``: every event's item, any
+  label, as the learner excludes). Call it *before* ``learn``;
 - ``learn(samples)``: update from the positives (``label == 1`` and ``weight > 0``).
 
 Rank semantics (shared by all baselines, see :meth:`Baseline.rank_targets`):
@@ -13,9 +14,10 @@ Rank semantics (shared by all baselines, see :meth:`Baseline.rank_targets`):
   ties are counted against the target, so a baseline with many equal scores (counts of 0)
   never gets credit for an arbitrary tie-break. The neural learner's float scores
   practically never tie, so both conventions agree for it;
-- a target the baseline has never seen, or one that is in the sample's history (history
-  items are excluded from the candidates), gets ``len(known) + 1`` (a miss), as in the
-  learner.
+- a target the baseline has never seen, or one of the sample's known items (they are
+  excluded from the candidates), gets ``len(known) + 1`` (a miss), as in the learner.
+
+The baselines score from the positives' ``Sample.history`` only, as they are defined.
 
 Baselines:
 
@@ -130,15 +132,14 @@ class Baseline:
     def _masked_scores(self, samples: list[Sample]) -> FloatArray:
         scores = self._scores(samples)
         for row, s in enumerate(samples):
-            hist = [self.index[h] for h in s.history if h in self.index]
+            hist = [self.index[h] for h in s.events if h in self.index]
             if hist:
                 scores[row, hist] = -np.inf
         return scores
 
     def rank_targets(self, samples: list[Sample]) -> list[int]:
-        """1-based rank of each target among known, non-history items (ties count against it).
-
-        Unknown targets and targets in the history get ``len(self) + 1``.
+        """1-based rank of each target among known items not known to the user (ties count
+        against it). Unknown targets and the user's known items get ``len(self) + 1``.
         """
         miss = len(self.ids) + 1
         out = [miss] * len(samples)
@@ -156,7 +157,8 @@ class Baseline:
         return out
 
     def top_k(self, samples: list[Sample], k: int) -> list[list[str]]:
-        """The ``k`` best non-history items per sample, best first (ties in index order)."""
+        """The ``k`` best items not known to the user per sample, best first (ties in index
+        order)."""
         n = len(self.ids)
         if not samples or n == 0:
             return [[] for _ in samples]

@@ -29,6 +29,10 @@ def setting(default: T, doc: str, *, perf: bool = False) -> T:
     return field(default=default, metadata=meta(doc, perf=perf))
 
 
+# Values of model.history_source (see ModelConfig).
+HISTORY_SOURCES = ("events", "positives")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the two-tower model: embeddings, user tower, text and category features,
@@ -62,6 +66,14 @@ class ModelConfig:
         '"sequence" (one self-attention block over the recent items, read at the newest one, '
         "plus a learned item-to-item transition map from the newest items).",
     )
+    # A low rating still says what the user chose to consume next: as context it
+    # predicts the next positive better than the positives alone, and ranking should not
+    # offer an item the user already rated, however low.
+    history_source: str = setting(
+        "events",
+        'What the towers and the transition memory read and ranking leaves out: "events" '
+        '(the user\'s items of every label, Sample.context) or "positives" (Sample.history).',
+    )
     transition_items: int = setting(
         3, 'Newest history items that feed the transition map of the "sequence" tower.'
     )
@@ -76,13 +88,15 @@ class ModelConfig:
         "keeps (catalogue index + count); 0 = off.",
     )
     transition_window: int = setting(
-        10, "Newest history items whose transition counts add to a candidate's score."
+        20, "Newest history items whose transition counts add to a candidate's score."
     )
-    # Pair d (d = 0 newest) counts with weight 1 / (d + 1).
     transition_pairs: int = setting(
-        3,
-        'Newest history items h_d whose "h_d -> target" transition each positive counts, '
-        "weighted 1 / (d + 1); at most history_length.",
+        20,
+        'Newest history items h_d (d = 0 newest) whose "h_d -> target" transition each '
+        "positive counts, weighted transition_decay ** d (the newest history_length at most).",
+    )
+    transition_decay: float = setting(
+        0.8, "Weight ratio of successive counted pairs (1 = all pairs count the same)."
     )
     # Tastes and catalogues drift: old co-occurrences should weigh less than new ones. The
     # clock is learned positives, not event time, so a quiet hour forgets nothing and a

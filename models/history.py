@@ -12,14 +12,17 @@ from models.config import UserStageConfig
 from models.events import Event
 from models.state_format import format_error
 
-USER_STATE_FORMAT = 1
+# 2: ``context`` (every event's item, any label) next to the positives' ``history``.
+USER_STATE_FORMAT = 2
 
 
 @dataclass
 class UserState:
-    """What the job remembers per user. ``history`` is oldest -> newest item ids."""
+    """What the job remembers per user. ``history`` (positives) and ``context`` (every
+    event's item, whatever its label) are oldest -> newest item ids."""
 
     history: list[str] = field(default_factory=list)
+    context: list[str] = field(default_factory=list)
     recent_event_ids: list[str] = field(default_factory=list)
     events: int = 0
     duplicates: int = 0
@@ -32,7 +35,11 @@ class Sample:
     """One training sample: the user's history before ``target`` (oldest -> newest).
 
     label 1 = positive interaction the model should rank high; label 0 = an event that
-    is counted but not learned from as a positive (e.g. a low rating).
+    is counted but not learned from as a positive (e.g. a low rating). ``context`` is the
+    user's items before ``target`` whatever their label (oldest -> newest): a low rating
+    still says what the user chose to consume, which predicts what comes next. Which of
+    the two the model reads is ``model.history_source``; a sample built without a
+    context (None) has its history as context.
     """
 
     model_key: str
@@ -43,6 +50,12 @@ class Sample:
     weight: float
     ts: int
     event_id: str
+    context: tuple[str, ...] | None = None
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        """The context, or the history when the sample has none."""
+        return self.history if self.context is None else self.context
 
 
 def label_and_weight(e: Event, cfg: UserStageConfig) -> tuple[int, float]:
@@ -64,13 +77,18 @@ def advance_user(
 ) -> tuple[UserState, list[Sample]]:
     """Apply one window of a user's events, in (ts, event_id) order.
 
-    A sample's history is the user's last ``max(cfg.known_items, history_length)``
-    positives: the towers read the newest ``history_length``, ranking excludes them all.
+    A sample's history is the user's last ``keep = max(cfg.known_items, history_length)``
+    positives and its context the items of the user's last ``keep`` events of any label:
+    the towers read the newest ``history_length`` of one of them, ranking excludes all.
 
     Duplicates (same event_id seen in the last ``cfg.dedup_size`` events) are dropped and
     counted; every other event yields exactly one Sample. Positives extend the history.
     """
     st = state if state is not None else UserState()
+    if st.format == 1:
+        # Format 1 kept positives only: they are the best context there is.
+        st.context = list(st.history)
+        st.format = USER_STATE_FORMAT
     if st.format != USER_STATE_FORMAT:
         raise format_error("user history state", st.format, USER_STATE_FORMAT)
     keep = max(cfg.known_items, history_length)
@@ -93,10 +111,13 @@ def advance_user(
                 weight=weight,
                 ts=e.ts,
                 event_id=e.event_id,
+                context=tuple(st.context[-keep:]),
             )
         )
         st.events += 1
         st.last_ts = max(st.last_ts, e.ts)
+        st.context.append(e.item_id)
+        del st.context[:-keep]
         if label == 1:
             st.history.append(e.item_id)
             del st.history[:-keep]

@@ -18,7 +18,6 @@ import logging
 import math
 import pickle
 import time
-from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from torch import nn
 
 from models.adaptive import assign_new_classes, resort_by_frequency
 from models.catalog import Catalog, category_bucket
-from models.config import ModelConfig, TrainerConfig
+from models.config import HISTORY_SOURCES, ModelConfig, TrainerConfig
 from models.device import pick_device, set_cpu_threads
 from models.events import Item
 from models.history import Sample
@@ -67,36 +66,50 @@ def _count_all(
     j: npt.NDArray[np.int64],
     w: npt.NDArray[np.float64],
 ) -> None:
-    """Add each count, in order, to the transition memory of its row of ``block`` [R, 2M]
-    (per row: M neighbour catalogue indices, then their M float32 counts), in place:
-    count c adds ``w[c]`` to neighbour ``j[c]``'s count in row ``at[c]`` or, for a new
-    neighbour, puts it into the row's least counted slot (the first of equals).
+    """Add one step's counts to the transition memories ``block`` [R, 2M] (per row: M
+    neighbour catalogue indices, then their M float32 counts), in place: count c adds
+    ``w[c]`` to neighbour ``j[c] > 0`` of row ``at[c]``.
 
-    On flat Python lists: a numpy call per count would cost more than the count. The
-    counts are an ``array('f')``: a value stored into it is rounded to float32 once, so
-    ``cnt[k] += w`` is the float32 sum (computed in double, rounded once: the correctly
-    rounded float32 sum); ``w`` is rounded to float32 first."""
+    A step's counts are summed per (row, neighbour) first, so their order does not
+    matter. A neighbour the row holds adds its sum to its count; the new ones then keep
+    the strongest M of the row's old and new neighbours: the strongest new one takes
+    the row's weakest slot if it counts more (an empty slot counts less than anything),
+    the second strongest the second weakest, and so on (ties keep the old neighbour and
+    the first slot; equal new sums go in catalogue order). A full row thus admits a new
+    neighbour only with more evidence than its weakest one; forgetting
+    (``model.transition_half_life``) keeps lowering that bar.
+
+    All in whole-array numpy operations (no Python loop per count or per row): a step of
+    B samples counts up to ``2 * B * transition_pairs`` pairs."""
+    if not len(at):
+        return
     m = block.shape[1] // 2
-    idx = block[:, :m].ravel().tolist()
-    cnt = array("f", np.ascontiguousarray(block[:, m:]).tobytes())
-    # (float == float compares faster than int == float)
-    for start, jf, wf in zip(
-        (at * m).tolist(),
-        j.astype(np.float64).tolist(),
-        w.astype(np.float32).tolist(),
-        strict=True,
-    ):
-        end = start + m
-        try:
-            k = idx.index(jf, start, end)
-        except ValueError:
-            k = cnt.index(min(cnt[start:end]), start, end)
-            idx[k] = jf
-            cnt[k] = wf
-        else:
-            cnt[k] += wf
-    block[:, :m] = np.asarray(idx, dtype=np.float32).reshape(-1, m)
-    block[:, m:] = np.frombuffer(cnt, dtype=np.float32).reshape(-1, m)
+    idx, cnt = block[:, :m], block[:, m:]  # views: written in place
+    span = int(j.max()) + 1
+    keys, inv = np.unique(at.astype(np.int64) * span + j, return_inverse=True)
+    sums = np.bincount(inv, weights=w.astype(np.float32).astype(np.float64))  # [P]
+    rows, nbrs = keys // span, (keys % span).astype(np.float32)
+    hit = idx[rows] == nbrs[:, None]  # [P, M]: catalogue indices < 2^24 are exact
+    held = hit.any(axis=1)
+    hr, hk = rows[held], hit[held].argmax(axis=1)
+    cnt[hr, hk] = (cnt[hr, hk].astype(np.float64) + sums[held]).astype(np.float32)
+    new = ~held
+    if not new.any():
+        return
+    nr, nj, nw = rows[new], nbrs[new], sums[new].astype(np.float32)
+    order = np.lexsort((nj, -nw, nr))  # per row, strongest first
+    nr, nj, nw = nr[order], nj[order], nw[order]
+    urows, first = np.unique(nr, return_index=True)
+    at_row = np.searchsorted(urows, nr)
+    rank = np.arange(len(nr)) - first[at_row]  # q: the q-th strongest new of its row
+    strength = np.where(idx[urows] == 0, -np.inf, cnt[urows])  # [U, M]
+    weakest = np.argsort(strength, axis=1, kind="stable")  # the q-th weakest slot
+    fits = rank < m
+    at_row, rank, nr, nj, nw = at_row[fits], rank[fits], nr[fits], nj[fits], nw[fits]
+    slot = weakest[at_row, rank]
+    take = nw > strength[at_row, slot]
+    idx[nr[take], slot[take]] = nj[take]
+    cnt[nr[take], slot[take]] = nw[take]
 
 
 # Exponent span of one count epoch (see OnlineLearner._fade): counts added within an
@@ -202,6 +215,11 @@ class OnlineLearner:
         # offline replay and `rtrec eval` must all use the same one to agree bit for bit.
         if cfg.torch_threads > 0:
             set_cpu_threads(cfg.torch_threads)
+        if model_cfg.history_source not in HISTORY_SOURCES:
+            raise ValueError(
+                f"model.history_source must be one of {', '.join(HISTORY_SOURCES)}; "
+                f"got {model_cfg.history_source!r}"
+            )
         self.dim = model_cfg.dim
         self.text_dim = text_dim
         # Id rows: [embedding D | optimizer slots | transition memory: M indices, M counts,
@@ -430,29 +448,33 @@ class OnlineLearner:
         return self._ema_model() if self.ema is not None else self.model
 
     # ----------------------------------------------------------------------- learning
+    def seen(self, s: Sample) -> tuple[str, ...]:
+        """The items of ``s`` the model reads, oldest -> newest (``model.history_source``)."""
+        return s.events if self.model_cfg.history_source == "events" else s.history
+
     def _history_batch(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """history catalogue indices [B, H] newest first, 0-padded, and mask [B, H]."""
         h = self.model_cfg.history_length
         get = self.catalog.index.get
+        seqs = [self.seen(s) for s in samples]
         # Padded Python rows, one array conversion (element-wise numpy stores cost more).
         ids = np.array(
-            [
-                [get(item, 0) for item in s.history[: -h - 1 : -1]] + [0] * (h - len(s.history))
-                for s in samples
-            ],
+            [[get(item, 0) for item in q[: -h - 1 : -1]] + [0] * (h - len(q)) for q in seqs],
             dtype=np.int64,
         ).reshape(len(samples), h)
         t = torch.from_numpy(ids).to(self.device)
         return t, (t > 0)
 
     def _known_batch(self, samples: list[Sample]) -> torch.Tensor:
-        """Catalogue indices [B, E] of each sample's whole known history (``user.known_items``
-        positives, a superset of the [B, H] the towers read), 0-padded: what ranking leaves
-        out. E is the longest history of the batch."""
+        """Catalogue indices [B, E] of the items of each sample's last ``user.known_items``
+        events of any label (``Sample.events``, a superset of the [B, H] the towers read),
+        0-padded: what ranking leaves out, whatever ``model.history_source`` is (an item
+        the user rated low is known to them all the same). E: the batch's longest."""
         get = self.catalog.index.get
-        e = max((len(s.history) for s in samples), default=0)
+        seqs = [s.events for s in samples]
+        e = max((len(q) for q in seqs), default=0)
         ids = np.array(
-            [[get(item, 0) for item in s.history] + [0] * (e - len(s.history)) for s in samples],
+            [[get(item, 0) for item in q] + [0] * (e - len(q)) for q in seqs],
             dtype=np.int64,
         ).reshape(len(samples), e)
         return torch.from_numpy(ids).to(self.device)
@@ -526,7 +548,7 @@ class OnlineLearner:
         h = self.model_cfg.history_length
         new_entries: set[str] = set()
         for s in pos:
-            for item in (*s.history[-h:], s.target):
+            for item in (*self.seen(s)[-h:], s.target):
                 if item not in cat.index:
                     new_entries.add(item)
                     cat.ensure(item)
@@ -809,7 +831,7 @@ class OnlineLearner:
 
     def score_histories(self, samples: list[Sample]) -> torch.Tensor:
         """Eval-mode scores [B, size] of every catalogue index for each sample's history;
-        padding, holes and the user's known items (the whole ``Sample.history``, not only
+        padding, holes and the user's known items (the whole of :meth:`seen`, not only
         the towers' last H) are -inf, as the exported graph does given them as
         ``exclude_ids``."""
         return self._score(samples, keep_blend=False)[0]
@@ -944,9 +966,9 @@ class OnlineLearner:
         self, hist: torch.Tensor, targets: npt.NDArray[np.int64], touched_rows: set[int]
     ) -> None:
         """Count "h_d -> target" in the row of each of the ``model.transition_pairs`` newest
-        history items h_d of each positive (weight 1 / (d + 1): the nearer, the stronger),
-        and with ``model.transition_symmetric`` "target -> h_d" in the target's row too. A
-        new neighbour replaces the least counted one when all M slots are used.
+        history items h_d of each positive (weight ``transition_decay ** d``: the nearer,
+        the stronger), and with ``model.transition_symmetric`` "target -> h_d" in the
+        target's row too; :func:`_count_all` says how a full row takes new neighbours.
 
         hist [B, H]: the positives' histories (catalogue indices, newest first, 0 =
         padding), targets [B] their catalogue indices; the history items older than H are
@@ -957,10 +979,9 @@ class OnlineLearner:
         pairs = min(max(1, self.model_cfg.transition_pairs), hist.shape[1])
         h = hist[:, :pairs].cpu().numpy()  # [B, P]: h[:, d] is the d-th newest item
         t = np.broadcast_to(targets[:, None], h.shape)  # [B, P]
-        w = np.broadcast_to(1.0 / (np.arange(pairs) + 1.0), h.shape)
+        w = np.broadcast_to(self.model_cfg.transition_decay ** np.arange(pairs), h.shape)
         valid = (h > 0) & (h != t)
-        # (id row, neighbour, weight) per count, in the order they are applied: sample by
-        # sample, nearest history item first, "h -> t" before "t -> h".
+        # (id row, neighbour, weight) per count.
         if self.model_cfg.transition_symmetric:
             rows_of = np.stack([cat.row_of[h], cat.row_of[t]], axis=2)  # [B, P, 2]
             nbrs = np.stack([t, h], axis=2)
@@ -971,10 +992,7 @@ class OnlineLearner:
         r_all, j_all, w_all = rows_of[keep], nbrs[keep], w[keep]  # C order = applying order
         if not len(r_all):
             return
-        # The slot replacement depends on the order of the counts, so they are applied one
-        # by one, in order within each row (rows are independent) - on a host copy of the
-        # touched rows' memory (one transfer each way instead of a tensor indexing per
-        # count, which would dominate a CPU step).
+        # On a host copy of the touched rows' memory: one transfer each way.
         rows, at = np.unique(r_all, return_inverse=True)
         off, end = self.trans_off, self.trans_off + self.trans_width
         rows_t = torch.from_numpy(rows.astype(np.int64)).to(self.device)

@@ -13,7 +13,8 @@ from models.history import Sample
 EVENT_TYPE = Types.TUPLE(
     [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.DOUBLE()]
 )
-# model_key, user_id, history ("\x1f"-joined, oldest -> newest), target, label, weight, ts, event_id
+# model_key, user_id, history ("\x1f"-joined, oldest -> newest), target, label, weight, ts,
+# event_id, context (joined like history)
 SAMPLE_TYPE = Types.TUPLE(
     [
         Types.STRING(),
@@ -23,6 +24,7 @@ SAMPLE_TYPE = Types.TUPLE(
         Types.INT(),
         Types.DOUBLE(),
         Types.LONG(),
+        Types.STRING(),
         Types.STRING(),
     ]
 )
@@ -97,9 +99,11 @@ def sample_to_row(s: Sample) -> tuple:
         s.weight,
         s.ts,
         s.event_id,
+        SEP.join(s.events),
     )
 
 
 def row_to_sample(r: tuple) -> Sample:
     hist = tuple(r[2].split(SEP)) if r[2] else ()
-    return Sample(r[0], r[1], hist, r[3], int(r[4]), float(r[5]), int(r[6]), r[7])
+    ctx = tuple(r[8].split(SEP)) if r[8] else ()
+    return Sample(r[0], r[1], hist, r[3], int(r[4]), float(r[5]), int(r[6]), r[7], ctx)

@@ -70,6 +70,28 @@ def test_rank_semantics_history_unknown_and_ties():
     assert m.top_k([sample("v", ["a"], "b")], 3) == [["b", "c", "zzz"]]
 
 
+def test_baselines_exclude_the_context_but_score_from_the_positives():
+    m = WindowedCoOccurrence(window=1, decay=1.0)
+    m.ingest_items(items("a", "b", "c", "d", "e"))
+    m.learn([sample("u", ["a"], "b")] * 3 + [sample("u", ["a"], "c")] * 2)
+    m.learn([sample("u", ["d"], "e")] * 2)
+
+    def q(history, context, target):
+        s = sample("v", history, target)
+        return Sample(*[getattr(s, f) for f in ("model_key", "user_id", "history", "target",
+                      "label", "weight", "ts", "event_id")], tuple(context))  # fmt: skip
+
+    # C[a, b] = 3 > C[a, c] = 2: from history "a", b is first and c second...
+    assert m.rank_targets([q(["a"], ["a"], "c")]) == [2]
+    # ...unless b is in the context (say, rated low): then it is never a candidate.
+    assert m.rank_targets([q(["a"], ["a", "b"], "c")]) == [1]
+    assert m.rank_targets([q(["a"], ["a", "b"], "b")]) == [len(m) + 1]
+    # Scores come from the history only: "d" in the context alone (C[d, e] = 2) leaves
+    # popularity (b: 3 positives) to rank; in the history it puts e first.
+    assert m.top_k([q([], ["d"], "x")], 1) == [["b"]]
+    assert m.top_k([q(["d"], ["d"], "x")], 1) == [["e"]]
+
+
 def test_recent_popularity_forgets_old_items():
     old = [sample("u", [], "old")] * 3
     new = [sample("u", [], "new")] * 2

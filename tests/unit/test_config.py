@@ -80,16 +80,20 @@ def test_flink_options_pass_through_after_the_derived_ones():
     assert got["pipeline.jars"] == "file:///x.jar"
 
 
+def test_history_source_and_transition_decay_are_checked():
+    assert load_config(None, ["model.history_source='positives'"]).model.history_source == (
+        "positives"
+    )
+    with pytest.raises(ConfigError, match=r"model.history_source must be one of events"):
+        load_config(None, ["model.history_source='clicks'"])
+    with pytest.raises(ConfigError, match=r"model.transition_decay must be in \(0, 1\]"):
+        load_config(None, ["model.transition_decay=0"])
+
+
 def test_bounded_restore_is_refused_with_the_way_out():
     with pytest.raises(ConfigError, match=r"kafka.bounded=true cannot restore.*rtrec stop"):
         load_config(None, ["kafka.bounded=true", "job.from_savepoint='/tmp/sp'"])
     assert load_config(None, ["job.from_savepoint='/tmp/sp'"]).job.from_savepoint == "/tmp/sp"
-
-
-def test_transition_pairs_must_fit_the_history():
-    load_config(None, ["model.transition_pairs=4", "model.history_length=4"])
-    with pytest.raises(ConfigError, match=r"model.transition_pairs \(5\) must be <= "):
-        load_config(None, ["model.transition_pairs=5", "model.history_length=4"])
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -43,3 +43,19 @@ def test_known_history_is_longer_than_what_the_towers_read():
     st, samples = advance_user(None, events, cfg, history_length=2, model_key="m")
     assert samples[6].history == ("i2", "i3", "i4", "i5")
     assert st.history == ["i3", "i4", "i5", "i6"]
+
+
+def test_context_holds_every_event_and_history_only_positives():
+    """A low rating is context (the user chose the item) but never a positive."""
+    cfg = UserStageConfig(known_items=3, min_positive_rating=3.5)
+    events = [
+        ev(1, "a", 1, "rating", 5.0),
+        ev(2, "b", 2, "rating", 1.0),
+        ev(3, "c", 3, "rating", 4.0),
+        ev(4, "d", 4, "rating", 2.0),
+        ev(5, "e", 5, "rating", 5.0),
+    ]
+    st, samples = advance_user(None, events, cfg, history_length=2, model_key="m")
+    assert samples[4].history == ("a", "c") and samples[4].context == ("b", "c", "d")
+    assert samples[0].context == () and samples[0].events == ()
+    assert st.context == ["c", "d", "e"] and st.history == ["a", "c", "e"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig, TrainerConfig, UserStageConfig
+from models.events import Event
 from models.history import USER_STATE_FORMAT, UserState, advance_user
 from models.online import train_and_maybe_export
 from models.state_format import StateFormatError, check_format
@@ -37,7 +38,7 @@ def assert_says_what_to_do(msg: str, what: str, found: object, reads: int) -> No
 
 
 def test_formats_start_at_1_and_state_of_this_release_restores():
-    assert (META_FORMAT, DENSE_FORMAT, USER_STATE_FORMAT) == (1, 1, 1)
+    assert (META_FORMAT, DENSE_FORMAT, USER_STATE_FORMAT) == (1, 1, 2)
     meta = new_meta("m")
     blob = fire(learner(), meta).result.dense_blob
     assert blob is not None and pickle.loads(blob)["format"] == DENSE_FORMAT
@@ -78,6 +79,23 @@ def test_user_state_of_another_format_fails_with_what_to_do(found):
     with pytest.raises(StateFormatError) as e:
         advance_user(st, [], UserStageConfig(), 4, "m")
     assert_says_what_to_do(str(e.value), "user history state", found, USER_STATE_FORMAT)
+
+
+def test_user_state_of_format_1_is_read_with_its_positives_as_context():
+    # A format-1 state as a savepoint holds it: pickled without the context field.
+    old = UserState(history=["a", "b"], events=3)
+    old.format = 1
+    del old.__dict__["context"]
+    st, samples = advance_user(
+        pickle.loads(pickle.dumps(old)),
+        [Event("e9", "u", "c", "rating", 5, 1.0)],
+        UserStageConfig(),
+        4,
+        "m",
+    )
+    assert st.format == USER_STATE_FORMAT
+    assert samples[0].context == ("a", "b") and samples[0].history == ("a", "b")
+    assert st.context == ["a", "b", "c"] and st.history == ["a", "b"]
 
 
 def test_check_format_accepts_only_the_current_format():

@@ -39,7 +39,7 @@ def chain(n: int, length: int = 30, users: int = 50) -> list[Sample]:
     return out
 
 
-def test_memory_counts_transitions_and_evicts_least_frequent():
+def test_memory_counts_transitions_and_a_stronger_neighbour_evicts_the_weakest():
     learner = OnlineLearner(
         ModelConfig(dim=8, history_length=4, hidden=8, transition_slots=2, transition_half_life=0),
         TrainerConfig(num_negatives=2),
@@ -53,9 +53,39 @@ def test_memory_counts_transitions_and_evicts_least_frequent():
     a, b, c, d = (learner.catalog.index[x] for x in "abcd")
     row = dict(zip(idx[a].tolist(), cnt[a].tolist(), strict=True))
     assert row == {b: 2.0, c: 1.0}
-    learner.learn([s(("a",), "d", 7)], meta)  # full: d replaces the least frequent (c)
+    learner.learn([s(("a",), "d", 7)], meta)  # full: d is no stronger than c, not taken
     idx, cnt = learner.successors()
-    assert dict(zip(idx[a].tolist(), cnt[a].tolist(), strict=True)) == {b: 2.0, d: 1.0}
+    assert dict(zip(idx[a].tolist(), cnt[a].tolist(), strict=True)) == {b: 2.0, c: 1.0}
+    learner.learn([s(("a",), "d", 8), s(("a",), "d", 9)], meta)  # 2 > 1: d evicts c
+    idx, cnt = learner.successors()
+    assert dict(zip(idx[a].tolist(), cnt[a].tolist(), strict=True)) == {b: 2.0, d: 2.0}
+
+
+@pytest.mark.parametrize("source", ["events", "positives"])
+def test_the_memory_reads_the_history_source_and_ranking_leaves_out_the_context(source):
+    mc = ModelConfig(
+        dim=8, history_length=4, hidden=8, transition_slots=4, transition_half_life=0,
+        transition_pairs=1, history_source=source,
+    )  # fmt: skip
+    learner = OnlineLearner(mc, TrainerConfig(num_negatives=2), CPU)
+    meta = new_meta("m")
+
+    def s(hist, ctx, t, i):
+        return Sample("m", "u", hist, t, 1, 1.0, i, f"e{i}", ctx)
+
+    learner.learn([s((), (), x, i) for i, x in enumerate("abcd")], meta)  # id rows
+    # "b" was rated low after positive "a": it is the newest item of the context only.
+    learner.learn([s(("a",), ("a", "b"), "c", 4)], meta)
+    idx, cnt = learner.successors()
+    a, b, c, d = (learner.catalog.index[x] for x in "abcd")
+    newest = b if source == "events" else a
+    counted = {r: {int(j) for j, n in zip(idx[r], cnt[r], strict=True) if n > 0} for r in (a, b)}
+    assert counted[newest] == {c}
+    assert counted[a if newest == b else b] == set()
+    # Either way, ranking never offers an item of the context, low-rated ones included.
+    scores = learner.score_histories([s(("a",), ("a", "b"), "d", 5)])[0]
+    assert torch.isinf(scores[a]) and torch.isinf(scores[b])
+    assert torch.isfinite(scores[c]) and torch.isfinite(scores[d])
 
 
 def test_counts_fade_by_half_life_across_epochs():
@@ -144,51 +174,69 @@ def test_onnx_matches_learner_scores(tmp_path):
             assert [rec.item_ids[i - 1] for i in o_row] == [learner.catalog.ids[i] for i in t_row]
 
 
-def _count_reference(memory: np.ndarray, m: int, j: int, w: float) -> None:
-    """One count in numpy float32 arithmetic (the memory's definition, one count at a time)."""
-    idx, cnt = memory[:m], memory[m:]
-    hit = np.flatnonzero(idx == j)
-    if hit.size:
-        cnt[hit[0]] += np.float32(w)
-    else:
-        k = int(cnt.argmin())
-        idx[k] = j
-        cnt[k] = np.float32(w)
+def _count_reference(block: np.ndarray, counts: list[tuple[int, int, float]]) -> None:
+    """One step's counts, row by row in plain Python (the memory's definition): sums per
+    (row, neighbour); held neighbours add theirs; then the strongest M of old and new."""
+    m = block.shape[1] // 2
+    sums: dict[tuple[int, int], float] = {}
+    for r, j, w in counts:
+        sums[r, j] = sums.get((r, j), 0.0) + float(np.float32(w))
+    for r in sorted({r for r, _ in sums}):
+        idx, cnt = block[r, :m], block[r, m:]
+        new = []
+        for (rr, j), total in sorted(sums.items()):
+            if rr != r:
+                continue
+            held = [k for k in range(m) if idx[k] == j]
+            if held:
+                cnt[held[0]] = np.float32(float(cnt[held[0]]) + total)
+            else:
+                new.append((-np.float32(total), j))
+        slots = sorted(range(m), key=lambda k: (-np.inf if idx[k] == 0 else cnt[k], k))
+        for (neg, j), k in zip(sorted(new), slots, strict=False):
+            strength = -np.inf if idx[k] == 0 else cnt[k]
+            if -neg > strength:
+                idx[k], cnt[k] = j, -neg
 
 
-def test_batched_counting_matches_one_count_at_a_time_bit_for_bit():
+def test_batched_counting_matches_the_definition_bit_for_bit_in_any_order():
     rng = np.random.default_rng(7)
     for m in (1, 3, 8):
         fast = np.zeros((3, 2 * m), np.float32)
         slow = fast.copy()
-        # Few distinct neighbours (hits, repeated sums) and many (evictions, ties), the
-        # counts of three rows interleaved.
-        counts = [
-            (
-                int(rng.integers(0, 3)),
-                int(rng.integers(1, 4 if trial % 2 else 40)),
-                1.0 / int(rng.integers(1, 4)),
-            )
-            for trial in range(1200)
-        ]
-        rows, nbrs, weights = (np.array(c) for c in zip(*counts, strict=True))
-        _count_all(fast, rows, nbrs, weights)
-        for r, j, w in counts:
-            _count_reference(slow[r], m, j, w)
-        assert fast.tobytes() == slow.tobytes(), m
+        # Steps with few distinct neighbours (hits, repeated sums) and with many
+        # (evictions, ties), the counts of three rows interleaved.
+        for step in range(40):
+            counts = [
+                (
+                    int(rng.integers(0, 3)),
+                    int(rng.integers(1, 4 if step % 2 else 40)),
+                    1.0 / int(rng.integers(1, 4)),
+                )
+                for _ in range(30)
+            ]
+            rows, nbrs, weights = (np.array(c) for c in zip(*counts, strict=True))
+            shuffled = fast.copy()
+            perm = rng.permutation(len(counts))
+            _count_all(fast, rows, nbrs, weights)
+            _count_all(shuffled, rows[perm], nbrs[perm], weights[perm])
+            _count_reference(slow, counts)
+            assert fast.tobytes() == slow.tobytes(), (m, step)
+            assert shuffled.tobytes() == fast.tobytes(), (m, step)
 
 
-def test_a_step_counts_every_pair_in_sample_order():
+def test_a_step_counts_every_pair_of_its_positives():
     """The counts of a step, built from the batch's index arrays, equal counting each
-    positive's pairs one by one in batch order (nearest history item first, "h -> t"
-    before "t -> h"): skipped are history items equal to the target and padding, and
-    duplicates in a history count twice."""
+    positive's pairs (nearest history item weighted most, "h -> t" and "t -> h"): skipped
+    are history items equal to the target and padding; duplicates in a history count
+    twice."""
     mc = ModelConfig(  # stored counts are true counts without forgetting
         dim=8,
         history_length=4,
         hidden=8,
         transition_slots=3,
         transition_pairs=3,
+        transition_decay=0.5,
         transition_half_life=0,
     )
     learner = OnlineLearner(mc, TrainerConfig(num_negatives=2), CPU)
@@ -210,8 +258,8 @@ def test_a_step_counts_every_pair_in_sample_order():
         for d, item in enumerate(reversed(x.history[-3:])):
             h = cat.index[item]
             if h != t:
-                expected.setdefault(int(cat.row_of[h]), []).append((t, 1.0 / (d + 1)))
-                expected.setdefault(int(cat.row_of[t]), []).append((h, 1.0 / (d + 1)))
+                expected.setdefault(int(cat.row_of[h]), []).append((t, 0.5**d))
+                expected.setdefault(int(cat.row_of[t]), []).append((h, 0.5**d))
     learner.learn(batch, meta)
     after = learner.table.data[:, off : off + 2 * m].numpy()
     for row, counts in expected.items():

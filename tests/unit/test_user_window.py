@@ -5,7 +5,7 @@ import pytest
 
 from models.config import UserStageConfig
 from models.events import Event
-from models.history import UserState, advance_user
+from models.history import USER_STATE_FORMAT, UserState, advance_user
 from models.state_format import StateFormatError
 from udfs.records import event_to_row
 from udfs.user_window import UserWindows
@@ -89,8 +89,8 @@ def test_a_closed_window_is_applied_in_one_step_and_only_the_history_is_kept():
 
 def test_user_state_of_an_unknown_format_stops_the_stage_with_what_to_do():
     st, _ = advance_user(None, [], UserStageConfig(), 5, "m")
-    st.format = 2
+    st.format = USER_STATE_FORMAT + 1
     ctx = Context(st)
     fn = windows(ctx)
-    with pytest.raises(StateFormatError, match=r"user history state has state format 2.*newer"):
+    with pytest.raises(StateFormatError, match=r"user history state has state format 3.*newer"):
         close(fn, ctx, [event(0, "i0", 100)])
