@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--permute-ids", action="store_true", help="guard: opaque item ids")
     p.add_argument("--shuffle-ties", action="store_true", help="guard: shuffled ties")
+    p.add_argument(
+        "--head", type=float, default=1.0, help="the first share of the samples only (tuning)"
+    )
     args = p.parse_args(argv)
 
     from offline.evaluate import render_markdown, run_eval
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.config(overrides)
     t0 = time.perf_counter()
     stream = list(to_stream(records(cfg.replay), cfg))
+    if args.head < 1.0:
+        from offline.training import split_stream
+
+        stream, _ = split_stream(stream, args.head)
     res = run_eval(cfg, stream, warmup=args.warmup, k=args.k, progress=True)
     seconds = time.perf_counter() - t0
     print(render_markdown(res))
@@ -86,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             "catalogue_items": res["catalogue_items"],
             "seconds": round(seconds, 1),
             "eval": {name: m["overall"] for name, m in models.items()},
+            "buckets": res.get("buckets"),
+            "per_bucket": {name: m["per_bucket"] for name, m in models.items()},
         },
         config=cfg,
     )
