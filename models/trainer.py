@@ -10,6 +10,10 @@ State split (matches the Flink state layout, see docs/design.md "State rules"):
 state's step counter differs from the cache's (after a restore, or on another worker).
 Randomness (row init, negative sampling) is seeded from ``(seed, step)`` in state, never
 from the wall clock, so the same input gives the same model.
+
+Its parts live beside it: the towers in ``models/two_tower.py``, the co-occurrence memory
+in ``models/cooccurrence.py``, the losses in ``models/losses.py``, the id rows' optimizers
+in ``models/row_optimizer.py``; this module holds the cache, the step and the ranking.
 """
 
 from __future__ import annotations
@@ -25,16 +29,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.adaptive import assign_new_classes, resort_by_frequency
 from models.catalog import Catalog, category_bucket
 from models.config import HISTORY_SOURCES, ModelConfig, TrainerConfig
+from models.cooccurrence import CoOccurrenceMemory
 from models.device import pick_device, set_cpu_threads
 from models.events import Item
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
+from models.losses import bpr_loss, head_loss, sampled_softmax_loss
+from models.row_optimizer import ADAGRAD_INIT, optimizer_slots, row_step
 from models.state_format import check_format
 from models.text_encoder import EncodesText, text_hash
 from models.two_tower import TwoTower, blend_scores, history_transition_scores
@@ -44,8 +50,6 @@ log = logging.getLogger(__name__)
 # (models/state_format.py).
 DENSE_FORMAT = 1
 META_FORMAT = 1
-ADAGRAD_EPS = 1e-10
-ADAGRAD_INIT = 0.1
 LOSSES = ("sampled_softmax", "bpr", "adaptive_softmax")
 
 
@@ -60,74 +64,12 @@ def _tensors_to(obj: Any, convert: Callable[[Any], Any]) -> Any:
     return obj
 
 
-def _count_all(
-    block: npt.NDArray[np.float32],
-    at: npt.NDArray[np.int64],
-    j: npt.NDArray[np.int64],
-    w: npt.NDArray[np.float64],
-) -> None:
-    """Add one step's counts to the transition memories ``block`` [R, 2M] (per row: M
-    neighbour catalogue indices, then their M float32 counts), in place: count c adds
-    ``w[c]`` to neighbour ``j[c] > 0`` of row ``at[c]``.
-
-    A step's counts are summed per (row, neighbour) first, so their order does not
-    matter. A neighbour the row holds adds its sum to its count; the new ones then keep
-    the strongest M of the row's old and new neighbours: the strongest new one takes
-    the row's weakest slot if it counts more (an empty slot counts less than anything),
-    the second strongest the second weakest, and so on (ties keep the old neighbour and
-    the first slot; equal new sums go in catalogue order). A full row thus admits a new
-    neighbour only with more evidence than its weakest one; forgetting
-    (``model.transition_half_life``) keeps lowering that bar.
-
-    All in whole-array numpy operations (no Python loop per count or per row): a step of
-    B samples counts up to ``2 * B * transition_pairs`` pairs."""
-    if not len(at):
-        return
-    m = block.shape[1] // 2
-    idx, cnt = block[:, :m], block[:, m:]  # views: written in place
-    span = int(j.max()) + 1
-    keys, inv = np.unique(at.astype(np.int64) * span + j, return_inverse=True)
-    sums = np.bincount(inv, weights=w.astype(np.float32).astype(np.float64))  # [P]
-    rows, nbrs = keys // span, (keys % span).astype(np.float32)
-    hit = idx[rows] == nbrs[:, None]  # [P, M]: catalogue indices < 2^24 are exact
-    held = hit.any(axis=1)
-    hr, hk = rows[held], hit[held].argmax(axis=1)
-    cnt[hr, hk] = (cnt[hr, hk].astype(np.float64) + sums[held]).astype(np.float32)
-    new = ~held
-    if not new.any():
-        return
-    nr, nj, nw = rows[new], nbrs[new], sums[new].astype(np.float32)
-    order = np.lexsort((nj, -nw, nr))  # per row, strongest first
-    nr, nj, nw = nr[order], nj[order], nw[order]
-    urows, first = np.unique(nr, return_index=True)
-    at_row = np.searchsorted(urows, nr)
-    rank = np.arange(len(nr)) - first[at_row]  # q: the q-th strongest new of its row
-    strength = np.where(idx[urows] == 0, -np.inf, cnt[urows])  # [U, M]
-    weakest = np.argsort(strength, axis=1, kind="stable")  # the q-th weakest slot
-    fits = rank < m
-    at_row, rank, nr, nj, nw = at_row[fits], rank[fits], nr[fits], nj[fits], nw[fits]
-    slot = weakest[at_row, rank]
-    take = nw > strength[at_row, slot]
-    idx[nr[take], slot[take]] = nj[take]
-    cnt[nr[take], slot[take]] = nw[take]
-
-
-# Exponent span of one count epoch (see OnlineLearner._fade): counts added within an
-# epoch differ in scale by less than 2^FADE_SPAN, far inside float32's range.
-FADE_SPAN = 16
-
-
 def preload() -> None:
     """Import what the first learner pulls in lazily: ``torch.optim`` imports
     ``torch._dynamo`` (hundreds of modules, seconds of CPU) on its first optimizer. The job's
     trainer calls this from a background thread when it opens, so that the import overlaps
     the wait for its first batch instead of delaying the first step after a (re)start."""
     import torch._dynamo  # noqa: F401
-
-
-def optimizer_slots(optimizer: str, dim: int) -> int:
-    """Per-row optimizer state width K: AdaGrad 1 (row-wise), SGD 0, Adam 2*D + 1 (m, v, t)."""
-    return {"adagrad": 1, "sgd": 0, "adam": 2 * dim + 1}[optimizer]
 
 
 def new_meta(model_key: str) -> dict[str, Any]:
@@ -223,11 +165,11 @@ class OnlineLearner:
         self.dim = model_cfg.dim
         self.text_dim = text_dim
         # Id rows: [embedding D | optimizer slots | transition memory: M indices, M counts,
-        # and with forgetting on, the row's count epoch (see _fade)].
+        # and with forgetting on, the row's count epoch (models/cooccurrence.py)].
         self.trans_m = model_cfg.transition_slots if cfg.loss != "adaptive_softmax" else 0
         self.trans_off = model_cfg.dim + optimizer_slots(cfg.optimizer, model_cfg.dim)
-        self.half_life = model_cfg.transition_half_life if self.trans_m else 0
-        self.trans_width = 2 * self.trans_m + (1 if self.half_life > 0 else 0)
+        self.memory = CoOccurrenceMemory(model_cfg, self.trans_m, self.trans_off)
+        self.trans_width = self.memory.width
         self.slots = optimizer_slots(cfg.optimizer, model_cfg.dim) + self.trans_width
         # meta["positives_trained"] as of the cache: the clock the transition counts fade by.
         self.positives = 0
@@ -721,18 +663,12 @@ class OnlineLearner:
         if extra is not None:
             scores = scores + extra
         if self.cfg.loss == "bpr":
-            pos = scores.gather(1, labels.unsqueeze(1))  # [B, 1]
-            neg_mask = torch.ones_like(scores).scatter(1, labels.unsqueeze(1), 0.0)
-            pairwise = -F.logsigmoid(pos - scores) * neg_mask
-            return pairwise.sum(dim=1) / neg_mask.sum(dim=1).clamp(min=1.0)
-        # Sampled softmax with logQ correction: candidates are drawn roughly in proportion
-        # to popularity (in-batch positives), so popular items are discounted by log q.
+            return bpr_loss(scores, labels)
         cat = self.catalog
         counts = torch.from_numpy(cat.count[cand.cpu().numpy()]).to(self.device, torch.float32)
         total = float(cat.count[: cat.size].sum())
         log_q = torch.log((counts + 1.0) / (total + len(cat)))
-        logits = scores / self.cfg.temperature - self.cfg.logq * log_q.unsqueeze(0)
-        return F.cross_entropy(logits, labels, reduction="none")
+        return sampled_softmax_loss(scores, labels, log_q, self.cfg.temperature, self.cfg.logq)
 
     def _blend_loss(
         self,
@@ -761,37 +697,7 @@ class OnlineLearner:
         ``trainer.blend_head`` best items + its target. ``masked`` [B, size]: ``blended``
         detached with what is out of play (history, padding, holes) at -inf, as ranked
         (:class:`RankedBatch`); the target always competes, even if out of play."""
-        t = self.cfg.temperature
-        head = self.cfg.blend_head
-        t_col = targets.unsqueeze(1)
-        if head <= 0:
-            logits = (blended / t).masked_fill(torch.isinf(masked), -1e9)
-            logits = logits.scatter(1, t_col, blended.gather(1, t_col) / t)
-            return F.cross_entropy(logits, targets, reduction="none")
-        # Only the ranking near the top matters (Recall@K, NDCG@K): each sample's softmax
-        # runs over the current `head` best items + its target, and only samples whose
-        # target is already among them count. Over the whole catalogue the likelihood of
-        # the many targets without transition evidence drags the memory's weight down.
-        # The [B, size] work is done without autograd, on the scores the batch was ranked
-        # with (the head is the same set at any positive temperature); the loss and its
-        # backward run over the [R, head + 1] logits of the R counted samples (the softmax
-        # over the masked catalogue with everything outside the head at -1e9 is the same:
-        # exp(-1e9) = 0).
-        with torch.no_grad():
-            t_score = blended.detach().gather(1, t_col)  # [B, 1]
-            rows = torch.nonzero((masked > t_score).sum(dim=1) < head).squeeze(1)  # [R]
-            t_rows = t_col[rows]  # [R, 1]
-            in_play = masked[rows].scatter_(1, t_rows, t_score[rows])  # [R, size]
-            # (a set: unsorted selection is cheaper, and it is this loss's largest cost)
-            top = torch.topk(in_play, min(head, in_play.shape[1]), dim=1, sorted=False).indices
-            # Each counted sample's head + its target (a target in the head already is
-            # pointed at twice: its second column is left out of the softmax).
-            cols = torch.cat([top, t_rows], dim=1)  # [R, head + 1]
-            off = torch.isinf(in_play.gather(1, cols))  # (fewer items in play than the head)
-            off[:, -1] |= (top == t_rows).any(dim=1)
-        picked = (blended[rows.unsqueeze(1), cols] / t).masked_fill(off, -1e9)  # [R, head + 1]
-        ce = torch.logsumexp(picked, dim=1) - blended[rows, targets[rows]] / t
-        return blended.new_zeros(len(targets)).index_put((rows,), ce)
+        return head_loss(blended, masked, targets, self.cfg.blend_head, self.cfg.temperature)
 
     @property
     def blending(self) -> bool:
@@ -935,117 +841,38 @@ class OnlineLearner:
         return history_transition_scores(weight, idx.long(), cnt, mask, cat.size)
 
     def _memory(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The transition memory of id rows ``rows`` (any shape S): neighbour catalogue
-        indices [*S, M] (as float32) and their counts [*S, M] as of now (faded)."""
-        m, off = self.trans_m, self.trans_off
-        block = self.table.data[rows, off : off + self.trans_width]
-        cnt = block[..., m : 2 * m]
-        if self.half_life:
-            # A row's counts are stored relative to its epoch k: the true count is
-            # stored * 2^-(E - FADE_SPAN * k) with E = positives / half_life.
-            e = self.positives / self.half_life
-            cnt = cnt * torch.exp2(block[..., 2 * m :] * FADE_SPAN - e)
-        return block[..., :m], cnt
+        """Neighbour catalogue indices [*S, M] (float32) and counts [*S, M] (faded) of the
+        id rows ``rows`` (any shape S)."""
+        return self.memory.read(self.table.data, rows, self.positives)
 
     def _transition_negatives(self, hist: torch.Tensor) -> torch.Tensor:
         """The most frequent remembered successors of each sample's newest history item
         (``trainer.transition_negatives`` per sample): catalogue indices, live items only."""
         k = min(self.cfg.transition_negatives, self.trans_m)
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
         if k == 0:
-            return empty
-        cat, m, off = self.catalog, self.trans_m, self.trans_off
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        cat = self.catalog
         rows = torch.from_numpy(cat.row_of[hist[:, 0].cpu().numpy()]).to(self.device)
-        block = self.table.data[rows, off : off + 2 * m]
-        top = torch.topk(block[:, m:], k, dim=1)
-        idx = torch.unique(block[:, :m].gather(1, top.indices).long()[top.values > 0])
+        idx = self.memory.strongest(self.table.data, rows, k)
         live = torch.from_numpy(cat.live[idx.cpu().numpy()]).to(self.device)
-        return idx[live] if len(idx) else empty
+        return idx[live]
 
     def _remember_transitions(
         self, hist: torch.Tensor, targets: npt.NDArray[np.int64], touched_rows: set[int]
     ) -> None:
-        """Count "h_d -> target" in the row of each of the ``model.transition_pairs`` newest
-        history items h_d of each positive (weight ``transition_decay ** d``: the nearer,
-        the stronger), and with ``model.transition_symmetric`` "target -> h_d" in the
-        target's row too; :func:`_count_all` says how a full row takes new neighbours.
-
-        hist [B, H]: the positives' histories (catalogue indices, newest first, 0 =
-        padding), targets [B] their catalogue indices; the history items older than H are
-        not counted (``transition_pairs`` is at most ``history_length``)."""
-        m, cat = self.trans_m, self.catalog
-        if m == 0:
-            return
-        pairs = min(max(1, self.model_cfg.transition_pairs), hist.shape[1])
-        h = hist[:, :pairs].cpu().numpy()  # [B, P]: h[:, d] is the d-th newest item
-        t = np.broadcast_to(targets[:, None], h.shape)  # [B, P]
-        w = np.broadcast_to(self.model_cfg.transition_decay ** np.arange(pairs), h.shape)
-        valid = (h > 0) & (h != t)
-        # (id row, neighbour, weight) per count.
-        if self.model_cfg.transition_symmetric:
-            rows_of = np.stack([cat.row_of[h], cat.row_of[t]], axis=2)  # [B, P, 2]
-            nbrs = np.stack([t, h], axis=2)
-            w, valid = np.stack([w, w], axis=2), np.stack([valid, valid], axis=2)
-        else:
-            rows_of, nbrs = cat.row_of[h], t
-        keep = valid & (rows_of > 0)  # row 0 = no id row: not counted
-        r_all, j_all, w_all = rows_of[keep], nbrs[keep], w[keep]  # C order = applying order
-        if not len(r_all):
-            return
-        # On a host copy of the touched rows' memory: one transfer each way.
-        rows, at = np.unique(r_all, return_inverse=True)
-        off, end = self.trans_off, self.trans_off + self.trans_width
-        rows_t = torch.from_numpy(rows.astype(np.int64)).to(self.device)
-        block = self.table.data[rows_t, off:end].cpu().numpy()  # [R, 2M (+1)] (a copy)
-        if self.half_life:
-            w_all = w_all * self._fade(block)
-        _count_all(block[:, : 2 * m], at, j_all, w_all)
-        with torch.no_grad():
-            self.table.data[rows_t, off:end] = torch.from_numpy(block).to(self.device)
-        touched_rows.update(rows.tolist())
-
-    def _fade(self, block: npt.NDArray[np.float32]) -> float:
-        """Bring the memories ``block`` [R, 2M + 1] (host copy) to the current count epoch
-        and return the factor a count added now is stored with.
-
-        Forgetting multiplies every count by 2^(-1 / half_life) per learned positive. Doing
-        that to every row per step would write the whole table; instead a count added at
-        clock E = positives / half_life is stored times 2^(E - FADE_SPAN * k), k =
-        floor(E / FADE_SPAN) the epoch, which each row keeps in its last slot. Within an
-        epoch stored counts compare as the true ones do (the least counted slot is the
-        same) and no factor exceeds 2^FADE_SPAN; a row written in a later epoch is first
-        rescaled to it (ancient counts underflow to 0, freeing their slots)."""
-        m = self.trans_m
-        e = self.positives / self.half_life
-        k = math.floor(e / FADE_SPAN)
-        behind = block[:, 2 * m] < k
-        if behind.any():
-            lag = (k - block[behind, 2 * m].astype(np.float64)) * FADE_SPAN
-            block[behind, m : 2 * m] *= np.exp2(-lag)[:, None].astype(np.float32)
-            block[behind, 2 * m] = k
-        return float(2.0 ** (e - FADE_SPAN * k))
+        """Count the pairs of each positive's newest history items (hist [B, H], newest
+        first, 0 = padding) and its target (targets [B]): :meth:`CoOccurrenceMemory.remember`."""
+        if self.trans_m:
+            rows = self.memory.remember(
+                self.table.data, self.catalog.row_of, hist, targets, self.positives
+            )
+            touched_rows.update(rows.tolist())
 
     def _sparse_update(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Apply the configured optimizer to the touched id rows only ([R, D] grads)."""
-        d, lr, data = self.dim, self.cfg.lr * self.lr_scale, self.table.data
-        with torch.no_grad():
-            if self.cfg.optimizer == "adagrad":
-                acc = data[rows, d] + grad.pow(2).mean(dim=1)  # row-wise accumulator
-                data[rows, d] = acc
-                data[rows, :d] -= lr * grad / (acc.sqrt().unsqueeze(1) + ADAGRAD_EPS)
-            elif self.cfg.optimizer == "sgd":
-                data[rows, :d] -= lr * grad
-            else:  # lazy Adam on rows: m [D], v [D], t [1] per row
-                b1, b2, eps = 0.9, 0.999, 1e-8
-                m = data[rows, d : 2 * d] * b1 + (1 - b1) * grad
-                v = data[rows, 2 * d : 3 * d] * b2 + (1 - b2) * grad.pow(2)
-                t = data[rows, 3 * d] + 1
-                data[rows, d : 2 * d] = m
-                data[rows, 2 * d : 3 * d] = v
-                data[rows, 3 * d] = t
-                mhat = m / (1 - b1 ** t.unsqueeze(1))
-                vhat = v / (1 - b2 ** t.unsqueeze(1))
-                data[rows, :d] -= lr * mhat / (vhat.sqrt() + eps)
+        row_step(
+            self.table.data, rows, grad, self.cfg.optimizer, self.cfg.lr * self.lr_scale, self.dim
+        )
 
     def _update_ema(self) -> None:
         if self.ema is None:

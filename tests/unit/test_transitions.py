@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from models.config import ModelConfig, TrainerConfig
+from models.cooccurrence import FADE_SPAN
+from models.cooccurrence import count_all as _count_all
 from models.export import build_version
 from models.history import Sample
 from models.registry import publish
 from models.serving import OnnxRecommender
-from models.trainer import FADE_SPAN, OnlineLearner, _count_all, new_meta
+from models.trainer import OnlineLearner, new_meta
 from tests.unit.helpers import topic_samples
 from tests.unit.test_trainer import StateStore, run
 
