@@ -88,10 +88,10 @@ class ModelConfig:
         "keeps (catalogue index + count); 0 = off.",
     )
     transition_window: int = setting(
-        20, "Newest history items whose transition counts add to a candidate's score."
+        10, "Newest history items whose transition counts add to a candidate's score."
     )
     transition_pairs: int = setting(
-        20,
+        10,
         'Newest history items h_d (d = 0 newest) whose "h_d -> target" transition each '
         "positive counts, weighted transition_decay ** d (the newest history_length at most).",
     )

@@ -48,7 +48,7 @@ def test_new_item_is_recommended_from_its_text(make_cfg, tiny_bert_dir, tmp_path
         "model.hidden=32",
         # 120 items in 3 topics: counting all 8 pairs of each positive soon links every
         # same-topic pair, and the memory's scores then swamp what the text says about a
-        # new item (with the default 20 pairs: 11 of 20 jazz users in the first version
+        # new item (with 8 pairs: 11 of 20 jazz users in the first version
         # that knows it, and one cooking user later). 3 pairs keep this test about text.
         "model.transition_pairs=3",
         "trainer.batch_size=64",
