@@ -101,17 +101,19 @@ def advance_user(
         seen.add(e.event_id)
         st.recent_event_ids.append(e.event_id)
         label, weight = label_and_weight(e, cfg)
+        hist, ctx = tuple(st.history[-keep:]), tuple(st.context[-keep:])
         samples.append(
             Sample(
                 model_key=model_key,
                 user_id=e.user_id,
-                history=tuple(st.history[-keep:]),
+                history=hist,
                 target=e.item_id,
                 label=label,
                 weight=weight,
                 ts=e.ts,
                 event_id=e.event_id,
-                context=tuple(st.context[-keep:]),
+                # None when the two agree (no label-0 events): nothing is carried twice.
+                context=None if ctx == hist else ctx,
             )
         )
         st.events += 1

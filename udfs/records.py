@@ -14,7 +14,7 @@ EVENT_TYPE = Types.TUPLE(
     [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.DOUBLE()]
 )
 # model_key, user_id, history ("\x1f"-joined, oldest -> newest), target, label, weight, ts,
-# event_id, context (joined like history)
+# event_id, context (joined like history; "" = the same as history)
 SAMPLE_TYPE = Types.TUPLE(
     [
         Types.STRING(),
@@ -99,11 +99,11 @@ def sample_to_row(s: Sample) -> tuple:
         s.weight,
         s.ts,
         s.event_id,
-        SEP.join(s.events),
+        "" if s.context is None else SEP.join(s.context),
     )
 
 
 def row_to_sample(r: tuple) -> Sample:
     hist = tuple(r[2].split(SEP)) if r[2] else ()
-    ctx = tuple(r[8].split(SEP)) if r[8] else ()
+    ctx = tuple(r[8].split(SEP)) if r[8] else None  # "": the history is the context
     return Sample(r[0], r[1], hist, r[3], int(r[4]), float(r[5]), int(r[6]), r[7], ctx)

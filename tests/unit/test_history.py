@@ -57,5 +57,8 @@ def test_context_holds_every_event_and_history_only_positives():
     ]
     st, samples = advance_user(None, events, cfg, history_length=2, model_key="m")
     assert samples[4].history == ("a", "c") and samples[4].context == ("b", "c", "d")
-    assert samples[0].context == () and samples[0].events == ()
+    assert samples[0].context is None and samples[0].events == ()
+    # Where every event so far was positive the context is the history: not carried twice.
+    assert samples[1].context is None and samples[1].events == samples[1].history == ("a",)
+    assert samples[2].context == ("a", "b") and samples[2].events == ("a", "b")
     assert st.context == ["c", "d", "e"] and st.history == ["a", "c", "e"]

@@ -94,7 +94,7 @@ def test_user_state_of_format_1_is_read_with_its_positives_as_context():
         "m",
     )
     assert st.format == USER_STATE_FORMAT
-    assert samples[0].context == ("a", "b") and samples[0].history == ("a", "b")
+    assert samples[0].events == ("a", "b") and samples[0].history == ("a", "b")
     assert st.context == ["a", "b", "c"] and st.history == ["a", "b"]
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from models.config import UserStageConfig
 from models.events import Event
-from models.history import USER_STATE_FORMAT, UserState, advance_user
+from models.history import USER_STATE_FORMAT, Sample, UserState, advance_user
 from models.state_format import StateFormatError
 from udfs.records import event_to_row
 from udfs.user_window import UserWindows
@@ -94,3 +94,14 @@ def test_user_state_of_an_unknown_format_stops_the_stage_with_what_to_do():
     fn = windows(ctx)
     with pytest.raises(StateFormatError, match=r"user history state has state format 3.*newer"):
         close(fn, ctx, [event(0, "i0", 100)])
+
+
+def test_sample_rows_round_trip_the_context_and_its_absence():
+    from udfs.records import row_to_sample, sample_to_row
+
+    same = Sample("m", "u", ("a", "b"), "c", 1, 1.0, 5, "e1")
+    other = Sample("m", "u", ("a",), "c", 1, 1.0, 5, "e2", ("a", "low"))
+    for s in (same, other):
+        assert row_to_sample(sample_to_row(s)) == s
+    assert sample_to_row(same)[8] == ""  # the history is not sent twice
+    assert row_to_sample(sample_to_row(same)).events == ("a", "b")
