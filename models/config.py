@@ -166,12 +166,33 @@ class TrainerConfig:
     l2: float = setting(0.0, "L2 penalty on the id embedding rows of each step's batch.")
     grad_clip: float = setting(10.0, "Clip of the gradient norm of each step (0 = off).")
     seed: int = setting(1234, "Seed of the initial weights, negative sampling and id dropout.")
-    export_every_steps: int = setting(50, "Publish a model version every this many steps.")
+    export_every_steps: int = setting(50, "Export a model version every this many steps.")
     export_every_seconds: float = setting(
         10.0,
-        "Also publish after this much processing time with unpublished steps (checked when "
+        "Also export after this much processing time with unexported steps (checked when "
         "the trainer fires; ignored in deterministic mode).",
     )
+    # The gate and rollback: models/gate.py.
+    publish_gate: bool = setting(
+        True,
+        "Publish an exported version (LATEST, the models topic) only if it loads, answers a "
+        "probe with finite scores and its prequential Recall@K since the serving version was "
+        "published is within gate_tolerance of the serving version's on the same positives; "
+        "else it is kept as held. false = publish every version, and no automatic rollback.",
+    )
+    gate_tolerance: float = setting(
+        0.1, "Share of the serving version's Recall@K a candidate may fall short by and pass."
+    )
+    gate_min_events: int = setting(
+        200, "Positives scored since the serving version was published before a candidate can pass."
+    )
+    rollback_share: float = setting(
+        0.5,
+        "Roll back when the serving version's recent Recall@K stays below this share of its "
+        "value at publication for rollback_steps steps while the previous version scores "
+        "better (0 = no automatic rollback).",
+    )
+    rollback_steps: int = setting(20, "Consecutive low steps before an automatic rollback.")
     flush_after_seconds: float = setting(
         5.0,
         "Train on a partial batch after this much processing time (ignored in deterministic mode).",

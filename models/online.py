@@ -21,8 +21,9 @@ from models.config import TrainerConfig
 from models.device import deterministic_kernels
 from models.events import Item
 from models.export import NonFiniteModelError, build_version
+from models.gate import GateState, Revocation
 from models.history import Sample
-from models.metrics import metrics_record, prequential_step
+from models.metrics import metrics_record, positives, prequential_step
 from models.text_encoder import EncodesText
 from models.trainer import OnlineLearner, StepResult, check_meta
 from models.version import ModelVersion
@@ -39,6 +40,8 @@ class Firing:
     # Recall@K / NDCG@K / MRR / loss measured before learning from it, and the running
     # aggregates; None when the firing had no samples.
     metrics: dict[str, Any] | None = None
+    # An automatic rollback of the publication gate (models/gate.py) in this firing.
+    revocation: Revocation | None = None
 
 
 def save_initial_state(learner: OnlineLearner, meta: dict[str, Any], path: str | Path) -> None:
@@ -140,6 +143,7 @@ def train_and_maybe_export(
     items_state: Callable[[], Iterable[tuple[str, bytes]]] = lambda: (),
     new_items: list[Item] | None = None,
     encoder: EncodesText | None = None,
+    gate_blob: Callable[[], bytes | None] = lambda: None,
 ) -> Firing:
     """Ingest ``new_items``, test-then-train on ``samples`` (either may be empty), export
     when due.
@@ -147,7 +151,8 @@ def train_and_maybe_export(
     ``meta`` is updated in place (step, counters, version); the caller persists it
     together with the result's touched/removed rows and catalogue entries and dense blob.
     In deterministic mode on a GPU the firing runs with deterministic kernels
-    (:func:`models.device.deterministic_kernels`).
+    (:func:`models.device.deterministic_kernels`). ``gate_blob`` reads the publication
+    gate's stored graphs (models/gate.py); a result's ``gate_blob`` is its new value.
     """
     with deterministic_kernels(learner.device, learner.cfg.deterministic):
         check_meta(meta)
@@ -157,12 +162,17 @@ def train_and_maybe_export(
             if learner.cfg.initial_state:
                 initial = load_initial_state(learner, meta, learner.cfg.initial_state)
         learner.ensure_loaded(meta, dense_blob, rows, items_state)
+        learner.gate.ensure_loaded(meta, gate_blob)
         ingested = learner.ingest_items(new_items, meta, encoder) if new_items else {}
-        record = None
+        record, revocation = None, None
         if samples:  # test-then-train: rank with the current weights, then learn
             batch = prequential_step(learner, meta, samples)
             result = batch.result
+            revocation, result.gate_blob = learner.gate.observe(
+                meta, positives(samples), batch.ranks, learner.seen
+            )
             record = metrics_record(meta, batch)
+            record["publication"] = GateState.of(meta).counters()
         else:
             result = StepResult()
         result.touched_rows = {**initial.touched_rows, **result.touched_rows}
@@ -186,4 +196,5 @@ def train_and_maybe_export(
                 meta["version"] = version.version
                 meta["last_export_step"] = meta["step"]
                 meta["last_export_wall"] = time.time()
-        return Firing(result, version, record)
+                result.gate_blob = learner.gate.decide(meta, version) or result.gate_blob
+        return Firing(result, version, record, revocation)

@@ -37,6 +37,7 @@ from models.config import HISTORY_SOURCES, ModelConfig, TrainerConfig
 from models.cooccurrence import CoOccurrenceMemory
 from models.device import pick_device, set_cpu_threads
 from models.events import Item
+from models.gate import PublicationGate
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
 from models.losses import bpr_loss, head_loss, sampled_softmax_loss
@@ -111,6 +112,8 @@ class StepResult:
     dense_blob: bytes | None = None
     loss: float | None = None
     skipped_non_finite: bool = False
+    # The publication gate's stored graphs when they changed (models/gate.py).
+    gate_blob: bytes | None = None
 
 
 @dataclass
@@ -180,6 +183,9 @@ class OnlineLearner:
         # Learning-rate multiplier of the next step (models/metrics.py sets it while a
         # drift boost is on; it is derived from meta state, never stored here).
         self.lr_scale = 1.0
+        # Which exported versions are published, with the serving ones loaded
+        # (models/gate.py; its state is in meta and the trainer's gate blob).
+        self.gate = PublicationGate(cfg)
         self._fresh()
 
     # ----------------------------------------------------------------- state <-> cache

@@ -123,6 +123,8 @@ class OfflineTrainerRun:
     meta: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)
     versions: list[ModelVersion] = field(default_factory=list)
+    # The publication gate's automatic rollbacks (models.gate.Revocation.record()).
+    revocations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def trainer_without_flink(
@@ -148,6 +150,7 @@ def trainer_without_flink(
     rows: dict[str, bytes] = {}
     cat: dict[str, bytes] = {}
     dense: list[bytes | None] = [None]
+    gate: list[bytes | None] = [None]
     out = OfflineTrainerRun(meta)
     config = to_dict(cfg)
     for n, (items, samples, final) in enumerate(job_firings(records, cfg), 1):
@@ -167,6 +170,7 @@ def trainer_without_flink(
             items_state=cat.items,
             new_items=items,
             encoder=encoder,
+            gate_blob=lambda: gate[0],
         )
         r = firing.result
         rows.update(r.touched_rows)
@@ -177,6 +181,10 @@ def trainer_without_flink(
             cat.pop(gone, None)
         if r.dense_blob is not None:
             dense[0] = r.dense_blob
+        if r.gate_blob is not None:
+            gate[0] = r.gate_blob
+        if firing.revocation is not None:
+            out.revocations.append(firing.revocation.record())
         if firing.metrics is not None:
             out.metrics.append(firing.metrics)
         if firing.version is not None:

@@ -15,6 +15,8 @@ Subcommands:
 - ``savepoint``: take a savepoint of a job running on a Flink cluster
 - ``stop``: stop a job on a Flink cluster with a final savepoint
 - ``serve``: HTTP recommendations from the registry's latest model version, hot-swapped
+- ``versions``: a model key's versions with their status (published, held, revoked)
+- ``rollback``: move LATEST back (and pin it), or ``--release`` the pin
 - ``bench``: run the benchmarks of a source checkout and print a summary
 
 The subcommands that read a configuration take ``--config FILE|PROFILE`` (a TOML file, or
@@ -422,6 +424,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> Path:
+    return Path(args.registry or _cfg(args).export.registry_dir)
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from models.registry import version_table
+
+    rows = version_table(_registry(args), args.model_key)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no versions of {args.model_key} under {_registry(args)}")
+        return 0
+    k = next((c for c in rows[0] if c.startswith("recall@")), "recall@10")
+    print(f"  {'name':<22} {'status':<10} {'steps':>7} {'events':>9} {k:>10}  reason")
+    for r in rows:
+        recall = r[k]
+        print(
+            f"{'*' if r['latest'] else ' '} {r['name']:<22} {r['status']:<10} "
+            f"{r['steps'] or 0:>7} {r['events_seen'] or 0:>9} "
+            f"{'' if recall is None else f'{recall:.4f}':>10}  {r['reason']}"
+        )
+    print("* = LATEST (serving)")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    import getpass
+
+    from models.registry import release, rollback
+
+    root = _registry(args)
+    try:
+        if args.release:
+            name = release(root, args.model_key)
+            print(f"{args.model_key}: unpinned; LATEST = {name or '(unchanged: none published)'}")
+            return 0
+        if not args.reason:
+            raise ConfigError("rtrec rollback needs --reason (it is recorded with the rollback)")
+        r = rollback(root, args.model_key, args.to, args.by or getpass.getuser(), args.reason)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    print(
+        f"{args.model_key}: LATEST {r['from']} -> {r['to']} (pinned: newer versions wait for "
+        f"`rtrec rollback {args.model_key} --release`)"
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark scripts of ``benchmarks/`` (each in its own process) + a summary."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
@@ -596,6 +648,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--poll-s", type=float, default=2.0)
     _add_config_args(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("versions", help="a model key's versions: status, metrics, gate reason")
+    s.add_argument("model_key")
+    s.add_argument("--registry", help="registry directory (default: export.registry_dir)")
+    s.add_argument("--json", action="store_true", help="print JSON rows")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_versions)
+
+    s = sub.add_parser(
+        "rollback",
+        help="move LATEST back to an earlier version and pin it there (or --release the pin)",
+    )
+    s.add_argument("model_key")
+    s.add_argument("--to", help="version name or number (default: the previous published one)")
+    s.add_argument("--reason", default="", help="why (recorded; required)")
+    s.add_argument("--by", default="", help="who (recorded; default: the login name)")
+    s.add_argument(
+        "--release", action="store_true", help="unpin: LATEST follows published versions again"
+    )
+    s.add_argument("--registry", help="registry directory (default: export.registry_dir)")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_rollback)
 
     s = sub.add_parser("bench", help="run the benchmarks (benchmarks/*.py) and print a summary")
     s.add_argument("--quick", action="store_true", help="small sizes: a smoke run (minutes)")

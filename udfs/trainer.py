@@ -9,13 +9,18 @@ State per model key (see docs/design.md "State rules"):
 - ``rows`` MapState item id -> packed id-embedding row (only touched rows are written);
 - ``items`` MapState item id -> packed catalogue entry (text embedding, categories, counts);
 - ``meta`` counters (step, version, events seen, high-water mark...), the prequential
-  metrics aggregates and the drift detector (models/metrics.py);
+  metrics aggregates, the drift detector (models/metrics.py) and the publication gate
+  (models/gate.py);
+- ``gate`` the graphs of the serving and previously published versions, which the gate
+  scores on every step;
 - ``flush_timer`` the pending processing-time flush; ``ordered`` (deterministic mode)
   samples waiting for the watermark.
 
-Besides model versions (main output) every firing that trained emits its prequential
-metrics record as JSON on the ``METRICS_TAG`` side output, updates the operator's Flink
-metrics (group ``prequential``) and, with ``export.tensorboard_dir``, TensorBoard scalars.
+Besides model versions and revocations (main output; a revocation row has the revoked
+version's name, the revocation record as its JSON and no graph) every firing that trained
+emits its prequential metrics record as JSON on the ``METRICS_TAG`` side output, updates
+the operator's Flink metrics (group ``prequential``) and, with ``export.tensorboard_dir``,
+TensorBoard scalars.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
             MapStateDescriptor("items", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
         )
         self.meta = rc.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
+        self.gate = rc.get_state(ValueStateDescriptor("gate", Types.PICKLED_BYTE_ARRAY()))
         self.flush_timer = rc.get_state(ValueStateDescriptor("flush_timer", Types.LONG()))
         # Deterministic mode: (record timestamp, sample) pairs waiting for the watermark.
         self.ordered = rc.get_list_state(
@@ -258,6 +264,7 @@ class OnlineTrainer(KeyedCoProcessFunction):
             items_state=self.items.items,
             new_items=items,
             encoder=self.encoder,
+            gate_blob=self.gate.value,
         )
         r = firing.result
         # PyFlink iterates put_all's argument as (key, value) pairs, not as a dict.
@@ -271,11 +278,16 @@ class OnlineTrainer(KeyedCoProcessFunction):
             self.items.remove(item_id)
         if r.dense_blob is not None:
             self.dense.update(r.dense_blob)
+        if r.gate_blob is not None:
+            self.gate.update(r.gate_blob)
         self.meta.update(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
         ended = time.monotonic()
         self._pace[key] = (ended, ended - started)
         if firing.metrics is not None:
             yield METRICS_TAG, self._report(firing.metrics)
+        if firing.revocation is not None:
+            rev = firing.revocation
+            yield key, rev.revoked, json.dumps(rev.record(), sort_keys=True), b"", b""
         if firing.version is not None:
             v = firing.version
             extras = pickle.dumps(v.extras, protocol=pickle.HIGHEST_PROTOCOL)

@@ -83,7 +83,7 @@ def test_pipeline_trains_exports_and_dead_letters(make_cfg, tmp_path):
     out = run_on_collection(cfg, records)
 
     dead_letters = [o for o in out if "reason" in o]
-    statuses = [o for o in out if "published" in o]
+    statuses = [o for o in out if "status" in o]
     # Every hostile record is dead-lettered with a reason; no valid one is.
     assert len(dead_letters) == len(hostile)
     assert all(d["reason"] and d["source"] == "events" for d in dead_letters)
@@ -158,7 +158,7 @@ def test_late_events_go_to_the_dead_letter_output(make_cfg):
         f"event_id=late{i}" for i in range(5)
     ]
     assert all(d["reason"].startswith("late event") for d in dead_letters)
-    assert max(o["events_seen"] for o in out if "published" in o) == len(valid)
+    assert max(o["events_seen"] for o in out if "status" in o) == len(valid)
 
 
 def test_the_trainer_and_its_sinks_run_once_per_model_key(make_cfg):

@@ -59,7 +59,11 @@ def test_a_learner_rebuilt_from_state_makes_the_same_versions(make_cfg):
         "replay.new_items_midstream=10",
     )
     records = list(synthetic(cfg.replay))
-    plain = [v.name for v in trainer_without_flink(records, cfg).versions]
-    restored = [v.name for v in trainer_without_flink(records, cfg, restore_every=3).versions]
+
+    def made(run) -> list:  # the versions and the gate's decisions on them
+        return [(v.name, v.manifest["publication"]) for v in run.versions]
+
+    plain = made(trainer_without_flink(records, cfg))
+    restored = made(trainer_without_flink(records, cfg, restore_every=3))
     assert len(plain) >= 5
     assert restored == plain
