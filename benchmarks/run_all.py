@@ -24,6 +24,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "flink_job" / "profiles"
 # Cheapest first, so a broken environment fails fast.
 BENCHMARKS = [
     "catalogue",
+    "serving",
     "quality",
     "gpu",
     "throughput",

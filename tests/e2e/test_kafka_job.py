@@ -8,16 +8,15 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 from flink_job.runner import run_local
-from infra.kafka import free_port, read_topic
+from infra.kafka import read_topic
 from models.registry import list_versions, read_latest
 from models.serving import HotSwapRecommender
 from replay.producer import replay
-from serving.server import make_server
+from serving.server import running
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +55,10 @@ def test_events_in_models_out(kafka, make_cfg, tmp_path):
     assert len(names) >= 2
     published = [json.loads(v) for v in read_topic(kafka.bootstrap, "e2e.models", True)]
     assert sorted(p["name"] for p in published) == names
-    last = max(published, key=lambda p: p["manifest"]["version"])
+    assert all(p["type"] == "version" for p in published)  # no revocation on a clean stream
+    last = max(
+        (p for p in published if p["status"] == "published"), key=lambda p: p["manifest"]["version"]
+    )
     assert last["name"] == read_latest(registry, "default")
     onnx_from_kafka = base64.b64decode(last["onnx_base64"])
     assert onnx_from_kafka == (registry / "default" / last["name"] / "model.onnx").read_bytes()
@@ -70,20 +72,20 @@ def test_events_in_models_out(kafka, make_cfg, tmp_path):
     assert len({i for i, _ in top}) == 10 and not {i for i, _ in top} & set(hist)
     assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
 
-    # ...and over HTTP, as `rtrec serve` does it.
-    server = make_server(rec, "127.0.0.1", free_port())
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        port = server.server_address[1]
+    # ...and over HTTP, as `rtrec serve` does it (GET and POST).
+    with running(rec) as (_, port):
         url = f"http://127.0.0.1:{port}/recommend?history={','.join(hist)}&k=5"
         body = json.loads(urllib.request.urlopen(url, timeout=10).read())
         assert body["version"] == rec.version_name and len(body["items"]) == 5
         # `exclude` leaves out what the caller names; the next best items move up.
         shown = [i for i, _ in body["items"][:2]]
-        body = json.loads(urllib.request.urlopen(f"{url}&exclude={','.join(shown)}").read())
-        assert [i for i, _ in body["items"]][:3] == [i for i, _ in top[2:5]]
-    finally:
-        server.shutdown()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/recommend",
+            data=json.dumps({"history": hist, "exclude": shown, "k": 3}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        body = json.loads(urllib.request.urlopen(req, timeout=10).read())
+        assert [i for i, _ in body["items"]] == [i for i, _ in top[2:5]]
 
 
 def test_readme_demo_command(tmp_path):
