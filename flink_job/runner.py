@@ -1,4 +1,5 @@
-"""Run the job on a local Flink mini-cluster with periodic progress lines."""
+"""Run the job on a local Flink mini-cluster with periodic progress lines, including
+each restart after a failure (flink_job/restarts.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flink_job.config import AppConfig
 from flink_job.job import build_job, make_env
+from flink_job.restarts import Restart, RestartWatcher
+from infra.kafka import free_port
 from models.registry import read_latest
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,8 @@ class RunResult:
     elapsed_s: float
     first_version_s: float | None
     manifest: dict[str, Any] | None
+    # Each failure the job restarted from: when, the cause Flink recorded, the checkpoint.
+    restarts: list[Restart] = field(default_factory=list)
 
 
 def latest_manifest(cfg: AppConfig) -> dict[str, Any] | None:
@@ -56,11 +61,19 @@ def run_local(
     With ``kafka.bounded`` the job ends by itself once it has consumed what was in the
     topic at start; otherwise it runs until interrupted (Ctrl-C cancels it).
     """
-    env = make_env(cfg, extra_conf)
+    conf = dict(extra_conf or {})
+    if "rest.port" not in {**cfg.job.flink, **conf}:
+        # The mini-cluster's REST endpoint (loopback only): how restarts are seen.
+        conf.update({"rest.port": str(free_port()), "rest.bind-address": "127.0.0.1"})
+    conf.setdefault("rest.address", "127.0.0.1")
+    rest = f"{conf['rest.address']}:{conf.get('rest.port', cfg.job.flink.get('rest.port'))}"
+    env = make_env(cfg, conf)
     build_job(env, cfg, bootstrap)
     t0 = time.monotonic()
     client = env.execute_async(cfg.job.name)
-    progress(f"job {client.get_job_id()} submitted to the local Flink mini-cluster")
+    job_id = str(client.get_job_id())
+    progress(f"job {job_id} submitted to the local Flink mini-cluster (REST http://{rest})")
+    watcher = RestartWatcher(rest, job_id)
     outcome: dict[str, Any] = {}
 
     def wait() -> None:
@@ -87,7 +100,11 @@ def run_local(
                 first_version = now
             if now - last_print >= progress_every_s or done:
                 last_print = now
+                for line in watcher.poll():
+                    progress(f"[{now:5.1f}s] {line}")
                 state = outcome.get("status", "RUNNING")
+                if watcher.restarts:
+                    state += f" (restarts: {len(watcher.restarts)})"
                 if m is None:
                     progress(f"[{now:5.1f}s] {state}: no model version yet")
                 else:
@@ -110,4 +127,6 @@ def run_local(
     status = outcome.get("status", "CANCELED")
     if status == "FAILED":
         raise RuntimeError(f"the Flink job failed: {str(outcome.get('error'))[-3000:]}")
-    return RunResult(status, time.monotonic() - t0, first_version, latest_manifest(cfg))
+    return RunResult(
+        status, time.monotonic() - t0, first_version, latest_manifest(cfg), watcher.restarts
+    )

@@ -119,3 +119,81 @@ def test_readme_demo_command(tmp_path):
     assert summary, out[-2000:]
     events, malformed, samples, dlq = map(int, summary.groups())
     assert events == samples == 2500 and malformed == dlq == 50
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _trainer_worker() -> int | None:
+    """The local run's trainer worker: the one Python worker that has loaded torch."""
+    for pid in _descendants(os.getpid()):
+        try:
+            if b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_a_local_run_reports_each_restart_and_still_learns_every_event_once(kafka, make_cfg, capfd):
+    """kill -9 of the trainer's Python worker in a local run: the job restarts from its
+    last checkpoint by itself, the progress output says when, why and from which
+    checkpoint, and every event is still learned exactly once."""
+    import signal
+    import threading
+    import time
+
+    cfg = make_cfg(
+        "kafka.events_topic='e2e.r.events'",
+        "kafka.items_topic='e2e.r.items'",
+        "kafka.dlq_topic='e2e.r.dlq'",
+        "kafka.models_topic='e2e.r.models'",
+        "kafka.bounded=true",
+        "replay.num_events=30000",
+        "replay.num_users=300",
+        "model.text_encoder='none'",
+        "trainer.export_every_steps=5",
+        "job.checkpoint_interval_ms=1000",
+    )
+    stats = replay(cfg, kafka.bootstrap, progress=False)
+    out: dict = {}
+    runner = threading.Thread(
+        target=lambda: out.update(result=run_local(cfg, kafka.bootstrap, timeout_s=600)),
+        daemon=True,
+    )
+    runner.start()
+    registry = Path(cfg.export.registry_dir)
+    deadline = time.monotonic() + 300
+    # Two versions, then a few checkpoint intervals: a checkpoint has completed.
+    while len(list_versions(registry, "default")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(5)
+    pid = _trainer_worker()
+    assert pid is not None, "no trainer worker found among this process's descendants"
+    os.kill(pid, signal.SIGKILL)
+    runner.join(600)
+    result = out["result"]
+    assert result.status == "FINISHED"
+    assert result.manifest is not None and result.manifest["events_seen"] == stats.events
+    assert len(result.restarts) >= 1
+    first = result.restarts[0]
+    assert first.cause and first.restored_checkpoint is not None
+    err = capfd.readouterr().err
+    assert re.search(r"restart 1: failed at \d\d:\d\d:\d\d", err), err[-3000:]
+    assert f"restored from checkpoint {first.restored_checkpoint}" in err
+    assert "(restarts: 1)" in err
