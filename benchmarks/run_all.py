@@ -25,6 +25,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "flink_job" / "profiles"
 BENCHMARKS = [
     "catalogue",
     "serving",
+    "poisoning",
     "quality",
     "gpu",
     "throughput",

@@ -183,6 +183,11 @@ class TrainerConfig:
     gate_tolerance: float = setting(
         0.1, "Share of the serving version's Recall@K a candidate may fall short by and pass."
     )
+    gate_floor: float = setting(
+        0.5,
+        "A candidate below this share of the serving version's Recall@K at publication is "
+        "held unless it beats the serving version by gate_tolerance (0 = no floor).",
+    )
     gate_min_events: int = setting(
         200, "Positives scored since the serving version was published before a candidate can pass."
     )

@@ -8,7 +8,14 @@ Every exported version is written to the registry, but only a *published* one mo
 2. there is no serving version yet, or, over at least ``trainer.gate_min_events``
    positives scored since the serving version was published, the training run's
    prequential Recall@K on them is at least ``(1 - trainer.gate_tolerance)`` times the
-   serving version's Recall@K on the same positives (K = ``trainer.metrics_k``).
+   serving version's Recall@K on the same positives (K = ``trainer.metrics_k``), and
+   it is above the floor ``trainer.gate_floor`` x the serving version's value at
+   publication unless it is clearly (by the tolerance) above the serving version's.
+
+The floor is there because the events may be poisoned too: during a label-flip burst
+every model scores about as badly on the flipped events, so the comparison alone would
+pass a model that learned the flips. A genuine shift lowers the serving version's figure
+as well, and a candidate that has learned it beats it and passes.
 
 Otherwise it is *held*: its manifest's ``publication`` section says why, with the figures,
 and it never moves ``LATEST``. The training run's figure stands for the candidate: each
@@ -270,6 +277,8 @@ class PublicationGate:
         }
         live = st.live_hits / st.n if st.n else None
         ref = st.serving_hits / st.n if st.n else None
+        base = st.serving.baseline if st.serving else None
+        floor = cfg.gate_floor * base if base is not None and cfg.gate_floor > 0 else None
         doc.update(candidate_recall=live, serving_recall=ref)
         if not cfg.publish_gate:
             st.published += 1
@@ -304,6 +313,23 @@ class PublicationGate:
             reason = (
                 f"Recall@{cfg.metrics_k} {live:.4f} of the training run on {st.n} positives "
                 f"is below (1 - {cfg.gate_tolerance:g}) x {ref:.4f} of {serving} on the same"
+            )
+        elif (
+            live is not None
+            and ref is not None
+            and floor is not None
+            and live < floor
+            and live < ref * (1.0 + cfg.gate_tolerance)
+        ):
+            # The events themselves may be poisoned (a label-flip burst makes every model
+            # look alike on them): a candidate that collapsed far below what the serving
+            # version scored at publication passes only if it clearly beats the serving
+            # version on the same events (a real shift it has learned).
+            status = HELD
+            reason = (
+                f"Recall@{cfg.metrics_k} {live:.4f} of the training run is below the floor "
+                f"{floor:.4f} (trainer.gate_floor {cfg.gate_floor:g} x {serving}'s value at "
+                f"publication) and not clearly above {ref:.4f} of {serving} on the same events"
             )
         else:
             status = PUBLISHED

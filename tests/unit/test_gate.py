@@ -239,3 +239,26 @@ def test_versions_and_rollback_commands(tmp_path, capsys):
     assert main(["versions", "m", "--json", *reg]) == 0
     rows = {r["name"]: r["status"] for r in json.loads(capsys.readouterr().out)}
     assert rows[versions[1].name] == "revoked"
+
+
+@pytest.mark.parametrize(
+    ("live_hits", "serving_hits", "status"),
+    [(40, 40, "held"), (40, 38, "held"), (60, 40, "published"), (220, 200, "published")],
+)
+def test_the_floor_holds_a_collapse_that_poisoned_events_would_hide(
+    live_hits, serving_hits, status
+):
+    """On flipped events every model scores about as badly: a candidate far below what
+    the serving version scored at publication passes only if it clearly beats it."""
+    lr, meta, state = learner(), new_meta("m"), {}
+    run(lr, meta, topic_samples(320), state)
+    st = GateState.of(meta)
+    st.serving.baseline = 0.5  # the floor: gate_floor 0.5 x 0.5 = 0.25
+    st.n, st.live_hits, st.serving_hits = 400, live_hits, serving_hits
+    st.save(meta)
+    v = build_version(lr, meta, 10, {})
+    lr.gate.decide(meta, v)
+    doc = v.manifest["publication"]
+    assert doc["status"] == status, doc["reason"]
+    if status == "held":
+        assert "below the floor 0.2500" in doc["reason"]
