@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import sys
 from typing import Any
 
@@ -33,7 +32,8 @@ import _common as C
 def streams(args: Any) -> tuple[dict[str, list[Any]], str, list[Any], int]:
     """{attack: records}, the shilled item, the clean evaluation queries, end of window."""
     from flink_job.config import ReplayConfig
-    from replay.datasets import _event_record, synthetic
+    from replay.attacks import label_flip, shilling
+    from replay.datasets import synthetic
 
     replay = ReplayConfig(
         num_events=args.events,
@@ -44,39 +44,12 @@ def streams(args: Any) -> tuple[dict[str, list[Any]], str, list[Any], int]:
         seed=args.seed,
     )
     records = list(synthetic(replay))
-    items = [r for r in records if r.topic == "items"]
+    start, end = 0.5, 0.65
+    fakes = max(1, int(args.users * args.fake_share))
+    shilled, target = shilling(records, start, end, fakes, args.fillers, args.seed)
+    flipped = label_flip(records, start, end, args.seed)
     events = [r for r in records if r.topic == "events"]
-    a, b = int(len(events) * 0.5), int(len(events) * 0.65)
-    rng = random.Random(args.seed)
-    ids = [json.loads(r.value)["item_id"] for r in items]
-    counts: dict[str, int] = {}
-    for r in events[:a]:
-        counts[json.loads(r.value)["item_id"]] = counts.get(json.loads(r.value)["item_id"], 0) + 1
-    cold = sorted(ids, key=lambda i: (counts.get(i, 0), i))[: max(1, len(ids) // 4)]
-    target = rng.choice(cold)
-    t0, t1 = events[a].ts, events[b - 1].ts
-    fake = []
-    for f in range(max(1, int(args.users * args.fake_share))):
-        picks = rng.sample(ids, args.fillers)
-        slot = rng.randint(0, args.fillers)
-        for n, item in enumerate([*picks[:slot], target, *picks[slot:]]):
-            ts = rng.randint(t0, t1)
-            etype = "purchase" if item == target else "view"
-            fake.append(_event_record(f"fake{f}-{n}", f"fake{f}", item, etype, ts, None))
-    shilled = sorted(events[:b] + fake, key=lambda r: r.ts) + events[b:]
-    flipped = []
-    for r in events[a:b]:
-        body = json.loads(r.value)
-        value = body.get("value")
-        if value is not None:
-            value = 6.0 - float(value)
-        else:
-            body["item_id"] = rng.choice(ids)
-        flipped.append(
-            _event_record(
-                body["event_id"], body["user_id"], body["item_id"], body["type"], r.ts, value
-            )
-        )
+    b = int(len(events) * end)
     # Clean queries after the window: each user's positives so far, then the next one.
     queries, hist = [], {}
     for n, r in enumerate(events):
@@ -86,12 +59,7 @@ def streams(args: Any) -> tuple[dict[str, list[Any]], str, list[Any], int]:
             queries.append((list(h[-50:]), body["item_id"]))
         if body.get("value") is None or float(body["value"]) >= 3.5:
             h.append(body["item_id"])
-    return (
-        {"shilling": items + shilled, "label flip": items + events[:a] + flipped + events[b:]},
-        target,
-        queries,
-        t1,
-    )
+    return {"shilling": shilled, "label flip": flipped}, target, queries, events[b - 1].ts
 
 
 def served(run: Any, gate: bool, at_ms: int) -> Any:

@@ -10,7 +10,7 @@ Every exported version is written to the registry, but only a *published* one mo
    prequential Recall@K on them is at least ``(1 - trainer.gate_tolerance)`` times the
    serving version's Recall@K on the same positives (K = ``trainer.metrics_k``), and
    it is above the floor ``trainer.gate_floor`` x the serving version's value at
-   publication unless it is clearly (by the tolerance) above the serving version's.
+   publication unless it is clearly above the serving version's (:func:`clear_margin`).
 
 The floor is there because the events may be poisoned too: during a label-flip burst
 every model scores about as badly on the flipped events, so the comparison alone would
@@ -146,6 +146,13 @@ def hits(
         return []
     top = rec.recommend([list(seen(s)) for s in samples], k, [list(s.events) for s in samples])
     return [s.target in {item for item, _ in row} for s, row in zip(samples, top, strict=True)]
+
+
+def clear_margin(ref: float, n: int, tolerance: float) -> float:
+    """How far above the serving version's Recall@K ``ref`` (over ``n`` positives) a
+    candidate must be to beat it clearly: by the tolerance, and by two standard errors
+    of ``ref``, so that a few lucky hits on a small sample do not count."""
+    return max(ref * tolerance, 2.0 * (ref * (1.0 - ref) / max(n, 1)) ** 0.5)
 
 
 class PublicationGate:
@@ -319,7 +326,7 @@ class PublicationGate:
             and ref is not None
             and floor is not None
             and live < floor
-            and live < ref * (1.0 + cfg.gate_tolerance)
+            and live < ref + clear_margin(ref, st.n, cfg.gate_tolerance)
         ):
             # The events themselves may be poisoned (a label-flip burst makes every model
             # look alike on them): a candidate that collapsed far below what the serving
