@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         "share",
                         "gate off",
                         off[key],
-                        headline=label == "window end",
+                        headline=(attack, label, metric)
+                        == ("label flip", "window end", "recall@10"),
                     )
                 )
         figures.append(C.figure(f"{attack}: versions held", float(on["held"]), "versions"))

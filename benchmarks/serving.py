@@ -242,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
                 "req/s",
                 "offered",
                 r["offered_rps"],
-                headline=rate == int(max(loads)),
             ),
             C.figure(
                 f"p99 latency at {rate} req/s",

@@ -96,11 +96,14 @@ class JobConfig:
     model_key: str = setting(
         "default", "Key of the model this job trains; registry and manifests name it."
     )
-    # Keep it stable: user state is keyed by the pseudonymised id.
-    hmac_key: str = setting(
-        "rtrec-change-me",
-        "Key of the HMAC that pseudonymises user ids before anything is stored "
-        '("" disables it); change it per deployment.',
+    # Keep the key stable: user state is keyed by the pseudonymised id (flink_job/keys.py).
+    pseudonymise: bool = setting(
+        True, "Replace user ids by a keyed HMAC before anything is stored (false = raw ids)."
+    )
+    hmac_key_file: str = setting(
+        "",
+        "File holding the pseudonymisation key. Empty: the RTREC_HMAC_KEY environment "
+        "variable, else (local runs only) a random key generated once in .rtrec/hmac.key.",
     )
     window_ms: int = setting(1000, "Event-time length of a user window (tumbling).")
     out_of_orderness_ms: int = setting(
@@ -410,6 +413,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for ov in overrides or []:
         parts, value = _parse_override(ov)
         _merge(data, parts, value)
+    if isinstance(data.get("job"), dict) and "hmac_key" in data["job"]:
+        raise ConfigError(
+            "job.hmac_key is not read: a key in the configuration shows in `rtrec config` "
+            "and wherever the configuration goes; put it in a file and set "
+            "job.hmac_key_file = PATH (mode 0600), or set RTREC_HMAC_KEY "
+            "(job.pseudonymise = false turns pseudonymisation off)"
+        )
     cfg = _build(AppConfig, data, "")
     validate(cfg)
     return cfg

@@ -31,6 +31,7 @@ from pyflink.datastream.externalized_checkpoint_retention import ExternalizedChe
 
 from flink_job import pyflink_compat as compat
 from flink_job.config import AppConfig, to_dict
+from flink_job.keys import pseudonymisation_key
 from flink_job.operators import key_by_field, use_checkpointed_timers, windows_by_field
 from infra.jars import kafka_connector_jar, operators_jar
 from models.text_encoder import configured_precision, encoder_off
@@ -317,7 +318,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
     """Like :func:`build_pipeline`, with the trainer's metrics side output too."""
     k = cfg.kafka
     parsed = (
-        raw.process(ParseEvents(k.events_topic, cfg.job.hmac_key), output_type=EVENT_TYPE)
+        raw.process(ParseEvents(k.events_topic, pseudonymisation_key(cfg)), output_type=EVENT_TYPE)
         .uid("parse-events")
         .name("parse-events")
     )
@@ -440,7 +441,6 @@ def registry_sink(versions, cfg: AppConfig):
 def _public_config(cfg: AppConfig) -> dict:
     """The config recorded in manifests, without secrets."""
     d = to_dict(cfg)
-    d["job"].pop("hmac_key", None)
     d["kafka"]["properties"] = {
         key: ("***" if any(s in key for s in ("password", "secret", "sasl.jaas")) else v)
         for key, v in d["kafka"]["properties"].items()

@@ -11,6 +11,7 @@ import logging
 
 from flink_job.config import load_config
 from flink_job.job import build_job, make_env
+from flink_job.keys import require_deployment_key
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = load_config(args.config, args.overrides)
+    require_deployment_key(cfg)
     if not cfg.kafka.bootstrap_servers:
         raise SystemExit("kafka.bootstrap_servers must be set when submitting to a cluster")
     env = make_env(cfg)

@@ -73,7 +73,9 @@ def job_firings(
     waits; a timer with no full batch still fires, to ingest items). At the end of the
     input, everything left is one final firing.
     """
-    key = cfg.job.hmac_key.encode() if cfg.job.hmac_key else b""
+    from flink_job.keys import pseudonymisation_key
+
+    key = pseudonymisation_key(cfg).encode()
     w = cfg.job.window_ms
     h, mk = cfg.model.history_length, cfg.job.model_key
     items: list[Item] = []

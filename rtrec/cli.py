@@ -367,6 +367,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise ConfigError(
             "submit needs --bootstrap (or kafka.bootstrap_servers) reachable from the cluster"
         )
+    from flink_job.keys import require_deployment_key
+
+    require_deployment_key(cfg)
     flink = Path(pyflink.__file__).parent / "bin" / "flink"
     root = Path(__file__).resolve().parent.parent
     cmd = [

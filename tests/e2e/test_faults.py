@@ -62,6 +62,7 @@ def overrides(registry: Path, topic: str) -> list[str]:
 def rtrec(*args: str) -> str:
     """Run the `rtrec` CLI (outside this process's PyFlink environment); its stdout."""
     env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
+    env.setdefault("RTREC_HMAC_KEY", "e2e-faults-test-key-0123456789")
     cmd = [sys.executable, "-m", "rtrec.cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -10,7 +10,7 @@ def test_firings_cut_like_the_deterministic_trainer(make_cfg):
     cfg = make_cfg(
         "trainer.batch_size=40",
         "job.window_ms=5000",
-        "job.hmac_key=''",
+        "job.pseudonymise=false",
         "replay.num_events=900",
         "replay.num_items=60",
         "replay.new_items_midstream=10",
