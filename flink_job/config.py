@@ -53,6 +53,11 @@ class KafkaConfig:
     models_topic: str = setting(
         "models", "Topic the model versions are published to (with export.publish_kafka)."
     )
+    control_topic: str = setting(
+        "",
+        'Topic of control records: {"action": "forget", "user_id": ..., "ts": ...} deletes '
+        'a user\'s data in the user stage (docs/operations.md); "" = no control input.',
+    )
     metrics_topic: str = setting(
         "metrics",
         'Topic of the prequential metrics, one JSON record per trainer firing ("" = not '
@@ -81,7 +86,7 @@ class KafkaConfig:
     def topics(self) -> list[str]:
         """Every topic the job reads or writes (what `kafka up` and replay create)."""
         named = [self.events_topic, self.items_topic, self.dlq_topic, self.models_topic]
-        return [t for t in [*named, self.metrics_topic] if t]
+        return [t for t in [*named, self.metrics_topic, self.control_topic] if t]
 
 
 @dataclass(frozen=True)

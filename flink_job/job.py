@@ -36,11 +36,11 @@ from flink_job.operators import key_by_field, use_checkpointed_timers, windows_b
 from infra.jars import kafka_connector_jar, operators_jar
 from models.text_encoder import configured_precision, encoder_off
 from udfs.embed import EmbedItemTexts, bucket_key
-from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseEvents, ParseItems
+from udfs.parse import DLQ_TAG, LateToDeadLetter, ParseControl, ParseEvents, ParseItems
 from udfs.publish import PublishToRegistry, to_kafka_record
 from udfs.records import EVENT_TYPE, ITEM_TYPE, SAMPLE_TYPE, VERSION_TYPE
 from udfs.trainer import METRICS_TAG, OnlineTrainer
-from udfs.user_window import UserWindows
+from udfs.user_window import UserWindows, UserWindowsWithControl
 
 log = logging.getLogger(__name__)
 # Must stay <= the broker's transaction.max.timeout.ms (15 min by default).
@@ -223,9 +223,16 @@ def _kafka_bytes(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str
     # Idleness lets the watermark move on without a partition that is silent for a while
     # (processing time). Deterministic mode leaves it off: which events count as late would
     # then depend on timing (a partition stalled by a restart or a slow machine).
-    name = "kafka-events" if topic == k.events_topic else "kafka-items"
+    name = {k.events_topic: "kafka-events", k.control_topic: "kafka-control"}.get(
+        topic, "kafka-items"
+    )
     idle_ms = cfg.job.idleness_ms if name == "kafka-events" else cfg.job.items_idleness_ms
-    if idle_ms > 0 and not cfg.trainer.deterministic:
+    if name == "kafka-control":
+        # Always: a control topic is silent nearly all the time, and without idleness its
+        # watermark would hold back the user stage's (and, in deterministic mode, every
+        # step of the trainer) until the first request.
+        watermarks = watermarks.with_idleness(Duration.of_millis(max(idle_ms, 1000)))
+    elif idle_ms > 0 and not cfg.trainer.deterministic:
         watermarks = watermarks.with_idleness(Duration.of_millis(idle_ms))
     return env.from_source(
         b.build(), watermarks, name, type_info=Types.PRIMITIVE_ARRAY(Types.BYTE())
@@ -265,8 +272,9 @@ def build_job(env: StreamExecutionEnvironment, cfg: AppConfig, bootstrap: str) -
     k = cfg.kafka
     raw = _kafka_bytes(env, cfg, bootstrap, k.events_topic)
     raw_items = _kafka_bytes(env, cfg, bootstrap, k.items_topic) if k.items_topic else None
+    control = _kafka_bytes(env, cfg, bootstrap, k.control_topic) if k.control_topic else None
 
-    versions, dead, metrics = build_graph(raw, cfg, raw_items)
+    versions, dead, metrics = build_graph(raw, cfg, raw_items, control)
     registry_sink(versions, cfg).print("model-version").uid("registry-log").name(
         "registry-log"
     ).set_parallelism(TRAINER_PARALLELISM)
@@ -314,8 +322,9 @@ def build_pipeline(raw, cfg: AppConfig, raw_items=None):
     return p.versions, p.dead
 
 
-def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
-    """Like :func:`build_pipeline`, with the trainer's metrics side output too."""
+def build_graph(raw, cfg: AppConfig, raw_items=None, raw_control=None) -> Pipeline:
+    """Like :func:`build_pipeline`, with the trainer's metrics side output too.
+    ``raw_control``: the control topic's raw records (forget requests), if any."""
     k = cfg.kafka
     parsed = (
         raw.process(ParseEvents(k.events_topic, pseudonymisation_key(cfg)), output_type=EVENT_TYPE)
@@ -327,19 +336,28 @@ def build_graph(raw, cfg: AppConfig, raw_items=None) -> Pipeline:
     # Flink's window operator keeps each user's open windows in the JVM; Python sees each
     # closed window once (flink_job.operators.windows_by_field).
     windows, late_events = windows_by_field(parsed, 1, cfg.job.window_ms, "user-window-events")
-    samples = (
-        windows.process(
-            UserWindows(
-                cfg.user,
-                cfg.model.history_length,
-                cfg.job.model_key,
-                malloc_thresholds=cfg.job.malloc_thresholds,
-            ),
+    stage = (cfg.user, cfg.model.history_length, cfg.job.model_key)
+    if raw_control is None:
+        samples = windows.process(
+            UserWindows(*stage, malloc_thresholds=cfg.job.malloc_thresholds),
             output_type=SAMPLE_TYPE,
         )
-        .uid("user-window")
-        .name("user-window")
-    )
+    else:
+        # Forget requests, pseudonymised as the events are, reach the user stage directly:
+        # not through the windows, where one older than the watermark would be late.
+        control = (
+            raw_control.process(
+                ParseControl(k.control_topic, pseudonymisation_key(cfg)), output_type=EVENT_TYPE
+            )
+            .uid("parse-control")
+            .name("parse-control")
+        )
+        dead = dead.union(control.get_side_output(DLQ_TAG))
+        samples = windows.connect(key_by_field(control, 1)).process(
+            UserWindowsWithControl(*stage, malloc_thresholds=cfg.job.malloc_thresholds),
+            output_type=SAMPLE_TYPE,
+        )
+    samples = samples.uid("user-window").name("user-window")
     late = (
         late_events.map(LateToDeadLetter(k.events_topic), output_type=Types.STRING())
         .uid("late-to-dlq")

@@ -174,6 +174,22 @@ def parse_item(raw: str | bytes) -> Item:
     return Item(_id(obj, "item_id"), title, text, tuple(cats), _ts(obj))
 
 
+def parse_forget(raw: str | bytes, record_ts: int | None = None) -> tuple[str, int]:
+    """Validate one control record ``{"action": "forget", "user_id": ..., "ts": ...}`` ->
+    (raw user id, event time of the request) or raise InvalidRecord. Without ``ts`` the
+    request takes the record's own timestamp ``record_ts`` (the time it was sent)."""
+    obj = _load_object(raw)
+    if obj.get("action") != "forget":
+        raise InvalidRecord(f"field 'action' must be 'forget'; got {obj.get('action')!r}")
+    if "ts" in obj:
+        ts = _ts(obj)
+    elif record_ts is not None and MIN_TS_MS <= record_ts <= MAX_TS_MS:
+        ts = record_ts
+    else:
+        raise InvalidRecord("missing field 'ts' (epoch milliseconds) and no record timestamp")
+    return _id(obj, "user_id"), ts
+
+
 def pseudonymise(user_id: str, key: bytes) -> str:
     """Keyed HMAC-SHA256 of a user id (first 16 bytes, hex): stable per key, not reversible."""
     return hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]

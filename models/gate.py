@@ -38,6 +38,7 @@ so a restored trainer makes the same decisions as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -152,7 +153,7 @@ def clear_margin(ref: float, n: int, tolerance: float) -> float:
     """How far above the serving version's Recall@K ``ref`` (over ``n`` positives) a
     candidate must be to beat it clearly: by the tolerance, and by two standard errors
     of ``ref``, so that a few lucky hits on a small sample do not count."""
-    return max(ref * tolerance, 2.0 * (ref * (1.0 - ref) / max(n, 1)) ** 0.5)
+    return max(ref * tolerance, 2.0 * math.sqrt(ref * (1.0 - ref) / max(n, 1)))
 
 
 class PublicationGate:

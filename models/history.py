@@ -28,6 +28,17 @@ class UserState:
     duplicates: int = 0
     last_ts: int = 0
     format: int = USER_STATE_FORMAT
+    # A forget request (:func:`forget`) at this event time (ms): the user's events up to it
+    # that reach the stage afterwards (still in open windows then) are dropped. -1 = none.
+    # (State of format 2 without it reads the class default.)
+    forgotten_before: int = -1
+
+
+def forget(ts: int) -> UserState:
+    """The state of a user whose data was deleted at event time ``ts`` on request: nothing
+    of them, only the time, so that their events up to it still in flight are dropped
+    and their later events start a new user."""
+    return UserState(forgotten_before=ts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +93,8 @@ def advance_user(
     the towers read the newest ``history_length`` of one of them, ranking excludes all.
 
     Duplicates (same event_id seen in the last ``cfg.dedup_size`` events) are dropped and
-    counted; every other event yields exactly one Sample. Positives extend the history.
+    counted, and so are events up to a forget request's time (``forgotten_before``);
+    every other event yields exactly one Sample. Positives extend the history.
     """
     st = state if state is not None else UserState()
     if st.format == 1:
@@ -95,6 +107,8 @@ def advance_user(
     seen = set(st.recent_event_ids)
     samples: list[Sample] = []
     for e in sorted(events, key=lambda x: (x.ts, x.event_id)):
+        if e.ts <= st.forgotten_before:
+            continue
         if e.event_id in seen:
             st.duplicates += 1
             continue

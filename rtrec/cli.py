@@ -17,6 +17,7 @@ Subcommands:
 - ``serve``: HTTP recommendations from the registry's latest model version, hot-swapped
 - ``versions``: a model key's versions with their status (published, held, revoked)
 - ``rollback``: move LATEST back (and pin it), or ``--release`` the pin
+- ``forget``: ask the job to delete users' data (a record on ``kafka.control_topic``)
 - ``bench``: run the benchmarks of a source checkout and print a summary
 
 The subcommands that read a configuration take ``--config FILE|PROFILE`` (a TOML file, or
@@ -125,6 +126,34 @@ def cmd_replay(args: argparse.Namespace) -> int:
     cfg = _cfg(args, extra + _bootstrap_override(args))
     stats = replay(cfg, _bootstrap_or_detached(cfg, args.kafka_dir), rate=args.rate)
     print(f"replayed {stats.events} events ({stats.malformed} malformed) and {stats.items} items")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Send one forget request per user id to the control topic (now, or at ``--ts``)."""
+    from kafka import KafkaProducer
+
+    from infra.kafka import client_properties, create_topics
+
+    cfg = _cfg(args, _bootstrap_override(args))
+    topic = cfg.kafka.control_topic
+    if not topic:
+        raise ConfigError(
+            "kafka.control_topic is not set: the job has no control input; set it (the same "
+            "for the job and this command) and restart the job with it"
+        )
+    bootstrap = _bootstrap_or_detached(cfg, args.kafka_dir)
+    create_topics(bootstrap, [topic], cfg.kafka.partitions, cfg.kafka.properties)
+    producer = KafkaProducer(**client_properties(bootstrap, cfg.kafka.properties, KafkaProducer))
+    ts = args.ts if args.ts is not None else int(time.time() * 1000)
+    try:
+        for user in args.user_ids:
+            doc = {"action": "forget", "user_id": user, "ts": ts}
+            producer.send(topic, json.dumps(doc).encode(), timestamp_ms=ts)
+        producer.flush(timeout=60)
+    finally:
+        producer.close(timeout=30)
+    print(f"sent {len(args.user_ids)} forget request(s) to {topic} at ts {ts}")
     return 0
 
 
@@ -651,6 +680,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--poll-s", type=float, default=2.0)
     _add_config_args(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("forget", help="ask the job to delete users' data (the control topic)")
+    s.add_argument("user_ids", nargs="+", help="raw user ids, as the events carry them")
+    s.add_argument("--ts", type=int, help="event time of the request, ms (default: now)")
+    s.add_argument("--bootstrap", help="Kafka bootstrap servers (default: `rtrec kafka up`'s)")
+    s.add_argument("--kafka-dir", default=kafka_dir)
+    _add_config_args(s)
+    s.set_defaults(func=cmd_forget)
 
     s = sub.add_parser("versions", help="a model key's versions: status, metrics, gate reason")
     s.add_argument("model_key")

@@ -12,6 +12,7 @@ from models.events import (
     InvalidRecord,
     dead_letter,
     parse_event,
+    parse_forget,
     parse_item,
     pseudonymise,
 )
@@ -43,6 +44,29 @@ class ParseEvents(ProcessFunction):
                 e.event_id, pseudonymise(e.user_id, self.key), e.item_id, e.type, e.ts, e.value
             )
         yield event_to_row(e)
+
+
+class ParseControl(ProcessFunction):
+    """Control bytes -> a forget request as an event row (type "forget", the user id
+    pseudonymised as ParseEvents does); invalid records -> DLQ_TAG. Never raises."""
+
+    def __init__(self, source_topic: str, hmac_key: str) -> None:
+        self.source = source_topic
+        self.key = hmac_key.encode() if hmac_key else b""
+
+    def process_element(self, value, ctx):
+        try:
+            user, ts = parse_forget(value, ctx.timestamp())
+        except InvalidRecord as err:
+            yield DLQ_TAG, dead_letter(value, str(err), self.source)
+            return
+        except Exception as err:
+            log.exception("unexpected error validating a control record")
+            yield DLQ_TAG, dead_letter(value, f"internal validation error: {err!r}", self.source)
+            return
+        if self.key:
+            user = pseudonymise(user, self.key)
+        yield event_to_row(Event("forget", user, "", "forget", ts))
 
 
 class ParseItems(ProcessFunction):

@@ -16,11 +16,11 @@ encoded through PyFlink's row coder) would be most of this stage's CPU
 from __future__ import annotations
 
 from pyflink.common import Time, Types
-from pyflink.datastream import KeyedProcessFunction
+from pyflink.datastream import KeyedCoProcessFunction, KeyedProcessFunction
 from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
 
 from models.config import UserStageConfig
-from models.history import advance_user
+from models.history import advance_user, forget
 from udfs.malloc import keep_large_blocks
 from udfs.records import row_to_event, sample_to_row
 
@@ -76,3 +76,27 @@ class UserWindows(KeyedProcessFunction):
         self.user.update(history)
         for s in samples:
             yield sample_to_row(s)
+
+
+class UserWindowsWithControl(KeyedCoProcessFunction):
+    """:class:`UserWindows` with a second input, forget requests keyed by user (event rows
+    of type "forget", udfs/parse.py ParseControl): a request replaces the user's state by
+    :func:`models.history.forget` (their history and dedup set go; their events up to the
+    request that are still in open windows are dropped when those close; later ones start
+    a new user) and counts it (Flink counter ``users_forgotten``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.windows = UserWindows(*args, **kwargs)
+
+    def open(self, runtime_context):
+        self.windows.open(runtime_context)
+        self.forgotten = runtime_context.get_metrics_group().counter("users_forgotten")
+
+    def process_element1(self, value, ctx):
+        yield from self.windows.process_element(value, ctx)
+
+    def process_element2(self, value, ctx):
+        request = row_to_event(value)
+        self.windows.user.update(forget(request.ts))
+        self.forgotten.inc()
+        return iter(())

@@ -197,3 +197,42 @@ def test_a_local_run_reports_each_restart_and_still_learns_every_event_once(kafk
     assert re.search(r"restart 1: failed at \d\d:\d\d:\d\d", err), err[-3000:]
     assert f"restored from checkpoint {first.restored_checkpoint}" in err
     assert "(restarts: 1)" in err
+
+
+def test_forgetting_a_user_through_kafka(kafka, make_cfg):
+    """`rtrec forget` puts a request on the control topic; the job drops the user's events
+    up to it that were still pending and learns their later ones as a new user's."""
+    from replay.datasets import _event_record, synthetic
+    from rtrec.cli import main
+
+    topics = [
+        "kafka.events_topic='e2e.f.events'",
+        "kafka.items_topic='e2e.f.items'",
+        "kafka.dlq_topic='e2e.f.dlq'",
+        "kafka.models_topic='e2e.f.models'",
+        "kafka.control_topic='e2e.f.control'",
+    ]
+    cfg = make_cfg(
+        *topics,
+        "kafka.bounded=true",
+        "replay.num_events=2000",
+        "replay.malformed_fraction=0.0",
+        "model.text_encoder='none'",
+        "job.window_ms=3600000",
+        "job.checkpoint_interval_ms=2000",
+    )
+    records = list(synthetic(cfg.replay))
+    last = max(r.ts for r in records)
+    alice = [
+        _event_record(f"a{i}", "alice", "item1", "click", last + 1000 * (i + 1), None)
+        for i in range(7)
+    ]
+    stats = replay(cfg, kafka.bootstrap, progress=False, source=records + alice)
+    sets = [a for t in topics for a in ("--set", t)]
+    assert (
+        main(["forget", "alice", "--ts", str(last + 4500), "--bootstrap", kafka.bootstrap, *sets])
+        == 0
+    )
+    result = run_local(cfg, kafka.bootstrap, timeout_s=600)
+    assert result.status == "FINISHED"
+    assert result.manifest["events_seen"] == stats.events - 4

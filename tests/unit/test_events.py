@@ -76,3 +76,18 @@ def test_lone_surrogate_escapes_are_rejected_not_passed_on():
         '{"event_id":"e","user_id":"\\ud83d\\ude00","item_id":"i","type":"view","ts":1}'
     )
     assert ok.user_id == "\U0001f600"
+
+
+def test_forget_requests_parse_or_name_what_is_wrong():
+    from models.events import parse_forget
+
+    assert parse_forget(b'{"action": "forget", "user_id": "alice", "ts": 5}') == ("alice", 5)
+    assert parse_forget(b'{"action": "forget", "user_id": 7}', record_ts=9) == ("7", 9)
+    for raw, says in [
+        (b'{"action": "erase", "user_id": "a", "ts": 1}', "field 'action' must be 'forget'"),
+        (b'{"action": "forget", "ts": 1}', "missing required field 'user_id'"),
+        (b'{"action": "forget", "user_id": "a"}', "no record timestamp"),
+        (b"not json", ""),
+    ]:
+        with pytest.raises(InvalidRecord, match=says):
+            parse_forget(raw)

@@ -62,3 +62,17 @@ def test_context_holds_every_event_and_history_only_positives():
     assert samples[1].context is None and samples[1].events == samples[1].history == ("a",)
     assert samples[2].context == ("a", "b") and samples[2].events == ("a", "b")
     assert st.context == ["c", "d", "e"] and st.history == ["a", "c", "e"]
+
+
+def test_a_forgotten_user_keeps_nothing_and_starts_afresh():
+    from models.history import forget
+
+    cfg = UserStageConfig()
+    st, _ = advance_user(None, [ev(i, f"i{i}", 100 + i) for i in range(5)], cfg, 4, "m")
+    assert st.history
+    st = forget(110)
+    assert (st.history, st.context, st.recent_event_ids, st.events) == ([], [], [], 0)
+    # Events up to the request still in flight are dropped; later ones start a new user.
+    st, samples = advance_user(st, [ev(9, "old", 105), ev(10, "new", 120)], cfg, 4, "m")
+    assert [s.target for s in samples] == ["new"] and samples[0].history == ()
+    assert st.history == ["new"] and st.forgotten_before == 110
