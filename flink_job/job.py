@@ -339,7 +339,7 @@ def build_graph(raw, cfg: AppConfig, raw_items=None, raw_control=None) -> Pipeli
     stage = (cfg.user, cfg.model.history_length, cfg.job.model_key)
     if raw_control is None:
         samples = windows.process(
-            UserWindows(*stage, malloc_thresholds=cfg.job.malloc_thresholds),
+            UserWindows(*stage, cfg.job.malloc_thresholds, k.events_topic),
             output_type=SAMPLE_TYPE,
         )
     else:
@@ -354,10 +354,12 @@ def build_graph(raw, cfg: AppConfig, raw_items=None, raw_control=None) -> Pipeli
         )
         dead = dead.union(control.get_side_output(DLQ_TAG))
         samples = windows.connect(key_by_field(control, 1)).process(
-            UserWindowsWithControl(*stage, malloc_thresholds=cfg.job.malloc_thresholds),
+            UserWindowsWithControl(*stage, cfg.job.malloc_thresholds, k.events_topic),
             output_type=SAMPLE_TYPE,
         )
     samples = samples.uid("user-window").name("user-window")
+    if cfg.user.max_events_per_window > 0:
+        dead = dead.union(samples.get_side_output(DLQ_TAG))
     late = (
         late_events.map(LateToDeadLetter(k.events_topic), output_type=Types.STRING())
         .uid("late-to-dlq")

@@ -270,6 +270,13 @@ class UserStageConfig:
     dedup_size: int = setting(
         256, "Event ids remembered per user: a repeated event id among them is dropped."
     )
+    # One user (or a bot) must not flood the model: the excess is not learned from, and
+    # goes to the dead-letter topic so that nothing disappears silently.
+    max_events_per_window: int = setting(
+        0,
+        "Most events of one user in one job.window_ms window; the later ones go to the "
+        'dead-letter topic with reason "user rate limit" (0 = no limit).',
+    )
     state_ttl_hours: float = setting(
         24.0 * 30,
         "Processing-time TTL of a user's history (0 = keep forever). Expired histories are "

@@ -34,6 +34,21 @@ class UserState:
     forgotten_before: int = -1
 
 
+def rate_limited(events: list[Event], limit: int) -> tuple[list[Event], list[Event]]:
+    """(kept, excess): the first ``limit`` of one user's window of events in (ts, event_id)
+    order, and the rest (``limit`` 0 = no limit)."""
+    if limit <= 0 or len(events) <= limit:
+        return events, []
+    ordered = sorted(events, key=lambda x: (x.ts, x.event_id))
+    return ordered[:limit], ordered[limit:]
+
+
+RATE_LIMIT_REASON = (
+    "user rate limit: more than user.max_events_per_window events of this user in one "
+    "job.window_ms window; not learned from"
+)
+
+
 def forget(ts: int) -> UserState:
     """The state of a user whose data was deleted at event time ``ts`` on request: nothing
     of them, only the time, so that their events up to it still in flight are dropped

@@ -13,7 +13,7 @@ from typing import Any
 
 from flink_job.config import AppConfig
 from models.events import Event, InvalidRecord, Item, parse_event, parse_item, pseudonymise
-from models.history import Sample, UserState, advance_user
+from models.history import Sample, UserState, advance_user, rate_limited
 from models.online import train_and_maybe_export
 from models.text_encoder import TextEncoder
 from models.trainer import OnlineLearner, new_meta
@@ -94,6 +94,7 @@ def job_firings(
     users: dict[str, UserState] = {}
     timed: list[tuple[int, Sample]] = []
     for (user, start), events in sorted(windows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        events, _ = rate_limited(events, cfg.user.max_events_per_window)  # excess: the DLQ
         st, samples = advance_user(users.get(user), events, cfg.user, h, mk)
         users[user] = st
         timed += [(start + w - 1, s) for s in samples]

@@ -20,8 +20,10 @@ from pyflink.datastream import KeyedCoProcessFunction, KeyedProcessFunction
 from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
 
 from models.config import UserStageConfig
-from models.history import advance_user, forget
+from models.events import dead_letter
+from models.history import RATE_LIMIT_REASON, advance_user, forget, rate_limited
 from udfs.malloc import keep_large_blocks
+from udfs.parse import DLQ_TAG
 from udfs.records import row_to_event, sample_to_row
 
 
@@ -35,8 +37,11 @@ class UserWindows(KeyedProcessFunction):
         history_length: int,
         model_key: str,
         malloc_thresholds: bool = True,
+        source_topic: str = "events",
     ) -> None:
-        """``malloc_thresholds``: ``job.malloc_thresholds`` (udfs/malloc.py)."""
+        """``malloc_thresholds``: ``job.malloc_thresholds`` (udfs/malloc.py);
+        ``source_topic``: named in the dead letters of rate-limited events."""
+        self.source = source_topic
         self.cfg = cfg
         self.history_length = history_length
         self.model_key = model_key
@@ -66,16 +71,18 @@ class UserWindows(KeyedProcessFunction):
         self.user = runtime_context.get_state(user)
 
     def process_element(self, value, ctx):
+        events, excess = rate_limited(
+            [row_to_event(r) for r in value[1]], self.cfg.max_events_per_window
+        )
         history, samples = advance_user(
-            self.user.value(),
-            [row_to_event(r) for r in value[1]],
-            self.cfg,
-            self.history_length,
-            self.model_key,
+            self.user.value(), events, self.cfg, self.history_length, self.model_key
         )
         self.user.update(history)
         for s in samples:
             yield sample_to_row(s)
+        for e in excess:
+            payload = f"event_id={e.event_id} item_id={e.item_id} ts={e.ts}"
+            yield DLQ_TAG, dead_letter(payload, RATE_LIMIT_REASON, self.source)
 
 
 class UserWindowsWithControl(KeyedCoProcessFunction):

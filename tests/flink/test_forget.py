@@ -66,3 +66,34 @@ def test_a_forget_request_deletes_pending_events_and_later_ones_start_afresh(mak
     assert "field 'action' must be 'forget'" in dead[0]["reason"]
     seen = max(o["events_seen"] for o in collected if "status" in o)
     assert seen == len(events) + 3
+
+
+def test_a_user_over_the_rate_limit_has_the_excess_dead_lettered(make_cfg):
+    """A bot sends 30 events in one window with user.max_events_per_window = 10: its first
+    10 are learned, the other 20 go to the dead-letter topic with the reason, and nobody
+    else loses an event."""
+    from tests.flink.test_pipeline import run_on_collection
+
+    cfg = make_cfg(
+        "model.text_encoder='none'",
+        "trainer.batch_size=32",
+        "trainer.export_every_steps=10",
+        "job.checkpoint_interval_ms=0",
+        "user.max_events_per_window=10",
+    )
+    events = topic_events(1200)  # 500 ms apart: at most 2 events per user and window
+    t = json.loads(events[600])["ts"]
+    bot = [
+        json.dumps(
+            {"event_id": f"b{i:02d}", "user_id": "bot", "item_id": "t0_1", "type": "click", "ts": t}
+        ).encode()
+        for i in range(30)
+    ]
+    out = run_on_collection(cfg, events[:600] + bot + events[600:])
+    dead = [o for o in out if "reason" in o]
+    assert len(dead) == 20
+    assert all(d["reason"].startswith("user rate limit") for d in dead)
+    assert sorted(d["payload"].split()[0] for d in dead) == sorted(
+        f"event_id=b{i:02d}" for i in range(10, 30)
+    )
+    assert max(o["events_seen"] for o in out if "status" in o) == len(events) + 10

@@ -76,3 +76,14 @@ def test_a_forgotten_user_keeps_nothing_and_starts_afresh():
     st, samples = advance_user(st, [ev(9, "old", 105), ev(10, "new", 120)], cfg, 4, "m")
     assert [s.target for s in samples] == ["new"] and samples[0].history == ()
     assert st.history == ["new"] and st.forgotten_before == 110
+
+
+def test_rate_limit_keeps_the_first_events_of_a_window():
+    from models.history import rate_limited
+
+    events = [ev(i, f"i{i}", 100 + (i % 3)) for i in range(7)]
+    kept, excess = rate_limited(events, 4)
+    order = sorted(events, key=lambda e: (e.ts, e.event_id))
+    assert kept == order[:4] and excess == order[4:]
+    assert rate_limited(events, 0) == (events, [])
+    assert rate_limited(events, 7) == (events, [])
