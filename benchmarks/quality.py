@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--head", type=float, default=1.0, help="the first share of the samples only (tuning)"
     )
+    p.add_argument(
+        "--cache-dir",
+        default="",
+        help="embedding cache of `rtrec eval` (its seconds then leave embedding out; '' = off)",
+    )
     args = p.parse_args(argv)
 
     from offline.evaluate import render_markdown, run_eval
@@ -52,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         from offline.training import split_stream
 
         stream, _ = split_stream(stream, args.head)
-    res = run_eval(cfg, stream, warmup=args.warmup, k=args.k, progress=True)
+    res = run_eval(
+        cfg, stream, warmup=args.warmup, k=args.k, progress=True, cache_dir=args.cache_dir
+    )
     seconds = time.perf_counter() - t0
     print(render_markdown(res))
 

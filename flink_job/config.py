@@ -465,9 +465,9 @@ def validate(cfg: AppConfig) -> None:
         raise ConfigError(
             f"job.state_backend must be hashmap or rocksdb; got {cfg.job.state_backend!r}"
         )
-    if cfg.trainer.loss not in ("sampled_softmax", "bpr", "adaptive_softmax"):
+    if cfg.trainer.loss not in ("sampled_softmax", "full_softmax", "bpr", "adaptive_softmax"):
         raise ConfigError(
-            "trainer.loss must be sampled_softmax, bpr or adaptive_softmax; "
+            "trainer.loss must be sampled_softmax, full_softmax, bpr or adaptive_softmax; "
             f"got {cfg.trainer.loss!r}"
         )
     if cfg.trainer.optimizer not in ("adagrad", "sgd", "adam"):

@@ -133,7 +133,8 @@ class TrainerConfig:
     )
     loss: str = setting(
         "sampled_softmax",
-        '"sampled_softmax" (in-batch + sampled negatives, logQ correction), "bpr", or '
+        '"sampled_softmax" (in-batch + sampled negatives, logQ correction), "full_softmax" '
+        '(cross-entropy over the whole catalogue minus the user\'s known items), "bpr", or '
         '"adaptive_softmax" (torch.nn.AdaptiveLogSoftmaxWithLoss over the catalogue).',
     )
     adaptive_cutoffs: tuple[int, ...] = setting(

@@ -33,6 +33,17 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def full_softmax_loss(
+    scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Softmax cross-entropy [B] of each target column ``targets`` [B] against every item
+    of ``scores`` [B, N] that is not ``excluded`` [B, N] (bool: what the ranking leaves
+    out, e.g. the user's known items); the target always competes."""
+    out = excluded.scatter(1, targets.unsqueeze(1), False)
+    logits = (scores / temperature).masked_fill(out, -1e9)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 def head_loss(
     blended: torch.Tensor,
     masked: torch.Tensor,

@@ -124,6 +124,64 @@ def text_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+# Bumped when what a cache file holds, or how its key is made, changes.
+CACHE_FORMAT = 1
+
+
+def model_identity(model_dir: Path) -> str:
+    """Content hash of a model directory's files (weights, config, tokenizer): a fine-tuned
+    copy or an updated package gets another identity, whatever its path."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """Text vectors of offline runs on disk: one ``.npy`` file [N, T] per encoded list of
+    texts, under ``root``.
+
+    Why: `rtrec eval`, `tune` and `pretrain` embed the same catalogue on every run, and
+    on a CPU that is most of a short run's time. A file's name hashes the encoder's
+    identity (:func:`model_identity`), ``max_length``, the resolved precision and the
+    texts in order, so any change to them misses; a hit returns the very vectors the
+    first run computed, bit for bit. Files are written atomically, so runs may share a
+    directory; deleting it is always safe.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, identity: str, max_length: int, precision: str, texts: list[str]) -> Path:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(f"{CACHE_FORMAT}|{identity}|{max_length}|{precision}|{len(texts)}".encode())
+        for t in texts:  # (length-prefixed: no two lists hash the same bytes)
+            b = t.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little") + b)
+        return self.root / f"{h.hexdigest()}.npy"
+
+    def load(self, path: Path, shape: tuple[int, int]) -> FloatArray | None:
+        """The vectors stored at ``path`` (None when absent, unreadable or not ``shape``)."""
+        try:
+            vecs: FloatArray = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if vecs.shape != shape or vecs.dtype != np.float32:
+            log.warning("ignoring embedding cache file %s: not float32 %s", path, shape)
+            return None
+        return vecs
+
+    def store(self, path: Path, vecs: FloatArray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with tmp.open("wb") as f:
+            np.save(f, vecs, allow_pickle=False)
+        os.replace(tmp, path)
+
+
 class TextEncoder:
     """Batched, mean-pooled, L2-normalised sentence vectors [N, T] on CUDA when present."""
 
@@ -135,7 +193,10 @@ class TextEncoder:
         max_length: int = 64,
         memo_size: int = 0,
         precision: str = "auto",
+        cache: EmbeddingCache | None = None,
     ) -> None:
+        """``cache``: read and write the vectors of each :meth:`encode` call there (offline
+        runs; the fine-tuning :meth:`forward` never uses it)."""
         # No network at run time: everything must come from the local directory.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -149,6 +210,8 @@ class TextEncoder:
         # Offline runs embed the same catalogue several times: remember up to memo_size texts.
         self.memo_size = memo_size
         self.memo: dict[str, FloatArray] = {}
+        self.cache = cache
+        self._identity: str | None = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 str(self.model_dir), local_files_only=True
@@ -176,22 +239,49 @@ class TextEncoder:
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         return torch.nn.functional.normalize(pooled, dim=1)
 
-    def encode(self, texts: list[str]) -> FloatArray:
-        """[N, T] float32 embeddings, computed in batches without gradients (in
-        ``self.precision``; fine-tuning's :meth:`forward` alone always runs float32)."""
+    def _encode_cached(self, texts: list[str]) -> FloatArray:
+        """:meth:`_encode` through :attr:`cache` when there is one."""
+        if self.cache is None:
+            return self._encode(texts)
+        if self._identity is None:
+            self._identity = model_identity(self.model_dir)
+        path = self.cache.path(self._identity, self.max_length, self.precision, texts)
+        vecs = self.cache.load(path, (len(texts), self.dim))
+        if vecs is None:
+            vecs = self._encode(texts)
+            self.cache.store(path, vecs)
+        else:
+            log.info("read %d text vectors from the embedding cache %s", len(texts), path)
+        return vecs
+
+    def _encode(self, texts: list[str]) -> FloatArray:
+        """[N, T] float32 vectors of ``texts`` in batches of consecutive texts, without
+        gradients."""
         import torch
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # Texts of similar length share a batch: less padding (~25% faster on short
-        # catalogue titles). Each text's vector does not depend on its batch mates.
-        todo = sorted(
-            (i for i, t in enumerate(texts) if t not in self.memo), key=lambda i: len(texts[i])
-        )
         bf16 = self.precision == "bfloat16"
         with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
-            for b in range(0, len(todo), self.batch_size):
-                idx = todo[b : b + self.batch_size]
-                out[idx] = self.forward([texts[i] for i in idx]).float().cpu().numpy()
+            for b in range(0, len(texts), self.batch_size):
+                out[b : b + self.batch_size] = (
+                    self.forward(texts[b : b + self.batch_size]).float().cpu().numpy()
+                )
+        return out
+
+    def encode(self, texts: list[str]) -> FloatArray:
+        """[N, T] float32 embeddings, computed in batches without gradients (in
+        ``self.precision``; fine-tuning's :meth:`forward` alone always runs float32)."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Texts of similar length share a batch: less padding (~25% faster on short
+        # catalogue titles). Each text's vector does not depend on its batch mates. Equal
+        # lengths go in text order: the same texts in any order make the same batches
+        # (and the same embedding cache key).
+        todo = sorted(
+            (i for i, t in enumerate(texts) if t not in self.memo),
+            key=lambda i: (len(texts[i]), texts[i]),
+        )
+        if todo:
+            out[todo] = self._encode_cached([texts[i] for i in todo])
         for i, t in enumerate(texts):
             if t in self.memo:
                 out[i] = self.memo[t]
@@ -201,19 +291,30 @@ class TextEncoder:
 
 
 def load_encoder(
-    spec: str, max_length: int = 64, memo_size: int = 0, precision: str = "auto"
+    spec: str,
+    max_length: int = 64,
+    memo_size: int = 0,
+    precision: str = "auto",
+    cache_dir: str | Path | None = None,
 ) -> TextEncoder | None:
-    """The encoder for ``model.text_encoder`` (None for "none")."""
+    """The encoder for ``model.text_encoder`` (None for "none"); ``cache_dir``: an
+    :class:`EmbeddingCache` directory (None or "" = no cache)."""
     path = resolve_model_dir(spec)
     if path is None:
         return None
-    enc = TextEncoder(path, max_length=max_length, memo_size=memo_size, precision=precision)
+    cache = EmbeddingCache(cache_dir) if cache_dir else None
+    enc = TextEncoder(
+        path, max_length=max_length, memo_size=memo_size, precision=precision, cache=cache
+    )
     log.info("text encoder: %s (dim %d) on %s in %s", path, enc.dim, enc.device, enc.precision)
     return enc
 
 
 def load_configured_encoder(
-    model: ModelConfig, deterministic: bool, memo_size: int = 0
+    model: ModelConfig,
+    deterministic: bool,
+    memo_size: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> TextEncoder | None:
     """:func:`load_encoder` as a run's config sets it: ``model.text_encoder``,
     ``text_max_length`` and the :func:`configured_precision` of ``text_precision``."""
@@ -222,6 +323,7 @@ def load_configured_encoder(
         model.text_max_length,
         memo_size=memo_size,
         precision=configured_precision(model, deterministic),
+        cache_dir=cache_dir,
     )
 
 

@@ -40,7 +40,7 @@ from models.events import Item
 from models.gate import PublicationGate
 from models.history import Sample
 from models.item_table import ItemTable, stable_seed
-from models.losses import bpr_loss, head_loss, sampled_softmax_loss
+from models.losses import bpr_loss, full_softmax_loss, head_loss, sampled_softmax_loss
 from models.row_optimizer import ADAGRAD_INIT, optimizer_slots, row_step
 from models.state_format import check_format
 from models.text_encoder import EncodesText, text_hash
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # (models/state_format.py).
 DENSE_FORMAT = 1
 META_FORMAT = 1
-LOSSES = ("sampled_softmax", "bpr", "adaptive_softmax")
+LOSSES = ("sampled_softmax", "full_softmax", "bpr", "adaptive_softmax")
 
 
 def _tensors_to(obj: Any, convert: Callable[[Any], Any]) -> Any:
@@ -561,25 +561,32 @@ class OnlineLearner:
             cand_ids = cand_ids * keep_c
         hist_vecs = self.item_vectors(hist_u, hist_ids, trainable_text=True)[hist_at]  # [B,H,D]
         user = self.model.user_vectors(hist_vecs, mask.float())  # [B, D]
-        cand_vecs = self.item_vectors(cand, cand_ids, trainable_text=True)  # [C, D]
-        # The towers learn from the sampled softmax alone; the blend of their dot products
-        # with the transition evidence is learned against the catalogue's best items (the
-        # evidence is sparse: sampled negatives rarely have any).
+        # The towers learn from their own loss (trainer.loss) alone; the blend of their dot
+        # products with the transition evidence is learned against the catalogue's best
+        # items (the evidence is sparse: sampled negatives rarely have any).
         blend_vec: torch.Tensor | None = None
+
+        def towers_loss(extra: torch.Tensor | None = None) -> torch.Tensor:
+            """extra [B, size]: scores added to the dot products (None: none)."""
+            if self.cfg.loss == "full_softmax":
+                return self._full_softmax_loss(user, rows, sub, pos, targets, step, extra)
+            cand_vecs = self.item_vectors(cand, cand_ids, trainable_text=True)  # [C, D]
+            cand_extra = extra[:, cand] if extra is not None else None
+            return self._loss(user, cand_vecs, cand, labels, targets, cand_extra)
+
         if self.blending and ranked is not None:
-            loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
+            loss_vec = towers_loss()
             if len(ranked.at):
                 ranked_vec = self._head_loss(ranked.blended, ranked.masked, ranked.targets)
                 blend_vec = ranked_vec.new_zeros(len(pos)).index_add(0, ranked.at, ranked_vec)
         else:
             trans = self.transition_scores(hist, mask)  # [B, size] (memory before the batch)
             if self.blending and trans is not None:
-                loss_vec = self._loss(user, cand_vecs, cand, labels, targets)
+                loss_vec = towers_loss()
                 known = self._known_batch(pos)
                 blend_vec = self._blend_loss(user.detach(), known, trans, targets)
             else:
-                extra = trans[:, cand] if trans is not None else None
-                loss_vec = self._loss(user, cand_vecs, cand, labels, targets, extra)
+                loss_vec = towers_loss(trans)
         loss = (loss_vec * weights).sum() / weights.sum()
         # The reported (prequential, drift-watched) loss is the towers' loss alone: the
         # blend's head-restricted loss is 0 for samples outside the head and too jumpy.
@@ -675,6 +682,49 @@ class OnlineLearner:
         total = float(cat.count[: cat.size].sum())
         log_q = torch.log((counts + 1.0) / (total + len(cat)))
         return sampled_softmax_loss(scores, labels, log_q, self.cfg.temperature, self.cfg.logq)
+
+    def _full_softmax_loss(
+        self,
+        user: torch.Tensor,
+        rows: torch.Tensor,
+        sub: torch.Tensor,
+        pos: list[Sample],
+        targets: torch.Tensor,
+        step: int,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-sample cross-entropy [B] of each target against the whole catalogue, as it is
+        ranked: the user's known items (but the target), padding and holes are left out.
+
+        user [B, D]; rows [R] the step's id rows, sub [R, D] their differentiable
+        embeddings; targets [B] catalogue indices; extra [B, size]: scores added to the
+        dot products (the transition memory's, when it is not blended).
+
+        Every item's content part (text projection, categories) learns from every
+        sample; id embeddings learn in the step's rows only (histories, targets, sampled
+        negatives), the other items' enter the softmax as constants: a step then writes
+        as many id rows to state as with the sampled softmax. Item text is the frozen
+        catalogue's (fine-tuning the language model reaches it through the histories).
+        """
+        cat, n, d = self.catalog, self.catalog.size, self.dim
+        row_of = torch.from_numpy(cat.row_of[:n]).to(self.device)  # [size]
+        ids = self.table.data[row_of, :d]  # [size, D]
+        if len(rows):
+            at = torch.searchsorted(rows, row_of).clamp(max=len(rows) - 1)
+            learns = (row_of > 0) & (rows[at] == row_of)
+            ids = torch.where(learns.unsqueeze(1), sub[at], ids)
+        p = self.model_cfg.id_dropout
+        if p > 0:  # (the catalogue's ids, hidden as a sampled candidate's would be)
+            g = torch.Generator().manual_seed(stable_seed(self.cfg.seed, "id-dropout", step))
+            ids = ids * (torch.rand(n, 1, generator=g) >= p).to(self.device)
+        text = cat.text[:n] if self.text_dim > 0 else None
+        cats = torch.from_numpy(cat.cats[:n]).to(self.device)
+        vecs = self.model.item_tower(ids, text, cats)  # [size, D]
+        scores = user @ vecs.t()  # [B, size]
+        if extra is not None:
+            scores = scores + extra
+        out = self._excluded(self._known_batch(pos))
+        return full_softmax_loss(scores, targets, out, self.cfg.temperature)
 
     def _blend_loss(
         self,

@@ -232,13 +232,14 @@ def blend_scores(
 ) -> torch.Tensor:
     """Final scores [B, N] from dot products [B, N] and transition scores [B, N].
 
-    Without memory: ``dot``. With it: ``a * dot + trans + g * cold * imputed`` where
-    ``cold`` [N] is 1 for items never interacted with (no transition evidence can exist
-    for them: a zero count is no evidence against them) and ``imputed`` [B, 1] is the mean
-    transition score of the user's COLD_NEIGHBOURS best items by dot product among the
-    other, non-``excluded`` ([B, N] bool: history, padding, holes) items. So a
-    catalogue-only item competes on its content score as if it had the transition
-    evidence typical of the items its user's taste points to; g (learned from the stream's
+    Without memory: ``dot``. With it: ``a * dot + trans + g * cold * reaches * imputed``
+    where ``cold`` [N] is 1 for items never interacted with (no transition evidence can
+    exist for them: a zero count is no evidence against them), ``imputed`` [B, 1] is the
+    mean transition score of the user's COLD_NEIGHBOURS best items by dot product among
+    the other, non-``excluded`` ([B, N] bool: history, padding, holes) items, and
+    ``reaches`` [B, N] is 1 where the dot product is at least the last of those items'.
+    So a catalogue-only item that matches the user's taste as well as those items
+    competes as if it had their typical transition evidence; g (learned from the stream's
     first interactions with items) says how much that benefit of the doubt is worth.
     """
     if trans is None:
@@ -254,7 +255,12 @@ def blend_scores(
         valid = (top.values > -1e8).to(dot.dtype)  # [B, k]: fewer warm items than k
         borrowed = (trans.gather(1, top.indices) * valid).sum(dim=1, keepdim=True)
         imputed = borrowed / valid.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
-        out = out + w[1] * imputed * cold.unsqueeze(0)
+        # Only a cold item whose dot product reaches the k-th best warm item's borrows:
+        # one that matches the user's taste as well as the items it borrows from. Were
+        # every cold item given the same benefit of the doubt, a catalogue with many of
+        # them (a long tail, new arrivals) would fill the top of every list with them.
+        reaches = (dot >= top.values[:, -1:]).to(dot.dtype)  # [B, N]
+        out = out + w[1] * imputed * (cold.unsqueeze(0) * reaches)
     return out
 
 

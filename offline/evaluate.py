@@ -90,9 +90,11 @@ def run_eval(
     out_dir: str | Path | None = None,
     progress: bool = True,
     baselines: list[Baseline] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Prequential comparison of the online learner, its frozen copy and the baselines
-    (``baselines`` None = :func:`~models.baselines.default_baselines`).
+    (``baselines`` None = :func:`~models.baselines.default_baselines`); ``cache_dir``:
+    where catalogue text vectors are cached across runs (None = nowhere).
 
     Returns (and with ``out_dir`` writes as ``results.json``, ``results.md`` and two PNG
     plots) the metrics per model, overall and per time bucket, and the online learner's
@@ -101,7 +103,9 @@ def run_eval(
     data = list(stream)
     warm, test = split_stream(data, warmup)
     catalogue = {x.item_id for x in data if isinstance(x, Item)}
-    encoder = load_configured_encoder(cfg.model, cfg.trainer.deterministic, memo_size=1_000_000)
+    encoder = load_configured_encoder(
+        cfg.model, cfg.trainer.deterministic, memo_size=1_000_000, cache_dir=cache_dir
+    )
     text_dim = encoder.dim if encoder is not None else 0
     bs = cfg.trainer.batch_size
 

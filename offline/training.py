@@ -70,12 +70,16 @@ def pretrain(
     lm_lr: float = 2e-5,
     encoder: TextEncoder | None = None,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train on ``stream`` and write the initial state to ``out``; returns a summary."""
+    """Train on ``stream`` and write the initial state to ``out``; returns a summary
+    (``cache_dir``: where catalogue text vectors are cached across runs, None = nowhere)."""
     enc = (
         encoder
         if encoder is not None
-        else load_configured_encoder(cfg.model, cfg.trainer.deterministic, memo_size=1_000_000)
+        else load_configured_encoder(
+            cfg.model, cfg.trainer.deterministic, memo_size=1_000_000, cache_dir=cache_dir
+        )
     )
     data = list(stream)
     learner = OnlineLearner(cfg.model, cfg.trainer, text_dim=enc.dim if enc else 0)
@@ -124,6 +128,7 @@ def pretrain(
         learner.text_fn = None
         enc.model.eval()
         enc.memo.clear()
+        enc.cache = None  # (its vectors are the frozen encoder's)
         encoder_dir = Path(str(out) + ".encoder")
         enc.model.save_pretrained(str(encoder_dir))
         enc.tokenizer.save_pretrained(str(encoder_dir))
@@ -252,6 +257,7 @@ def compare(
     warmup: float = 0.2,
     k: int = 10,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Language-model features + warm start vs id-only random init, prequentially.
 
@@ -262,7 +268,9 @@ def compare(
     import dataclasses
 
     warm, test = split_stream(stream, warmup)
-    encoder = load_configured_encoder(cfg.model, cfg.trainer.deterministic, memo_size=1_000_000)
+    encoder = load_configured_encoder(
+        cfg.model, cfg.trainer.deterministic, memo_size=1_000_000, cache_dir=cache_dir
+    )
     id_only = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_encoder="none"))
     out: dict[str, Any] = {"warmup_fraction": warmup, "k": k, "variants": {}}
     variants = [

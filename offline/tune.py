@@ -47,7 +47,7 @@ DEFAULT_SPACE: dict[str, str] = {
     "trainer.batch_size": "16,32,64,128,256",
     "model.dim": "16,32,64,128",
     "model.history_length": "5,10,20,50",
-    "trainer.loss": "sampled_softmax,bpr,adaptive_softmax",
+    "trainer.loss": "sampled_softmax,full_softmax,bpr,adaptive_softmax",
     "trainer.optimizer": "adagrad,sgd,adam",
 }
 
@@ -222,8 +222,10 @@ def tune(
     k: int = 10,
     progress: bool = True,
     dataset: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> TuneResult:
-    """Search ``space`` for the best prequential NDCG@k; write the best TOML + trials JSON."""
+    """Search ``space`` for the best prequential NDCG@k; write the best TOML + trials JSON
+    (``cache_dir``: where catalogue text vectors are cached across runs, None = nowhere)."""
     import optuna
 
     if trials < 1:
@@ -258,7 +260,7 @@ def tune(
         )
         if ek not in encoders:
             encoders[ek] = load_configured_encoder(
-                cfg.model, cfg.trainer.deterministic, memo_size=1_000_000
+                cfg.model, cfg.trainer.deterministic, memo_size=1_000_000, cache_dir=cache_dir
             )
         return encoders[ek]
 

@@ -63,6 +63,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        default=str(STATE_DIR / "cache" / "embeddings"),
+        help="where catalogue text vectors are kept between runs, keyed by encoder, "
+        "max length, precision and texts (default .rtrec/cache/embeddings; '' = off)",
+    )
+
+
 def _cfg(args: argparse.Namespace, extra: list[str] | None = None) -> AppConfig:
     return load_config(args.config, [*(extra or []), *args.overrides])
 
@@ -295,7 +304,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         warm = list(to_stream(recs, cfg))
     else:
         warm, _ = split_stream(_dataset_stream(cfg), args.fraction)
-    summary = pretrain(cfg, warm, args.out, epochs=args.epochs, unfreeze_top=args.unfreeze_top)
+    summary = pretrain(
+        cfg,
+        warm,
+        args.out,
+        epochs=args.epochs,
+        unfreeze_top=args.unfreeze_top,
+        cache_dir=args.cache_dir,
+    )
     print(json.dumps(summary, indent=2))
     print(f"start the job from it with --set trainer.initial_state={json.dumps(args.out)}")
     if "text_encoder" in summary:
@@ -325,13 +341,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         stream, _ = split_stream(stream, args.head)
     if not args.variants:
         out_dir = Path(args.out or STATE_DIR / "eval")
-        res = run_eval(cfg, stream, warmup=args.warmup, k=args.k, out_dir=out_dir)
+        res = run_eval(
+            cfg, stream, warmup=args.warmup, k=args.k, out_dir=out_dir, cache_dir=args.cache_dir
+        )
         print(render_markdown(res))
         print(
             f"\nwrote {out_dir}/results.json, results.md, recall_over_time.png, ndcg_over_time.png"
         )
         return 0
-    res = compare(cfg, stream, warmup=args.warmup, k=args.k)
+    res = compare(cfg, stream, warmup=args.warmup, k=args.k, cache_dir=args.cache_dir)
     k = args.k
     print(f"\nprequential on the stream after the first {args.warmup:.0%} (warm-up):")
     print(f"{'variant':32s} {'first 10%':>22s} {'rest':>22s}")
@@ -369,6 +387,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         fraction=args.fraction,
         warmup=args.warmup,
         k=args.k,
+        cache_dir=args.cache_dir,
     )
     m = res.metric.upper()
     print(f"best {m} {res.best_value:.4f} (trial {res.best_number} of {len(res.trials)})")
@@ -591,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from-ts", type=int, help="Kafka time range start, epoch ms (inclusive)")
     s.add_argument("--to-ts", type=int, help="Kafka time range end, epoch ms (exclusive)")
     s.add_argument("--kafka-dir", default=kafka_dir)
+    _add_cache_arg(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_pretrain)
 
@@ -621,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compare LM / warm-start / id-only variants of the online model instead",
     )
+    _add_cache_arg(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_eval)
 
@@ -649,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(STATE_DIR / "tune" / "best.toml"),
         help="best config TOML (trials table: <stem>.trials.json next to it)",
     )
+    _add_cache_arg(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_tune)
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from models.losses import bpr_loss, head_loss, sampled_softmax_loss
+from models.losses import bpr_loss, full_softmax_loss, head_loss, sampled_softmax_loss
 from models.row_optimizer import ADAGRAD_EPS, optimizer_slots, row_step
 
 
@@ -22,6 +22,18 @@ def test_bpr_is_small_when_the_target_leads_and_large_when_it_trails():
     labels = torch.tensor([0, 0])
     loss = bpr_loss(torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 5.0]]), labels)
     assert loss[0] < 0.01 < 4.0 < loss[1]
+
+
+def test_full_softmax_leaves_out_the_excluded_items_but_the_target():
+    scores = torch.tensor([[2.0, 9.0, 1.0, 0.0]])
+    excluded = torch.tensor([[True, True, False, False]])  # padding, a known item
+    got = full_softmax_loss(scores, torch.tensor([2]), excluded, temperature=1.0)
+    want = torch.logsumexp(torch.tensor([1.0, 0.0]), 0) - 1.0
+    assert math.isclose(got.item(), want.item(), rel_tol=1e-6)
+    # An excluded target still competes (it is what the user chose).
+    known = full_softmax_loss(scores, torch.tensor([1]), excluded, temperature=1.0)
+    want = torch.logsumexp(torch.tensor([9.0, 1.0, 0.0]), 0) - 9.0
+    assert math.isclose(known.item(), want.item(), abs_tol=1e-6)
 
 
 def test_head_loss_counts_only_targets_in_the_head():

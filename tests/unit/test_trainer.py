@@ -54,6 +54,18 @@ def test_learning_beats_chance(optimizer):
     assert store.meta["events_seen"] == 6000 and store.meta["step"] == 6000 // 32 + 1
 
 
+def test_full_softmax_learns_and_writes_only_the_steps_rows():
+    cfg = TrainerConfig(loss="full_softmax", lr=0.1, batch_size=32, num_negatives=4)
+    learner, store = OnlineLearner(MC, cfg, torch.device("cpu")), StateStore()
+    run(learner, store, topic_samples(6000))
+    assert store.meta["recall10_ema"] > 0.25, store.meta
+    # Every item is in each step's softmax, but only the step's id rows are written.
+    s = Sample("m", "u", ("t0_1",), "t0_2", 1, 1.0, 5, "x")
+    result = learner.learn([s], store.meta)
+    assert {"t0_1", "t0_2"} <= set(result.touched_rows)
+    assert len(result.touched_rows) <= 2 + 4 < len(learner.table)
+
+
 def test_restore_from_state_is_exact():
     """A learner rebuilt from state continues exactly like the one that never stopped."""
     cfg = TrainerConfig(batch_size=32)
