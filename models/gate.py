@@ -51,6 +51,7 @@ from models.version import ModelVersion
 
 GATE_FORMAT = 1
 EMA_ALPHA = 0.02  # as models.metrics: the recent figures of one trainer agree in meaning
+POSITIVES_PER_STEP = 64  # the most positives of one step the gate ranks (observe)
 PUBLISHED, HELD = "published", "held"
 
 
@@ -72,7 +73,8 @@ class GateState:
 
     ``n`` positives were scored since ``serving`` was published; the training run hit
     ``live_hits`` of them in its top K, the serving version ``serving_hits``. The moving
-    averages are per step; ``low_steps`` counts consecutive steps below the rollback bar.
+    averages are per step; ``low_steps`` counts consecutive steps below the rollback bar
+    (``previous_ema``: the previous version's Recall@K over them).
     """
 
     format: int = GATE_FORMAT
@@ -84,6 +86,10 @@ class GateState:
     serving_ema: float | None = None
     previous_ema: float | None = None
     low_steps: int = 0
+    # Positives of the consecutive low steps, and the two versions' hits on them.
+    low_n: int = 0
+    low_serving_hits: int = 0
+    low_previous_hits: int = 0
     published: int = 0
     held: int = 0
     rollbacks: int = 0
@@ -209,6 +215,10 @@ class PublicationGate:
         st = GateState.of(meta)
         if st.serving is None or self.serving is None or not samples:
             return None, None
+        # A step is scored on its first POSITIVES_PER_STEP positives: a fair sample of the
+        # stream (a decision still sees thousands, gate_min_events at least), and the
+        # gate's cost per learned sample falls in large (catch-up) steps.
+        samples, ranks = samples[:POSITIVES_PER_STEP], ranks[:POSITIVES_PER_STEP]
         k = self.cfg.metrics_k
         got = hits(self.serving, samples, k, seen)
         st.n += len(samples)
@@ -217,18 +227,24 @@ class PublicationGate:
         if st.serving.baseline is None and st.n >= self.cfg.gate_min_events:
             st.serving.baseline = st.serving_hits / st.n
         st.serving_ema = _ema(st.serving_ema, sum(got) / len(got))
-        if self.previous is not None:
-            prev = hits(self.previous, samples, k, seen)
-            st.previous_ema = _ema(st.previous_ema, sum(prev) / len(prev))
         base = st.serving.baseline
-        low = (
+        below = (
             self.cfg.rollback_share > 0
             and base is not None
-            and st.previous is not None
-            and st.previous_ema is not None
             and st.serving_ema < self.cfg.rollback_share * base
-            and st.previous_ema > st.serving_ema
         )
+        # The previous version is scored only while the serving one is below the bar (a
+        # rollback needs both; scoring it always would double the gate's cost), and the
+        # two are compared on the positives of those steps.
+        if below and self.previous is not None:
+            st.low_n += len(samples)
+            st.low_serving_hits += sum(got)
+            st.low_previous_hits += sum(hits(self.previous, samples, k, seen))
+            st.previous_ema = st.low_previous_hits / st.low_n
+        else:
+            st.low_n = st.low_serving_hits = st.low_previous_hits = 0
+            st.previous_ema = None
+        low = below and st.previous is not None and st.low_previous_hits > st.low_serving_hits
         st.low_steps = st.low_steps + 1 if low else 0
         revocation = None
         if st.low_steps >= max(1, self.cfg.rollback_steps) and st.previous is not None:
@@ -264,6 +280,7 @@ class PublicationGate:
         st.serving, st.previous = Reference(st.previous.version, st.previous.name), None
         st.serving_ema, st.previous_ema = st.previous_ema, None
         st.n = st.live_hits = st.serving_hits = st.low_steps = 0
+        st.low_n = st.low_serving_hits = st.low_previous_hits = 0
         st.rollbacks += 1
         self.serving, self.previous = self.previous, None
         self._bytes = (self._bytes[1], None)
@@ -348,7 +365,8 @@ class PublicationGate:
             st.previous = st.serving
             st.serving = Reference(version.version, version.name, live)
             st.n = st.live_hits = st.serving_hits = st.low_steps = 0
-            st.previous_ema, st.serving_ema = st.serving_ema, None
+            st.low_n = st.low_serving_hits = st.low_previous_hits = 0
+            st.previous_ema, st.serving_ema = None, None
             st.published += 1
             self.previous, self.serving = self.serving, cand
             self._bytes = (version.onnx_bytes, self._bytes[0])
