@@ -16,7 +16,7 @@ from flink_job.config import AppConfig
 from flink_job.job import build_job, make_env
 from flink_job.restarts import Restart, RestartWatcher
 from infra.kafka import free_port
-from models.registry import read_latest
+from models.registry import list_versions
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,13 @@ class RunResult:
 
 
 def latest_manifest(cfg: AppConfig) -> dict[str, Any] | None:
+    """The manifest of the newest version the trainer made, published or held by the
+    gate (progress is the trainer's, whatever serves)."""
     root = Path(cfg.export.registry_dir)
-    name = read_latest(root, cfg.job.model_key)
-    if name is None:
+    names = list_versions(root, cfg.job.model_key)
+    if not names:
         return None
+    name = names[-1]
     try:
         return json.loads((root / cfg.job.model_key / name / "manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pyflink.common import Types
 from pyflink.datastream import OutputTag, ProcessFunction
@@ -19,7 +21,19 @@ from models.events import (
 from udfs.records import event_to_row, item_to_row
 
 DLQ_TAG = OutputTag("dead-letters", Types.STRING())
+T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def _parsed(value, parse: Callable[[Any], T], source: str) -> tuple[T | None, str | None]:
+    """(``parse(value)``, None), or (None, the dead letter naming why it is invalid)."""
+    try:
+        return parse(value), None
+    except InvalidRecord as err:
+        return None, dead_letter(value, str(err), source)
+    except Exception as err:  # a bug in validation must not lose the record or kill the job
+        log.exception("unexpected error validating a record of %s", source)
+        return None, dead_letter(value, f"internal validation error: {err!r}", source)
 
 
 class ParseEvents(ProcessFunction):
@@ -30,14 +44,9 @@ class ParseEvents(ProcessFunction):
         self.key = hmac_key.encode() if hmac_key else b""
 
     def process_element(self, value, ctx):
-        try:
-            e = parse_event(value)
-        except InvalidRecord as err:
-            yield DLQ_TAG, dead_letter(value, str(err), self.source)
-            return
-        except Exception as err:  # a bug in validation must not lose the record or kill the job
-            log.exception("unexpected error validating a record")
-            yield DLQ_TAG, dead_letter(value, f"internal validation error: {err!r}", self.source)
+        e, dead = _parsed(value, parse_event, self.source)
+        if dead is not None:
+            yield DLQ_TAG, dead
             return
         if self.key:
             e = Event(
@@ -55,15 +64,11 @@ class ParseControl(ProcessFunction):
         self.key = hmac_key.encode() if hmac_key else b""
 
     def process_element(self, value, ctx):
-        try:
-            user, ts = parse_forget(value, ctx.timestamp())
-        except InvalidRecord as err:
-            yield DLQ_TAG, dead_letter(value, str(err), self.source)
+        request, dead = _parsed(value, lambda v: parse_forget(v, ctx.timestamp()), self.source)
+        if dead is not None:
+            yield DLQ_TAG, dead
             return
-        except Exception as err:
-            log.exception("unexpected error validating a control record")
-            yield DLQ_TAG, dead_letter(value, f"internal validation error: {err!r}", self.source)
-            return
+        user, ts = request
         if self.key:
             user = pseudonymise(user, self.key)
         yield event_to_row(Event("forget", user, "", "forget", ts))
@@ -77,14 +82,9 @@ class ParseItems(ProcessFunction):
         self.model_key = model_key
 
     def process_element(self, value, ctx):
-        try:
-            it = parse_item(value)
-        except InvalidRecord as err:
-            yield DLQ_TAG, dead_letter(value, str(err), self.source)
-            return
-        except Exception as err:
-            log.exception("unexpected error validating a catalogue record")
-            yield DLQ_TAG, dead_letter(value, f"internal validation error: {err!r}", self.source)
+        it, dead = _parsed(value, parse_item, self.source)
+        if dead is not None:
+            yield DLQ_TAG, dead
             return
         yield item_to_row(self.model_key, it)
 

@@ -139,15 +139,16 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _trainer_worker() -> int | None:
-    """The local run's trainer worker: the one Python worker that has loaded torch."""
+def _torch_workers() -> set[int]:
+    """This process's descendants that have loaded torch (Python workers of trainers)."""
+    out = set()
     for pid in _descendants(os.getpid()):
         try:
             if b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes():
-                return pid
+                out.add(pid)
         except OSError:
             continue
-    return None
+    return out
 
 
 def test_a_local_run_reports_each_restart_and_still_learns_every_event_once(kafka, make_cfg, capfd):
@@ -171,6 +172,8 @@ def test_a_local_run_reports_each_restart_and_still_learns_every_event_once(kafk
         "job.checkpoint_interval_ms=1000",
     )
     stats = replay(cfg, kafka.bootstrap, progress=False)
+    # Workers of earlier tests' clusters may still be shutting down: not this run's.
+    earlier = _torch_workers()
     out: dict = {}
     runner = threading.Thread(
         target=lambda: out.update(result=run_local(cfg, kafka.bootstrap, timeout_s=600)),
@@ -183,8 +186,9 @@ def test_a_local_run_reports_each_restart_and_still_learns_every_event_once(kafk
     while len(list_versions(registry, "default")) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(5)
-    pid = _trainer_worker()
-    assert pid is not None, "no trainer worker found among this process's descendants"
+    fresh = _torch_workers() - earlier
+    assert len(fresh) == 1, f"this run's trainer worker not found: {fresh} (earlier: {earlier})"
+    pid = fresh.pop()
     os.kill(pid, signal.SIGKILL)
     runner.join(600)
     result = out["result"]

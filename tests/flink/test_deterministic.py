@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import json
 
-from pyflink.common import Types, WatermarkStrategy
-from pyflink.common.watermark_strategy import TimestampAssigner
-
 from flink_job.job import build_pipeline, make_env, registry_sink
 from models.registry import list_versions
 from replay.datasets import synthetic
-
-
-class JsonTs(TimestampAssigner):
-    def extract_timestamp(self, value, record_timestamp):
-        return int(json.loads(value)["ts"])
+from tests.flink.helpers import json_stream
 
 
 def run_once(make_cfg, registry: str, parallelism: int, events, items) -> list[str]:
@@ -32,17 +25,7 @@ def run_once(make_cfg, registry: str, parallelism: int, events, items) -> list[s
     )
     env = make_env(cfg)
 
-    def stream(payloads):
-        return (
-            env.from_collection([p.decode() for p in payloads], type_info=Types.STRING())
-            .map(lambda s: s.encode(), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
-            .assign_timestamps_and_watermarks(
-                WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
-            )
-            .set_parallelism(1)
-        )
-
-    versions, dead = build_pipeline(stream(events), cfg, stream(items))
+    versions, dead = build_pipeline(json_stream(env, events), cfg, json_stream(env, items))
     with registry_sink(versions, cfg).union(dead).execute_and_collect() as results:
         list(results)
     return list_versions(registry, "default")

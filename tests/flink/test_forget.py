@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-from pyflink.common import Types, WatermarkStrategy
-
 from flink_job.job import build_graph, make_env, registry_sink
-from tests.flink.test_pipeline import JsonTs, topic_events
+from tests.flink.helpers import json_stream
+from tests.flink.test_pipeline import topic_events
 
 T0 = 1_700_000_000_000
 
@@ -47,17 +46,7 @@ def test_a_forget_request_deletes_pending_events_and_later_ones_start_afresh(mak
     ]
     env = make_env(cfg)
 
-    def stream(payloads: list[bytes]):
-        return (
-            env.from_collection([p.decode() for p in payloads], type_info=Types.STRING())
-            .map(lambda s: s.encode(), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
-            .assign_timestamps_and_watermarks(
-                WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
-            )
-            .set_parallelism(1)
-        )
-
-    p = build_graph(stream(events + alice), cfg, None, stream(control))
+    p = build_graph(json_stream(env, events + alice), cfg, None, json_stream(env, control))
     out = registry_sink(p.versions, cfg).union(p.dead)
     with out.execute_and_collect() as results:
         collected = [json.loads(r) for r in results]

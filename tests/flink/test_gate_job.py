@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 
-from pyflink.common import Types, WatermarkStrategy
-
 from flink_job.job import build_graph, make_env, registry_sink
 from models.registry import read_latest, version_table
 from offline.stream import trainer_without_flink
 from replay.attacks import label_flip
 from replay.datasets import synthetic
-from tests.flink.test_metrics_parity import JsonTs
+from tests.flink.helpers import json_stream
 
 
 def test_a_label_flip_burst_is_held_by_the_job_as_offline(make_cfg, tmp_path):
@@ -40,18 +38,10 @@ def test_a_label_flip_burst_is_held_by_the_job_as_offline(make_cfg, tmp_path):
     records = label_flip(list(synthetic(cfg.replay)), 0.5, 0.75, seed=3)
     env = make_env(cfg)
 
-    def stream(topic):
-        payloads = [r.value.decode() for r in records if r.topic == topic]
-        return (
-            env.from_collection(payloads, type_info=Types.STRING())
-            .map(lambda s: s.encode(), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
-            .assign_timestamps_and_watermarks(
-                WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
-            )
-            .set_parallelism(1)
-        )
+    def topic(name: str) -> list[bytes]:
+        return [r.value for r in records if r.topic == name]
 
-    p = build_graph(stream("events"), cfg, stream("items"))
+    p = build_graph(json_stream(env, topic("events")), cfg, json_stream(env, topic("items")))
     with registry_sink(p.versions, cfg).execute_and_collect() as results:
         statuses = [json.loads(r) for r in results]
     offline = trainer_without_flink(records, cfg)

@@ -8,19 +8,13 @@ import json
 import math
 
 import pytest
-from pyflink.common import Types, WatermarkStrategy
-from pyflink.common.watermark_strategy import TimestampAssigner
 
 from flink_job.job import build_graph, make_env, registry_sink
 from models.registry import list_versions
 from models.text_encoder import configured_precision, load_configured_encoder
 from offline.stream import trainer_without_flink
 from replay.datasets import synthetic
-
-
-class JsonTs(TimestampAssigner):
-    def extract_timestamp(self, value, record_timestamp):
-        return int(json.loads(value)["ts"])
+from tests.flink.helpers import json_stream
 
 
 def assert_same(a, b, path="record"):
@@ -66,15 +60,7 @@ def test_job_and_offline_replay_give_the_same_metrics(make_cfg, tmp_path, reques
     env = make_env(cfg)
 
     def stream(topic):
-        payloads = [r.value.decode() for r in records if r.topic == topic]
-        return (
-            env.from_collection(payloads, type_info=Types.STRING())
-            .map(lambda s: s.encode(), output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
-            .assign_timestamps_and_watermarks(
-                WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(JsonTs())
-            )
-            .set_parallelism(1)
-        )
+        return json_stream(env, [r.value for r in records if r.topic == topic])
 
     p = build_graph(stream("events"), cfg, stream("items"))
     out = registry_sink(p.versions, cfg).union(p.metrics)
