@@ -20,6 +20,16 @@ from typing import Any
 DRIFT_STATE_FORMAT = 1
 
 
+# Weight of the newest observation in the "recent" moving averages of a trainer's metrics
+# (models/metrics.py) and of its publication gate (models/gate.py): one meaning for both.
+EMA_ALPHA = 0.02
+
+
+def moving_average(old: float | None, x: float) -> float:
+    """The exponential moving average after observing ``x`` (``x`` itself at first)."""
+    return x if old is None else (1.0 - EMA_ALPHA) * old + EMA_ALPHA * x
+
+
 @dataclass
 class PageHinkley:
     """Page-Hinkley test for an upward shift of a stream of observations.

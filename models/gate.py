@@ -45,12 +45,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from models.config import TrainerConfig
+from models.drift import moving_average
 from models.history import Sample
 from models.serving import OnnxRecommender, probe
 from models.version import ModelVersion
 
 GATE_FORMAT = 1
-EMA_ALPHA = 0.02  # as models.metrics: the recent figures of one trainer agree in meaning
 POSITIVES_PER_STEP = 64  # the most positives of one step the gate ranks (observe)
 PUBLISHED, HELD = "published", "held"
 
@@ -139,10 +139,6 @@ class Revocation:
         return {"kind": "revocation", **asdict(self)}
 
 
-def _ema(old: float | None, x: float) -> float:
-    return x if old is None else (1.0 - EMA_ALPHA) * old + EMA_ALPHA * x
-
-
 def hits(
     rec: OnnxRecommender, samples: list[Sample], k: int, seen: Callable[[Sample], tuple[str, ...]]
 ) -> list[bool]:
@@ -226,7 +222,7 @@ class PublicationGate:
         st.serving_hits += sum(got)
         if st.serving.baseline is None and st.n >= self.cfg.gate_min_events:
             st.serving.baseline = st.serving_hits / st.n
-        st.serving_ema = _ema(st.serving_ema, sum(got) / len(got))
+        st.serving_ema = moving_average(st.serving_ema, sum(got) / len(got))
         base = st.serving.baseline
         below = (
             self.cfg.rollback_share > 0

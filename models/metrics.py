@@ -21,13 +21,12 @@ from typing import Any
 
 from models.config import TrainerConfig
 from models.device import deterministic_kernels
-from models.drift import PageHinkley
+from models.drift import PageHinkley, moving_average
 from models.history import Sample
 from models.trainer import OnlineLearner, StepResult
 
 PREQUENTIAL_FORMAT = 1
 # Weight of the newest batch in the moving averages (~ the last 50 batches).
-EMA_ALPHA = 0.02
 
 
 def positives(samples: Iterable[Sample]) -> list[Sample]:
@@ -107,10 +106,6 @@ def new_prequential(k: int) -> dict[str, Any]:
     }
 
 
-def _ema(old: float | None, x: float) -> float:
-    return x if old is None else (1.0 - EMA_ALPHA) * old + EMA_ALPHA * x
-
-
 def _prequential(meta: dict[str, Any], k: int) -> dict[str, Any]:
     p: dict[str, Any] | None = meta.get("prequential")
     if p is None:
@@ -175,15 +170,15 @@ def prequential_step(
         p["ndcg_sum"] += sums.ndcg
         p["rr_sum"] += sums.rr
         ema = p["ema"]
-        ema["recall"] = _ema(ema["recall"], sums.hits / sums.n)
-        ema["ndcg"] = _ema(ema["ndcg"], sums.ndcg / sums.n)
-        ema["mrr"] = _ema(ema["mrr"], sums.rr / sums.n)
+        ema["recall"] = moving_average(ema["recall"], sums.hits / sums.n)
+        ema["ndcg"] = moving_average(ema["ndcg"], sums.ndcg / sums.n)
+        ema["mrr"] = moving_average(ema["mrr"], sums.rr / sums.n)
         if k == 10:
             meta["recall10_ema"] = ema["recall"]
     if loss is not None:
         p["loss_sum"] += loss
         p["loss_batches"] += 1
-        p["ema"]["loss"] = _ema(p["ema"]["loss"], loss)
+        p["ema"]["loss"] = moving_average(p["ema"]["loss"], loss)
         if cfg.drift_enabled:
             ph = _detector(cfg, meta)
             detected = ph.update(loss)
